@@ -1,0 +1,197 @@
+"""Crucial nodes and global allocation (METHOD.md section 3).
+
+The N highest-scoring nodes are *crucial*: never narrowed, and mimicked in recovery; the last
+conv node is always among them. The channels of all other nodes are ranked together by score
+and the lowest are removed until one global target is met, so per-layer widths fall out of the
+scores. FLOPs are counted on the real cut model, never by formula.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from deploy_prune.config import AllocationConfig
+from deploy_prune.flops import count
+from deploy_prune.nodes import Node, last_node
+from deploy_prune.scoring import Scores, node_scores
+from deploy_prune.surgery import Plan, apply_plan
+
+log = logging.getLogger(__name__)
+
+
+class AllocationError(ValueError):
+    """A target cannot be met, or the crucial set is invalid."""
+
+
+def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list[str] | None = None) -> list[str]:
+    """Top-``n`` nodes by node score (or the explicit ``names``), plus the last conv node."""
+    known = {nd.name for nd in nodes}
+    if names:
+        bad = [x for x in names if x not in known]
+        if bad:
+            raise AllocationError(f"crucial.nodes: unknown node(s) {bad}; nodes are: {sorted(known)}")
+        chosen = list(names)
+    else:
+        if n < 2:
+            raise AllocationError(f"crucial.n must be >= 2 (OSPR section 3), got {n}")
+        ns = node_scores(scores)
+        chosen = sorted(ns, key=lambda k: -ns[k])[:n]
+    last = last_node(nodes).name
+    if last not in chosen:
+        chosen.append(last)
+    order = {nd.name: nd.order for nd in nodes}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def keep_top(scores: Scores, counts: Mapping[str, int]) -> Plan:
+    """Plan keeping, in each node, the ``counts[node]`` highest-scoring channels."""
+    plan = {}
+    for name, k in counts.items():
+        s = np.asarray(scores[name])
+        if k >= len(s):
+            continue
+        idx = np.argsort(-s, kind="stable")[:k]
+        plan[name] = sorted(int(i) for i in idx)
+    return plan
+
+
+@dataclass
+class Allocation:
+    counts: dict[str, int]  # node -> kept channels
+    plan: Plan  # node -> kept indices (nodes kept whole are absent)
+    crucial: list[str]
+    base_flops: int
+    flops: int
+    base_params: int
+    params: int
+    history: list[tuple[int, float]] = field(default_factory=list)  # (channels removed, reduction)
+
+    @property
+    def flops_reduction(self) -> float:
+        return self.base_flops / max(self.flops, 1)
+
+
+class _Ranking:
+    """Channels of the prunable nodes in ascending score order, and the counts for a cut."""
+
+    def __init__(self, nodes: list[Node], scores: Scores, cfg: AllocationConfig) -> None:
+        self.nodes, self.cfg = nodes, cfg
+        keys, vals = [], []
+        for i, n in enumerate(nodes):
+            s = np.asarray(scores[n.name], dtype=np.float64)
+            if cfg.method == "uniform":  # rank-normalise: equal fractions from every node
+                s = 1.0 - np.argsort(np.argsort(-s, kind="stable"), kind="stable") / n.channels
+            elif cfg.method != "global":
+                raise AllocationError(f"allocation.method: expected global or uniform, got {cfg.method!r}")
+            keys.append(np.full(n.channels, i))
+            vals.append(s)
+        self.owner = np.concatenate(keys) if keys else np.zeros(0, int)
+        self.order = np.argsort(np.concatenate(vals) if vals else np.zeros(0), kind="stable")
+        self.total = len(self.order)
+
+    def min_keep(self, c: int) -> int:
+        return min(c, max(self.cfg.min_channels, math.ceil(self.cfg.min_fraction * c)))
+
+    def counts(self, k: int) -> dict[str, int]:
+        removed = np.bincount(self.owner[self.order[:k]], minlength=len(self.nodes))
+        out = {}
+        for i, n in enumerate(self.nodes):
+            kept = max(n.channels - int(removed[i]), self.min_keep(n.channels))
+            out[n.name] = round_width(kept, n.channels, self.cfg.round_to)
+        return out
+
+
+def round_width(kept: int, channels: int, multiple: int) -> int:
+    """Round a kept count to the nearest multiple (at least one multiple, at most all)."""
+    if multiple <= 1:
+        return kept
+    return min(channels, max(multiple, int(round(kept / multiple)) * multiple))
+
+
+def allocate(
+    model: nn.Module,
+    nodes: list[Node],
+    scores: Scores,
+    example: torch.Tensor,
+    *,
+    crucial: list[str],
+    cfg: AllocationConfig,
+    selection: Scores | None = None,
+) -> Allocation:
+    """Global allocation to ``cfg``'s target; ``selection`` picks channels (default: ``scores``)."""
+    prunable = [n for n in nodes if n.name not in crucial and n.prunable]
+    if not prunable:
+        raise AllocationError("no prunable node is left outside the crucial set")
+    base = count(model, example)
+    ranking = _Ranking(prunable, scores, cfg)
+    pick = selection or scores
+    cache: dict[tuple, int] = {}
+
+    def flops_at(k: int) -> tuple[int, dict[str, int]]:
+        counts = ranking.counts(k)
+        key = tuple(sorted(counts.items()))
+        if key not in cache:
+            cache[key] = count(cut(model, keep_top(pick, counts), example), example).flops
+        return cache[key], counts
+
+    history: list[tuple[int, float]] = []
+    if cfg.target == "flops":
+        k = _search(flops_at, ranking.total, base.flops, cfg, history)
+    elif cfg.target == "channels":
+        if not 0 < cfg.keep_fraction <= 1:
+            raise AllocationError(f"allocation.keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
+        k = int(round((1 - cfg.keep_fraction) * ranking.total))
+    else:
+        raise AllocationError(f"allocation.target {cfg.target!r} is not handled by FLOPs/channel "
+                              "allocation (use flops or channels, or the latency allocator)")
+    _, counts = flops_at(k)
+    plan = keep_top(pick, counts)
+    slim = count(cut(model, plan, example), example)
+    return Allocation(counts={**{n.name: n.channels for n in nodes}, **counts}, plan=plan, crucial=crucial,
+                      base_flops=base.flops, flops=slim.flops, base_params=base.params, params=slim.params,
+                      history=history)
+
+
+def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, history) -> int:
+    """Smallest number of removed channels meeting the FLOPs reduction, or the closer neighbour."""
+    target = cfg.flops_reduction
+    if target < 1.0:
+        raise AllocationError(f"allocation.flops_reduction must be >= 1.0 (3.0 = 3x fewer FLOPs), got {target}")
+    red = lambda k: base_flops / max(flops_at(k)[0], 1)  # noqa: E731
+    best = red(total)
+    if best < target * (1 - cfg.tolerance):
+        raise AllocationError(
+            f"a {target:.2f}x FLOPs reduction is out of reach: with the crucial nodes kept and the "
+            f"per-node minimum, the most is {best:.2f}x (fewer crucial nodes, or a lower "
+            "allocation.min_fraction, allow more)")
+    lo, hi = 0, total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        r = red(mid)
+        history.append((mid, r))
+        if r >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    k = lo
+    if k > 0 and abs(red(k - 1) - target) < abs(red(k) - target):
+        k -= 1
+    achieved = red(k)
+    if abs(achieved / target - 1) > cfg.tolerance:
+        log.warning("FLOPs reduction %.3fx is %.1f%% off the %.2fx target (round_to=%d is coarse)",
+                    achieved, 100 * abs(achieved / target - 1), target, cfg.round_to)
+    return k
+
+
+def cut(model: nn.Module, plan: Plan, example: torch.Tensor) -> nn.Module:
+    """A cut copy of ``model`` (the original is untouched)."""
+    slim = copy.deepcopy(model).cpu()
+    return apply_plan(slim, plan, example)

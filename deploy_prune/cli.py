@@ -1,0 +1,69 @@
+"""The ``deploy-prune`` command line.
+
+Core sub-commands live here; ``export`` and ``bench`` are plugins found through the
+``deploy_prune.commands`` entry-point group, so the core never imports the later stages.
+Every command takes ``--config FILE`` and dotted ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import entry_points
+
+from deploy_prune import commands
+
+log = logging.getLogger("deploy_prune")
+
+
+class CLIError(Exception):
+    """An error to print as one line and exit with status 2."""
+
+
+def _plugins(sub: argparse._SubParsersAction) -> None:
+    for ep in entry_points(group="deploy_prune.commands"):
+        try:
+            register = ep.load()
+        except ImportError as e:  # a broken optional stage must not break the core CLI
+            log.debug("command plugin %s unavailable: %s", ep.name, e)
+            continue
+        register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deploy-prune",
+        description="Prune a trained CNN with learned channel importance (beta or RBP), cut the "
+        "channels out for real, recover it in one step by mimicking the original's crucial "
+        "feature maps, export it (ONNX, TensorRT, AOTInductor) and measure the speedup.",
+        epilog="Run 'deploy-prune COMMAND --help' for each command's options. Overrides are "
+        "dotted keys, e.g. train.epochs=1 data.max_train_samples=5000.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.register(sub)
+    _plugins(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError) as e:
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"deploy-prune {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Core sub-commands: train, score, prune, inspect (run and ablate are added by recovery)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from deploy_prune import pipeline
+from deploy_prune.artifacts import atomic_write_text, load_model_dir, save_model_dir
+from deploy_prune.config import load_config
+from deploy_prune.data import load_data
+from deploy_prune.nodes import discover
+from deploy_prune.scoring import SCORERS
+
+
+def common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML overrides of the defaults (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. train.epochs=1 data.max_train_samples=5000")
+    p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def _overrides(args) -> list[str]:
+    extra = [f"data.root={args.data_root}"] if getattr(args, "data_root", None) else []
+    return list(args.overrides) + extra
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, _overrides(args))
+    device = pipeline.setup(cfg)
+    data = load_data(cfg.data, seed=cfg.seed)
+    model, plan, metrics = pipeline.train_base(cfg, data, device)
+    save_model_dir(model, plan, args.out, force=args.force)
+    print(f"baseline {cfg.model.arch} on {data.name}: top1 {metrics['top1']:.2f}%  "
+          f"top5 {metrics['top5']:.2f}%  {plan.info['flops'] / 1e6:.2f} MFLOPs  "
+          f"{plan.info['params'] / 1e6:.3f} M params -> {args.out}")
+    return 0
+
+
+def _scores(args, model, plan, cfg, device):
+    data = load_data(cfg.data, seed=cfg.seed) if SCORERS.get(args.scorer or cfg.scoring.method).needs_data else None
+    return pipeline.score(model, plan, cfg, data, device, method=args.scorer)
+
+
+def cmd_score(args) -> int:
+    model, plan = pipeline.load_base(args.base)
+    cfg = pipeline.resolve_config(plan, args.config, _overrides(args))
+    device = pipeline.setup(cfg)
+    result = _scores(args, model, plan, cfg, device)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"output {out} already exists; pass --force to overwrite it")
+    atomic_write_text(out, json.dumps(result, indent=1))
+    top = sorted(result["node_scores"].items(), key=lambda kv: -kv[1])[:5]
+    print(f"{result['scorer']} scores for {len(result['nodes'])} nodes in {result['seconds']:.1f}s -> {out}")
+    print("top nodes: " + ", ".join(f"{k} ({v:.3f})" for k, v in top))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    model, plan = pipeline.load_base(args.base)
+    over = _overrides(args)
+    if args.target_flops is not None:
+        over += ["allocation.target=flops", f"allocation.flops_reduction={args.target_flops}"]
+    if args.keep_fraction is not None:
+        over += ["allocation.target=channels", f"allocation.keep_fraction={args.keep_fraction}"]
+    if args.round_to is not None:
+        over += [f"allocation.round_to={args.round_to}"]
+    cfg = pipeline.resolve_config(plan, args.config, over)
+    device = pipeline.setup(cfg)
+    if args.scores:
+        scores = pipeline.read_scores(args.scores, plan)
+    else:
+        result = _scores(args, model, plan, cfg, device)
+        scores = {k: np.asarray(v) for k, v in result["channel_scores"].items()}
+    res = pipeline.prune(model, plan, cfg, scores)
+    save_model_dir(res.slim, res.plan, args.out, force=args.force)
+    info = res.plan.info
+    print(pipeline.width_table(res.nodes, info["base_widths"], info["widths"], info["crucial_nodes"]))
+    print(f"FLOPs {info['base_flops'] / 1e6:.2f}M -> {info['flops'] / 1e6:.2f}M "
+          f"({info['flops_reduction']:.3f}x fewer), params {info['base_params'] / 1e6:.3f}M -> "
+          f"{info['params'] / 1e6:.3f}M -> {args.out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    model, plan = load_model_dir(args.dir)
+    example = plan.example()
+    nodes = discover(model, example)
+    d = pipeline.describe(model, plan, nodes)
+    from deploy_prune.flops import count
+
+    per_module = count(model, example).per_module
+    modules = dict(model.named_modules())
+    rows = []
+    for n in nodes:
+        fl = sum(per_module.get(p, 0) for p in n.producers)
+        pa = sum(p.numel() for name in n.producers for p in modules[name].parameters())
+        rows.append({"node": n.name, "channels": n.channels, "flops": fl, "params": pa,
+                     "junction": n.is_junction, "prunable": n.prunable})
+    d.update(arch=plan.arch, pruned=bool(plan.kept), nodes=rows, plan_sha256=plan.digest(),
+             crucial_nodes=plan.info.get("crucial_nodes"), metrics=plan.info.get("metrics"))
+    if args.json:
+        json.dump(d, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"{args.dir}: {plan.arch} ({'slim' if plan.kept else 'base'}), input "
+          f"{plan.in_channels}x{plan.input_size}x{plan.input_size}, {d['flops'] / 1e6:.2f} MFLOPs, "
+          f"{d['params'] / 1e6:.3f} M params")
+    print(f"{'node':<32} {'channels':>8} {'MFLOPs':>9} {'params':>9}")
+    for r in rows:
+        print(f"{r['node']:<32} {r['channels']:>8} {r['flops'] / 1e6:>9.3f} {r['params']:>9}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a baseline and save it as a model directory",
+                       description="Train a baseline per the config and write OUT/plan.json + "
+                       "OUT/model.safetensors.")
+    common(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score every channel of a model (beta by default)",
+                       description="Learn channel importance on the training data and write "
+                       "channel and node scores as JSON.")
+    p.add_argument("base", metavar="BASE_DIR", help="model directory to score")
+    common(p)
+    p.add_argument("--out", required=True, metavar="SCORES.json")
+    p.add_argument("--scorer", choices=SCORERS.names(), help="scorer (default: scoring.method)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("prune", help="prune globally to a FLOPs or channel target and cut channels out",
+                       description="Choose crucial nodes, rank the other nodes' channels together "
+                       "and remove the lowest until the target is met; write the slim model "
+                       "directory and print the per-layer width table.")
+    p.add_argument("base", metavar="BASE_DIR")
+    common(p)
+    p.add_argument("--out", required=True, metavar="SLIM_DIR")
+    p.add_argument("--target-flops", type=float, metavar="X", help="X times fewer FLOPs (e.g. 3.0)")
+    p.add_argument("--keep-fraction", type=float, metavar="F", help="keep this fraction of prunable channels")
+    p.add_argument("--round-to", type=int, metavar="M", help="round kept counts to a multiple (8 for tensor cores)")
+    p.add_argument("--scores", metavar="SCORES.json", help="precomputed scores (default: score first)")
+    p.add_argument("--scorer", choices=SCORERS.names(), help="scorer when no --scores are given")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("inspect", help="per-node channels, FLOPs and params of a model directory")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,268 @@
+"""Dataclass configs with YAML overrides and dotted ``key=value`` command-line overrides.
+
+Each stage's dataclass holds its defaults; a YAML file in ``configs/`` is a small override of
+them. Unknown keys and wrong types are errors that name the key. YAML is read with
+``yaml.safe_load``: nothing in a config is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | digits | cifar10 | imagefolder
+    root: str | None = None  # default: the dataset's usual local place
+    download: bool = False  # torchvision download for machines with a network
+    val_fraction: float = 0.1  # held out of the training split, deterministic by seed
+    max_train_samples: int | None = None  # cap for quick runs
+    max_eval_samples: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    image_size: int = 224  # ImageFolder only
+    augment: bool = False
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small_vgg"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # local weights file (torchvision archs); never downloaded
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    step_size: int = 5
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RBPConfig:
+    prior_std: float = 0.01  # t in KL(N(mu, s^2) || N(0, t^2))
+    init_log_sigma: float = -2.0
+    kl_weight: float = 1e-4
+    epochs_per_layer: float = 0.25  # fraction of an epoch per layer (may exceed 1)
+    lr: float = 1e-2
+    threshold: float | None = None  # |mu| below this is cut; None: solved for the FLOPs target
+
+
+@dataclass
+class ScoringConfig:
+    method: str = "beta"  # any name in deploy_prune.scoring.SCORERS
+    l1_lambda: float = 1.0  # OSPR eq. 3 lambda (CIFAR-10: 1.0, ImageNet: 0.1)
+    lr: float = 1e-5  # OSPR: 1e-5 (CIFAR-10), 1e-4 (ImageNet)
+    epochs: float = 15  # OSPR: 15 (CIFAR-10), 10 (ImageNet); fractions allowed
+    batch_size: int | None = None  # default: data.batch_size
+    rbp: RBPConfig = field(default_factory=RBPConfig)
+
+
+@dataclass
+class CrucialConfig:
+    n: int = 2  # N highest-scoring nodes are crucial (N >= 2); the last conv node always is
+    nodes: list[str] | None = None  # explicit list instead of top-N (last conv node still added)
+
+
+@dataclass
+class AllocationConfig:
+    target: str = "flops"  # flops | channels | speedup | latency
+    method: str = "global"  # global (ranked by score) | uniform (same ratio per prunable node)
+    flops_reduction: float = 3.0  # 3.0 = 3x fewer FLOPs
+    keep_fraction: float = 0.5  # target=channels: fraction of prunable channels kept
+    tolerance: float = 0.03  # relative tolerance on the FLOPs target
+    min_channels: int = 1
+    min_fraction: float = 0.05  # per-node minimum kept fraction
+    round_to: int = 1  # kept counts rounded to a multiple (8 for tensor cores)
+    # latency-aware allocation (target=speedup|latency)
+    speedup: float = 2.0
+    latency_ms: float | None = None
+    backend: str = "ort"
+    device: str = "cpu"
+    batch: int = 1
+    precision: str = "fp32"
+    grid: int = 8  # points per node in the latency table
+
+
+@dataclass
+class RecoveryConfig:
+    mode: str = "onestep"  # onestep | layerwise | ce | none
+    loss: str = "kl"  # any name in deploy_prune.recovery.MIMIC_LOSSES
+    nodes: list[str] | None = None  # mimic these instead of the crucial nodes
+    epochs: float = 15
+    lr: float = 1e-3
+    step_size: int = 5
+    gamma: float = 0.1
+    batch_size: int | None = None
+    freeze_classifier: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 20
+    lr: float = 1e-5
+    optimizer: str = "adam"
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    crucial: CrucialConfig = field(default_factory=CrucialConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dicts, with type checks that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type[C], data: Any, *, prefix: str = "") -> C:
+    """Build dataclass ``cls`` from a (partial) mapping; unknown keys are errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["recovery.epochs=3", "data.name=digits"]`` -> nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=1)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    cls: type[C] = RunConfig,  # type: ignore[assignment]
+) -> C:
+    """Defaults <- YAML file <- dotted overrides, validated into ``cls``."""
+    data = read_yaml(path) if path else {}
+    data = merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)

@@ -1,0 +1,307 @@
+"""Datasets: local Fashion-MNIST (IDX files), scikit-learn digits, CIFAR-10 and ImageFolder.
+
+Small datasets live in memory as tensors and are served by :class:`TensorLoader`, which is much
+faster on a CPU than a per-item ``DataLoader``. Splits and shuffles are deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deploy_prune.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+DEFAULT_CACHE = Path.home() / ".cache" / "deploy_prune"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is not on disk; the message says how to get it."""
+
+
+@dataclass
+class DataBundle:
+    """Train/val/test splits plus what a model needs to know about the inputs."""
+
+    name: str
+    train: Dataset | TensorLoader
+    val: Dataset | TensorLoader
+    test: Dataset | TensorLoader
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def example(self, batch: int = 2) -> torch.Tensor:
+        """A zero input of the right shape, (B, C, H, W)."""
+        return torch.zeros(batch, self.in_channels, self.image_size, self.image_size)
+
+
+class TensorLoader:
+    """Batches over in-memory tensors; reshuffled each epoch from (seed, epoch)."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        seed: int = 0,
+        augment: bool = False,
+        sampler_rank: int = 0,
+        sampler_world: int = 1,
+    ) -> None:
+        self.x, self.y = x, y  # (N, C, H, W) float, (N,) long
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
+        self.rank, self.world = sampler_rank, sampler_world
+
+    def with_options(self, **kw) -> TensorLoader:
+        opts = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
+                    augment=self.augment, sampler_rank=self.rank, sampler_world=self.world)
+        opts.update(kw)
+        return TensorLoader(self.x, self.y, **opts)
+
+    def __len__(self) -> int:
+        n = len(self._indices())
+        return (n + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.y)
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.y)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world > 1:  # DistributedSampler-like: pad then stride
+            per = (n + self.world - 1) // self.world
+            idx = torch.cat([idx, idx[: per * self.world - n]])[self.rank :: self.world]
+        return idx
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        self.epoch += 1
+        for i in range(0, len(idx), self.batch_size):
+            j = idx[i : i + self.batch_size]
+            xb = self.x[j]
+            if self.augment:
+                xb = _augment(xb, seed=self.seed * 7919 + self.epoch * 131 + i)
+            yield xb, self.y[j]
+
+
+def _augment(x: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """Random horizontal flip and 4-pixel shifted crop, on a (B, C, H, W) batch."""
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    pad = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dx, dy = torch.randint(0, 9, (2,), generator=g).tolist()
+    return pad[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: truncated IDX file (expected {dims})")
+    return arr.reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for sub in ("", "FashionMNIST/raw", "raw"):
+        for suffix in ("", ".gz"):
+            p = root / sub / f"{stem}{suffix}"
+            if p.is_file():
+                return p
+    return None
+
+
+def find_fashion_mnist(root: str | Path | None) -> Path | None:
+    """The folder holding the four Fashion-MNIST IDX files, or None."""
+    candidates = [Path(root)] if root else []
+    candidates += [FASHION_SYSTEM_DIR, DEFAULT_CACHE / "fashion_mnist"]
+    for c in candidates:
+        if all(_find_idx(c, s) for s in FASHION_FILES.values()):
+            return c
+    return None
+
+
+def _normalise(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    t = torch.from_numpy(np.array(x, copy=True)).float().div_(255.0)  # (N, C, H, W)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (t - m) / s
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction))
+    return perm[n_val:], perm[:n_val]
+
+
+def _cap(x: torch.Tensor, y: torch.Tensor, cap: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x[:cap], y[:cap]) if cap else (x, y)
+
+
+def _bundle_from_arrays(
+    name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
+    *, cfg: DataConfig, seed: int, mean: list[float], std: list[float], augment: bool,
+) -> DataBundle:
+    x_all, y_all = _normalise(xtr, mean, std), torch.from_numpy(ytr.astype(np.int64))
+    tr, va = _split(len(y_all), cfg.val_fraction, seed)
+    xt, yt = _cap(x_all[tr], y_all[tr], cfg.max_train_samples)
+    xv, yv = _cap(x_all[va], y_all[va], cfg.max_eval_samples)
+    xe, ye = _cap(_normalise(xte, mean, std), torch.from_numpy(yte.astype(np.int64)), cfg.max_eval_samples)
+    bs, ebs = cfg.batch_size, cfg.eval_batch_size
+    return DataBundle(
+        name=name,
+        train=TensorLoader(xt, yt, batch_size=bs, shuffle=True, seed=seed, augment=augment),
+        val=TensorLoader(xv, yv, batch_size=ebs),
+        test=TensorLoader(xe, ye, batch_size=ebs),
+        num_classes=int(y_all.max()) + 1,
+        in_channels=xt.shape[1],
+        image_size=xt.shape[2],
+    )
+
+
+def load_fashion_mnist(cfg: DataConfig, *, seed: int) -> DataBundle:
+    folder = find_fashion_mnist(cfg.root)
+    if folder is None and cfg.download:
+        import torchvision
+
+        root = Path(cfg.root) if cfg.root else DEFAULT_CACHE / "fashion_mnist"
+        for train in (True, False):
+            torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+        folder = find_fashion_mnist(root)
+    if folder is None:
+        raise DataNotFoundError(
+            "Fashion-MNIST not found (looked in --data-root / data.root, "
+            f"{FASHION_SYSTEM_DIR} and {DEFAULT_CACHE / 'fashion_mnist'}). Get it with "
+            "'apt-get install -y dataset-fashion-mnist', or pass data.download=true on a "
+            "machine with a network."
+        )
+    arr = {k: _read_idx(_find_idx(folder, s)) for k, s in FASHION_FILES.items()}
+    log.info("Fashion-MNIST from %s", folder)
+    return _bundle_from_arrays(
+        "fashion_mnist", arr["train_images"][:, None], arr["train_labels"],
+        arr["test_images"][:, None], arr["test_labels"],
+        cfg=cfg, seed=seed, mean=[0.2860], std=[0.3530], augment=False,
+    )
+
+
+def load_digits(cfg: DataConfig, *, seed: int) -> DataBundle:
+    """scikit-learn's bundled 8x8 digits (1797 images), 20% held out as the test split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = (d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    y = d.target
+    perm = np.random.default_rng(seed).permutation(len(y))
+    n_test = len(y) // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    return _bundle_from_arrays(
+        "digits", x[tr], y[tr], x[te], y[te],
+        cfg=cfg, seed=seed, mean=[0.3], std=[0.4], augment=False,
+    )
+
+
+def load_cifar10(cfg: DataConfig, *, seed: int) -> DataBundle:
+    import torchvision
+
+    root = Path(cfg.root) if cfg.root else DEFAULT_CACHE / "cifar10"
+    try:
+        tr = torchvision.datasets.CIFAR10(str(root), train=True, download=cfg.download)
+        te = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
+    except RuntimeError as e:
+        raise DataNotFoundError(
+            f"CIFAR-10 not found under {root} ({e}). Pass data.root=DIR holding "
+            "cifar-10-batches-py, or data.download=true on a machine with a network."
+        ) from None
+    to_nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731  (N, H, W, C) -> (N, C, H, W)
+    return _bundle_from_arrays(
+        "cifar10", to_nchw(tr.data), np.asarray(tr.targets), to_nchw(te.data), np.asarray(te.targets),
+        cfg=cfg, seed=seed, mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616],
+        augment=cfg.augment,
+    )
+
+
+def load_imagefolder(cfg: DataConfig, *, seed: int) -> DataBundle:
+    """ImageNet-style tree: ROOT/train/CLASS/*.JPEG and ROOT/val/CLASS/*.JPEG."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    if not cfg.root:
+        raise DataNotFoundError("data.name=imagefolder needs data.root=DIR with train/ and val/ folders")
+    root = Path(cfg.root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataNotFoundError(f"ImageFolder split not found: {root / split}")
+    norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    size = cfg.image_size
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    train = ImageFolder(str(root / "train"), transform=train_tf)
+    val = ImageFolder(str(root / "val"), transform=eval_tf)
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+    return DataBundle(
+        name="imagefolder",
+        train=DataLoader(_capped(train, cfg.max_train_samples, seed), batch_size=cfg.batch_size,
+                         shuffle=True, generator=g, **kw),
+        val=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
+        test=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
+        num_classes=len(train.classes),
+        in_channels=3,
+        image_size=size,
+    )
+
+
+def _capped(ds: Dataset, cap: int | None, seed: int) -> Dataset:
+    if not cap or cap >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:cap]
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+LOADERS = {
+    "fashion_mnist": load_fashion_mnist,
+    "digits": load_digits,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+}
+
+
+def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
+    """Load the dataset named by ``cfg.name``."""
+    if cfg.name not in LOADERS:
+        raise ValueError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(LOADERS)}")
+    return LOADERS[cfg.name](cfg, seed=seed)

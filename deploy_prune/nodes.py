@@ -1,0 +1,154 @@
+"""Node discovery: the places whose output channels are scored, kept or mimicked.
+
+A *node* (METHOD.md section 1) is one set of coupled output channels: a conv's outputs, or a
+residual group whose channels are tied together by adds (all blocks of a ResNet stage), or a
+conv coupled with the depthwise conv after it. The coupling comes from torch-pruning's
+dependency graph, traced on the real model, so residual, concat and depthwise nets all work.
+
+For each node we record where the importance gate goes (the BatchNorm after every conv that
+produces the node's channels), and where its feature map is read for mimicking: the BN output
+(ReLU applied by the loss) for a plain conv node, or the last residual junction (a block's
+post-activation output) for a residual node, e.g. torchvision ResNet-50 ``layer2.3`` (res3d).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One prunable (or crucial) channel set of a network."""
+
+    name: str  # conv name, or the last junction's name for residual nodes
+    root: str  # conv whose output pruning rebuilds the whole coupled group
+    producers: tuple[str, ...]  # convs (incl. depthwise) whose outputs are these channels
+    gates: tuple[str, ...]  # modules whose outputs the beta gate multiplies
+    capture: str  # module whose output is this node's feature map
+    capture_relu: bool  # the capture is pre-activation (BN output): apply ReLU to mimic
+    channels: int
+    order: int  # position of the capture in execution order
+    junctions: tuple[str, ...] = ()
+    prunable: bool = True  # False when tied to a grouped (non-depthwise) conv: kept whole
+
+    @property
+    def is_junction(self) -> bool:
+        return bool(self.junctions)
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model`` traced on ``example``."""
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except Exception as e:  # tracing failures come from deep inside torch-pruning
+        raise ValueError(
+            f"cannot trace the channel dependencies of {type(model).__name__} "
+            f"({type(e).__name__}: {e}); this architecture is not supported for pruning"
+        ) from e
+
+
+def _exec_order(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
+    """Module name -> index of its forward *completion*, and -> its output channel count."""
+    order: dict[str, int] = {}
+    chans: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        def hook(mod, inp, out, name=name):
+            if name not in order:
+                order[name] = len(order)
+                if isinstance(out, torch.Tensor) and out.dim() >= 2:
+                    chans[name] = out.shape[1]
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order, chans
+
+
+def _is_grouped(m) -> bool:
+    """A grouped conv that is not depthwise: cutting channels would break its group structure."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels)
+
+
+def _following_bn(dg: tp.DependencyGraph, conv: nn.Module) -> nn.Module | None:
+    for out in dg.module2node[conv].outputs:
+        if isinstance(out.module, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
+            return out.module
+    return None
+
+
+def _junction(name: str, modules: dict[str, nn.Module], chans: dict[str, int], width: int) -> str | None:
+    """First non-container ancestor of ``name`` whose output has ``width`` channels."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        anc = ".".join(parts[:i])
+        if isinstance(modules[anc], _CONTAINERS):
+            continue
+        return anc if chans.get(anc) == width else None
+    return None
+
+
+def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph | None = None) -> list[Node]:
+    """All nodes of ``model``, in execution order of their feature maps."""
+    was_training = model.training
+    model.eval()
+    dg = dg or build_graph(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    order, chans = _exec_order(model, example)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    nodes = []
+    for group in dg.get_all_groups(ignored_layers=linears, root_module_types=(nn.Conv2d,)):
+        convs = [dep.target.module for dep, _ in group
+                 if isinstance(dep.target.module, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler)]
+        convs = sorted(set(convs), key=lambda m: order.get(names[m], 1 << 30))
+        if not convs:
+            continue
+        node = _make_node(dg, convs, names, modules, order, chans)
+        if any(_is_grouped(dep.target.module) for dep, _ in group):
+            node = dataclasses.replace(node, prunable=False)
+        nodes.append(node)
+    model.train(was_training)
+    nodes.sort(key=lambda n: n.order)
+    return nodes
+
+
+def _make_node(dg, convs, names, modules, order, chans) -> Node:
+    plain = [c for c in convs if c.groups == 1 or c.groups != c.out_channels]
+    root = names[(plain or convs)[0]]
+    gates = tuple(names[_following_bn(dg, c) or c] for c in convs)
+    width = convs[0].out_channels
+    producers = tuple(names[c] for c in convs)
+    junctions: tuple[str, ...] = ()
+    if len(plain) > 1:  # channels tied by residual adds: read them at the block outputs
+        found = {_junction(p, modules, chans, width) for p in producers} - {None}
+        junctions = tuple(sorted(found, key=lambda n: order[n]))
+    if junctions:
+        capture, relu, name = junctions[-1], False, junctions[-1]
+    else:
+        capture, relu, name = gates[-1], True, root
+    return Node(name=name, root=root, producers=producers, gates=gates, capture=capture,
+                capture_relu=relu, channels=width, order=order[capture], junctions=junctions)
+
+
+def last_node(nodes: list[Node]) -> Node:
+    """The last conv node: the one feeding the classifier."""
+    return max(nodes, key=lambda n: n.order)
+
+
+def by_name(nodes: list[Node]) -> dict[str, Node]:
+    return {n.name: n for n in nodes}

@@ -1,0 +1,172 @@
+"""The stages as library functions: train a baseline, score it, prune it.
+
+The CLI commands and the end-to-end ``run`` are thin layers over these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deploy_prune.allocation import Allocation, allocate, cut, select_crucial
+from deploy_prune.artifacts import ModelPlan, load_model_dir, versions
+from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from deploy_prune.data import DataBundle
+from deploy_prune.flops import count
+from deploy_prune.models import build_model, load_weights_file
+from deploy_prune.nodes import Node, discover
+from deploy_prune.scoring import SCORERS, ScoreContext, Scores, node_scores
+from deploy_prune.surgery import widths
+from deploy_prune.train import evaluate, resolve_device, train_baseline
+
+log = logging.getLogger(__name__)
+SCORES_FORMAT = "deploy-prune/scores@1"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: RunConfig) -> torch.device:
+    """Seed, pin CPU threads (recorded for reproducibility) and pick the device."""
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return resolve_device(cfg.device)
+
+
+def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[str] | None) -> RunConfig:
+    """The config a model was made with <- ``--config FILE`` <- ``key=value`` overrides."""
+    data: dict[str, Any] = dict(base.info.get("config", {})) if base else {}
+    if config:
+        data = merge(data, read_yaml(config))
+    return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
+
+
+def new_base_plan(cfg: RunConfig, data: DataBundle) -> ModelPlan:
+    return ModelPlan(arch=cfg.model.arch, arch_kwargs=dict(cfg.model.kwargs), num_classes=data.num_classes,
+                     in_channels=data.in_channels, input_size=data.image_size)
+
+
+def describe(model: nn.Module, plan: ModelPlan, nodes: list[Node] | None = None) -> dict[str, Any]:
+    """FLOPs, params and per-node widths, for plan.json and ``inspect``."""
+    example = plan.example()
+    nodes = nodes or discover(model, example)
+    cost = count(model, example)
+    return {"flops": cost.flops, "params": cost.params,
+            "widths": {n.name: n.channels for n in nodes}}
+
+
+def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[nn.Module, ModelPlan, dict]:
+    """Build (and load local weights, if given) then train the baseline; evaluate it."""
+    plan = new_base_plan(cfg, data)
+    model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
+    if cfg.model.weights:
+        load_weights_file(model, cfg.model.weights)
+    t0 = time.perf_counter()
+    if cfg.train.epochs > 0:
+        train_baseline(model, data.train, cfg.train, device=device)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(model, data.test, device)
+    model.cpu().eval()
+    plan.info.update(config=to_dict(cfg), metrics=metrics, train_seconds=seconds, **describe(model, plan))
+    return model, plan, metrics
+
+
+def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | None,
+          device: torch.device, *, method: str | None = None) -> dict[str, Any]:
+    """Channel and node scores of ``model`` by the named scorer, as a JSON-ready dict."""
+    method = method or cfg.scoring.method
+    scorer = SCORERS.get(method)()
+    example = plan.example()
+    nodes = discover(model, example)
+    ctx = ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg,
+                       train_loader=data.train if data else None, device=device, seed=cfg.seed)
+    t0 = time.perf_counter()
+    scores = scorer.score(ctx)
+    model.cpu()
+    seconds = time.perf_counter() - t0
+    return {"format": SCORES_FORMAT, "scorer": method, "base_sha256": plan.digest(), "seconds": seconds,
+            "nodes": [{"name": n.name, "channels": n.channels, "junction": n.is_junction,
+                       "prunable": n.prunable} for n in nodes],
+            "node_scores": node_scores(scores),
+            "channel_scores": {k: [float(x) for x in v] for k, v in scores.items()}}
+
+
+def read_scores(path: str | Path, plan: ModelPlan) -> Scores:
+    """Load a scores JSON and check it belongs to this base model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scores file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != SCORES_FORMAT:
+        raise ValueError(f"{path}: not a deploy-prune scores file")
+    if data.get("base_sha256") != plan.digest():
+        raise ValueError(f"{path}: these scores were computed for another model (base hash differs)")
+    return {k: np.asarray(v, dtype=np.float64) for k, v in data["channel_scores"].items()}
+
+
+@dataclass
+class PruneResult:
+    slim: nn.Module
+    plan: ModelPlan
+    allocation: Allocation
+    nodes: list[Node]
+
+
+def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
+          selection: Scores | None = None, crucial: list[str] | None = None) -> PruneResult:
+    """Crucial nodes, global allocation and surgery; the base ``model`` is left untouched."""
+    example = plan.example()
+    model = model.cpu().eval()
+    nodes = discover(model, example)
+    missing = [n.name for n in nodes if n.name not in scores or len(scores[n.name]) != n.channels]
+    if missing:
+        raise ValueError(f"scores do not cover nodes {missing[:4]} of this model")
+    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
+    alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
+    slim = cut(model, alloc.plan, example).eval()
+    slim_plan = ModelPlan(arch=plan.arch, arch_kwargs=plan.arch_kwargs, num_classes=plan.num_classes,
+                          in_channels=plan.in_channels, input_size=plan.input_size, kept=alloc.plan)
+    slim_plan.info.update(
+        config=to_dict(cfg), base_sha256=plan.digest(), crucial_nodes=crucial,
+        flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
+        flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
+        base_widths=widths(nodes), versions=versions())
+    return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
+
+
+def load_base(path: str | Path) -> tuple[nn.Module, ModelPlan]:
+    model, plan = load_model_dir(path)
+    if plan.kept:
+        log.warning("%s is already pruned; pruning it again treats it as the base", path)
+    return model, plan
+
+
+def width_table(nodes: list[Node], base: dict[str, int], slim: dict[str, int], crucial: list[str]) -> str:
+    """A readable per-node width table."""
+    lines = [f"{'node':<32} {'base':>6} {'slim':>6} {'kept':>7}  note", "-" * 62]
+    for n in nodes:
+        note = "crucial" if n.name in crucial else ("fixed" if not n.prunable else "")
+        b, s = base[n.name], slim[n.name]
+        lines.append(f"{n.name:<32} {b:>6} {s:>6} {100 * s / b:>6.1f}%  {note}")
+    return "\n".join(lines)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

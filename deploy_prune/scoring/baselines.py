@@ -1,0 +1,40 @@
+"""The paper's baseline selectors (OSPR Fig. 5b): random, first-k and filter L1 norm."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deploy_prune.scoring._base import SCORERS, ScoreContext, Scorer, Scores
+
+
+@SCORERS.register("random")
+class RandomScorer(Scorer):
+    """Uniform random scores, seeded: a random selection of channels."""
+
+    def score(self, ctx: ScoreContext) -> Scores:
+        rng = np.random.default_rng(ctx.seed)
+        return {n.name: rng.random(n.channels) for n in ctx.nodes}
+
+
+@SCORERS.register("first_k")
+class FirstKScorer(Scorer):
+    """Keeps the first k channels of each node."""
+
+    def score(self, ctx: ScoreContext) -> Scores:
+        return {n.name: np.linspace(1.0, 0.0, n.channels, endpoint=False) for n in ctx.nodes}
+
+
+@SCORERS.register("l1")
+class L1Scorer(Scorer):
+    """L1 norm of each output filter ("max response"); summed over coupled producers."""
+
+    def score(self, ctx: ScoreContext) -> Scores:
+        modules = dict(ctx.model.named_modules())
+        out = {}
+        for n in ctx.nodes:
+            total = np.zeros(n.channels)
+            for p in n.producers:
+                w = modules[p].weight.detach().abs().float().cpu()  # (C_out, C_in/g, k, k)
+                total += w.flatten(1).sum(1).numpy()
+            out[n.name] = total
+        return out

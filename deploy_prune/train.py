@@ -1,0 +1,134 @@
+"""Training and evaluation loops shared by baseline training, scoring, recovery and fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from deploy_prune.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def steps_for(epochs: float, loader) -> int:
+    """Number of optimiser steps for a (possibly fractional) number of epochs."""
+    return max(1, int(math.ceil(epochs * len(loader))))
+
+
+def batches(loader: Iterable, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cycle ``loader`` for exactly ``steps`` batches (a new shuffle each pass)."""
+    done = 0
+    while done < steps:
+        for xb, yb in loader:
+            yield xb, yb
+            done += 1
+            if done >= steps:
+                return
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``."""
+    was_training = model.training
+    model.eval()
+    n = correct1 = correct5 = 0
+    loss = 0.0
+    for xb, yb in loader:
+        xb, yb = xb.to(device), yb.to(device)
+        logits = model(xb)  # (B, K)
+        loss += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        correct1 += (top[:, 0] == yb).sum().item()
+        correct5 += (top == yb[:, None]).any(dim=1).sum().item()
+        n += len(yb)
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1),
+            "loss": loss / max(n, 1), "samples": n}
+
+
+def make_optimizer(params, *, name: str, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adam'")
+
+
+def make_scheduler(opt, *, name: str, total_steps: int, steps_per_epoch: int, step_size: int = 5,
+                   gamma: float = 0.1):
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    if name == "step":  # step_size is in epochs, like the papers' schedules
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, step_size * steps_per_epoch), gamma=gamma)
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"unknown schedule {name!r}; expected cosine, step or constant")
+
+
+def fit(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    steps: int,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler=None,
+    device: torch.device | str = "cpu",
+    desc: str = "train",
+    start_step: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> float:
+    """Run ``steps`` optimiser steps of ``loss_fn(model, x, y)``; returns the last mean loss."""
+    running, count = 0.0, 0
+    it = batches(loader, steps - start_step)
+    bar = tqdm(it, total=steps - start_step, desc=desc, leave=False, disable=None, mininterval=2)
+    for i, (xb, yb) in enumerate(bar, start=start_step):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        loss = loss_fn(model, xb, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        running, count = running + loss.item(), count + 1
+        if count % 20 == 0:
+            bar.set_postfix(loss=f"{running / count:.4f}")
+        if on_step is not None:
+            on_step(i + 1)
+    return running / max(count, 1)
+
+
+def cross_entropy(label_smoothing: float = 0.0):
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+
+    return loss
+
+
+def train_baseline(model: nn.Module, train_loader, cfg: TrainConfig, *, device: torch.device) -> float:
+    """Train all weights with cross-entropy per ``cfg``; returns the last mean loss."""
+    model.to(device).train()
+    steps = steps_for(cfg.epochs, train_loader)
+    opt = make_optimizer(model.parameters(), name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, name=cfg.schedule, total_steps=steps, steps_per_epoch=len(train_loader),
+                           step_size=cfg.step_size, gamma=cfg.gamma)
+    log.info("training baseline: %d steps (%.2f epochs)", steps, cfg.epochs)
+    return fit(model, train_loader, steps=steps, loss_fn=cross_entropy(cfg.label_smoothing),
+               optimizer=opt, scheduler=sched, device=device, desc="train")
