@@ -118,7 +118,34 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from deploy_prune.run import run
+
+    cfg = load_config(args.config_file, _overrides(args))
+    report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
+    print(f"{report['base']['arch']}: {report['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
+          f"{report['base']['top1']:.2f}% | pruned {report['pruned']['top1']:.2f}% | recovered "
+          f"{report['recovered']['top1']:.2f}% | slim {report['slim']['top1']:.2f}%")
+    print(f"stage seconds: {report['seconds']}")
+    print(f"report: {args.out}/report.md, slim model: {args.out}/slim")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole job: train -> score -> prune -> recover -> fine-tune",
+                       description="Train (or load with --base) a baseline, score channels, choose "
+                       "crucial nodes, prune globally to the target, cut channels out, recover in one "
+                       "step by mimicking the crucial feature maps, fine-tune and evaluate. Writes "
+                       "DIR/base, DIR/slim, DIR/report.json and DIR/report.md.")
+    p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/default.yaml)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
+    p.add_argument("--base", metavar="BASE_DIR", help="use this trained model directory instead of training")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
+    p.add_argument("--force", action="store_true", help="delete DIR's previous content and start over")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("train", help="train a baseline and save it as a model directory",
                        description="Train a baseline per the config and write OUT/plan.json + "
                        "OUT/model.safetensors.")

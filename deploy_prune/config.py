@@ -115,6 +115,7 @@ class RecoveryConfig:
     gamma: float = 0.1
     batch_size: int | None = None
     freeze_classifier: bool = True
+    layer_epochs: float = 0.5  # mode=layerwise: reconstruction epochs after each layer is cut
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch import nn
 from deploy_prune.models import MODELS, ModelSpec
 
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-SMALL_VGG_CFG = [32, 32, "M", 64, 64, "M", 96, 128]
+SMALL_VGG_CFG = [32, 32, "M", 64, 64, "M", 128, "M", 128]  # cheap tail, like VGG-16 conv5
 
 
 class VGG(nn.Module):

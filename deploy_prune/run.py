@@ -1,0 +1,285 @@
+"""The end-to-end job: baseline -> score -> crucial nodes -> allocate -> surgery -> recover ->
+fine-tune -> evaluate, with a checkpoint after every stage (and inside the long ones) so an
+interrupted run resumes without redoing finished work.
+
+Layout of a run directory::
+
+    base/  scores.json  pruned/  recovered/  slim/  ckpt/  state.json  report.json  report.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploy_prune import pipeline
+from deploy_prune.artifacts import atomic_write_text, load_model_dir, save_model_dir, versions
+from deploy_prune.config import RunConfig, to_dict
+from deploy_prune.data import DataBundle, load_data
+from deploy_prune.nodes import discover
+from deploy_prune.recovery.layerwise import layerwise
+from deploy_prune.recovery.mimic import StepState, finetune, finetune_state, recover, recovery_state
+from deploy_prune.train import evaluate
+
+log = logging.getLogger(__name__)
+STAGES = ("base", "score", "prune", "recover", "finetune")
+
+
+class RunState:
+    """``state.json``: finished stages, their seconds and metrics."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "state.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def finish(self, stage: str, seconds: float, **metrics: Any) -> None:
+        self.data["stages"][stage] = {"seconds": seconds, **metrics}
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
+
+    def get(self, stage: str) -> dict[str, Any]:
+        return self.data["stages"][stage]
+
+
+class Checkpointer:
+    """Mid-stage checkpoints (model, optimizer, scheduler, step), written atomically."""
+
+    def __init__(self, path: Path, model: nn.Module, state: StepState) -> None:
+        self.path, self.model, self.state = path, model, state
+        self.every = max(1, state.steps // 10)
+
+    def save(self, step: int) -> None:
+        if step % self.every and step != self.state.steps:
+            return
+        blob = {"model": self.model.state_dict(), "optimizer": self.state.optimizer.state_dict(),
+                "scheduler": self.state.scheduler.state_dict() if self.state.scheduler else None,
+                "step": step}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(self.path)
+
+    def restore(self) -> bool:
+        """Load a checkpoint if one exists; returns whether it did."""
+        if not self.path.is_file():
+            return False
+        blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(blob["model"])
+        self.state.optimizer.load_state_dict(blob["optimizer"])
+        if self.state.scheduler is not None and blob["scheduler"] is not None:
+            self.state.scheduler.load_state_dict(blob["scheduler"])
+        self.state.start = int(blob["step"])
+        log.info("resumed %s at step %d/%d", self.path.name, self.state.start, self.state.steps)
+        return True
+
+
+def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if force and not resume:
+            shutil.rmtree(out)
+        elif not resume:
+            raise FileExistsError(f"run directory {out} is not empty; pass --resume to continue it "
+                                  "or --force to start over")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class Runner:
+    """Holds what the stages share; each stage method is idempotent given ``state.json``."""
+
+    def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None) -> None:
+        self.cfg, self.out, self.base_dir = cfg, out, base_dir
+        self.device = pipeline.setup(cfg)
+        self.state = RunState(out)
+        self._data: DataBundle | None = None
+
+    @property
+    def data(self) -> DataBundle:
+        if self._data is None:
+            self._data = load_data(self.cfg.data, seed=self.cfg.seed)
+        return self._data
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        metrics = evaluate(model.to(self.device), self.data.test, self.device)
+        model.cpu()
+        return metrics
+
+    def timed(self, stage: str, fn) -> None:
+        if self.state.done(stage):
+            log.info("stage %s: done, skipped", stage)
+            return
+        t0 = time.perf_counter()
+        metrics = fn() or {}
+        self.state.finish(stage, time.perf_counter() - t0, **metrics)
+        log.info("stage %s: %.1fs %s", stage, time.perf_counter() - t0, metrics)
+
+    # -- stages --------------------------------------------------------------------------------
+    def stage_base(self) -> dict:
+        if self.base_dir:
+            model, plan = load_model_dir(self.base_dir)
+            plan.info.setdefault("config", to_dict(self.cfg))
+            metrics = self.evaluate(model)
+        else:
+            model, plan, metrics = pipeline.train_base(self.cfg, self.data, self.device)
+        save_model_dir(model, plan, self.out / "base", force=True)
+        return {"top1": metrics["top1"], "top5": metrics["top5"]}
+
+    def stage_score(self) -> dict:
+        model, plan = load_model_dir(self.out / "base")
+        result = pipeline.score(model, plan, self.cfg, self.data, self.device)
+        atomic_write_text(self.out / "scores.json", json.dumps(result, indent=1))
+        return {"scorer": result["scorer"]}
+
+    def stage_prune(self) -> dict:
+        model, plan = load_model_dir(self.out / "base")
+        scores = pipeline.read_scores(self.out / "scores.json", plan)
+        res = pipeline.prune(model, plan, self.cfg, scores)
+        save_model_dir(res.slim, res.plan, self.out / "pruned", force=True)
+        m = self.evaluate(res.slim)
+        return {"top1": m["top1"], "top5": m["top5"], "flops_reduction": res.allocation.flops_reduction}
+
+    def _mimic_names(self, plan) -> list[str]:
+        return self.cfg.recovery.nodes or plan.info["crucial_nodes"]
+
+    def stage_recover(self) -> dict:
+        teacher, base_plan = load_model_dir(self.out / "base")
+        student, plan = load_model_dir(self.out / "pruned")
+        rc, loader = self.cfg.recovery, self._loader(self.cfg.recovery.batch_size)
+        example = plan.example()
+        info: dict[str, Any] = {"mode": rc.mode, "loss": rc.loss if rc.mode == "onestep" else rc.mode}
+        if rc.mode == "layerwise":
+            nodes = discover(teacher, example)
+            student, extra = layerwise(teacher, nodes, plan.kept or {}, loader=loader, cfg=rc,
+                                       device=self.device, example=example)
+            info.update(extra)
+        elif rc.mode in ("onestep", "ce"):
+            names = self._mimic_names(plan)
+            state = recovery_state(student, loader, rc)
+            ck = Checkpointer(self.out / "ckpt" / "recover.pt", student, state)
+            ck.restore()
+            recover(teacher, student, teacher_nodes=discover(teacher, example),
+                    student_nodes=discover(student, example), names=names, loader=loader, cfg=rc,
+                    device=self.device, state=state, on_step=ck.save)
+            info.update(nodes=names, epochs=rc.epochs, steps=state.steps)
+        elif rc.mode != "none":
+            raise ValueError(f"recovery.mode: expected onestep, layerwise, ce or none, got {rc.mode!r}")
+        student.cpu().eval()
+        save_model_dir(student, plan, self.out / "recovered", force=True)
+        m = self.evaluate(student)
+        return {"top1": m["top1"], "top5": m["top5"], **info}
+
+    def stage_finetune(self) -> dict:
+        student, plan = load_model_dir(self.out / "recovered")
+        fc = self.cfg.finetune
+        loader = self._loader(None)
+        if fc.epochs > 0:
+            state = finetune_state(student, loader, fc)
+            ck = Checkpointer(self.out / "ckpt" / "finetune.pt", student, state)
+            ck.restore()
+            finetune(student, loader=loader, cfg=fc, device=self.device, state=state, on_step=ck.save)
+        student.cpu().eval()
+        save_model_dir(student, plan, self.out / "slim", force=True)
+        m = self.evaluate(student)
+        return {"top1": m["top1"], "top5": m["top5"], "epochs": fc.epochs}
+
+    def _loader(self, batch_size: int | None):
+        loader = self.data.train
+        if batch_size and hasattr(loader, "with_options"):
+            loader = loader.with_options(batch_size=batch_size)
+        return loader
+
+    def run(self) -> dict[str, Any]:
+        for stage in STAGES:
+            self.timed(stage, getattr(self, f"stage_{stage}"))
+        shutil.rmtree(self.out / "ckpt", ignore_errors=True)
+        report = build_report(self.out, self.state, self.cfg, self.device)
+        atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
+        atomic_write_text(self.out / "report.md", render_report(report))
+        return report
+
+
+def build_report(out: Path, state: RunState, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """report.json: the named fields of issue 3 plus provenance."""
+    base = json.loads((out / "base" / "plan.json").read_text())
+    slim = json.loads((out / "slim" / "plan.json").read_text())
+    s = state.data["stages"]
+    widths = {k: {"base": slim["base_widths"][k], "slim": slim["widths"][k]} for k in slim["widths"]}
+    return {
+        "base": {"top1": s["base"]["top1"], "top5": s["base"]["top5"], "flops": slim["base_flops"],
+                 "params": slim["base_params"], "arch": base["arch"]},
+        "pruned": {"top1": s["prune"]["top1"], "top5": s["prune"]["top5"]},
+        "recovered": {"top1": s["recover"]["top1"], "top5": s["recover"]["top5"]},
+        "slim": {"top1": s["finetune"]["top1"], "top5": s["finetune"]["top5"], "flops": slim["flops"],
+                 "params": slim["params"]},
+        "flops_reduction": slim["flops_reduction"],
+        "params_reduction": slim["base_params"] / max(slim["params"], 1),
+        "crucial_nodes": slim["crucial_nodes"],
+        "widths": widths,
+        "recovery": {k: v for k, v in s["recover"].items() if k not in ("top1", "top5", "seconds")},
+        "seconds": {k: round(v["seconds"], 2) for k, v in s.items()},
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "config": to_dict(cfg),
+        "versions": versions(),
+    }
+
+
+def render_report(r: dict[str, Any]) -> str:
+    """A readable report.md from report.json."""
+    lines = [f"# deploy-prune run: {r['base']['arch']}", "",
+             f"FLOPs {r['base']['flops'] / 1e6:.2f}M -> {r['slim']['flops'] / 1e6:.2f}M "
+             f"(**{r['flops_reduction']:.2f}x fewer**), params {r['base']['params'] / 1e6:.3f}M -> "
+             f"{r['slim']['params'] / 1e6:.3f}M; device {r['device']}, {r['threads']} threads.", "",
+             "| stage | top-1 (%) | top-5 (%) | seconds |", "|---|---:|---:|---:|"]
+    sec = r["seconds"]
+    for label, key, stage in [("baseline", "base", "base"), ("pruned, no recovery", "pruned", "prune"),
+                              ("after mimic recovery", "recovered", "recover"),
+                              ("after fine-tuning (slim)", "slim", "finetune")]:
+        lines.append(f"| {label} | {r[key]['top1']:.2f} | {r[key]['top5']:.2f} | {sec.get(stage, 0):.1f} |")
+    lines += ["", f"Crucial nodes (never narrowed, mimicked): {', '.join(r['crucial_nodes'])}", "",
+              "| node | base | slim | kept |", "|---|---:|---:|---:|"]
+    for k, w in r["widths"].items():
+        lines.append(f"| {k} | {w['base']} | {w['slim']} | {100 * w['slim'] / w['base']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def check_resume_config(out: Path, cfg: RunConfig) -> None:
+    """A resumed run must use the config it started with; the first run records it."""
+    path = out / "config.json"
+    now = to_dict(cfg)
+    if path.is_file():
+        then = json.loads(path.read_text())
+        diff = sorted(_diff_keys(then, now))
+        if diff:
+            raise ValueError(f"{out} was started with a different config (keys differ: {', '.join(diff[:6])}); "
+                             "resume with the same config and overrides, or --force to start over")
+    else:
+        atomic_write_text(path, json.dumps(now, indent=1))
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = False,
+        base_dir: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole job into ``out``; returns report.json's content."""
+    out = Path(out)
+    prepare_out(out, resume=resume, force=force)
+    check_resume_config(out, cfg)
+    return Runner(cfg, out, base_dir=base_dir).run()
+
+

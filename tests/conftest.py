@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real data (scikit-learn digits) and quick model directories."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from deploy_prune.artifacts import ModelPlan, save_model_dir
+from deploy_prune.config import RunConfig, from_dict
+from deploy_prune.models import build_model
+from deploy_prune.nodes import discover
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+def digits_cfg(**over) -> RunConfig:
+    """A run config on sklearn digits (8x8, 1 channel) with tiny budgets."""
+    base = {
+        "data": {"name": "digits", "batch_size": 64},
+        "model": {"arch": "small_vgg"},
+        "train": {"epochs": 3, "lr": 0.05},
+        "scoring": {"l1_lambda": 0.001, "lr": 0.01, "epochs": 1},
+        "recovery": {"epochs": 1, "lr": 0.001},
+        "finetune": {"epochs": 1, "lr": 0.001},
+        "threads": 2,
+    }
+    for k, v in over.items():
+        section, key = k.split("__")
+        base.setdefault(section, {})[key] = v
+    return from_dict(RunConfig, base)
+
+
+def random_plan(nodes, *, frac: float = 0.5, seed: int = 0) -> dict[str, list[int]]:
+    rng = random.Random(seed)
+    return {n.name: sorted(rng.sample(range(n.channels), max(1, int(n.channels * frac))))
+            for n in nodes if n.prunable}
+
+
+@pytest.fixture
+def small_vgg_dir(tmp_path):
+    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
+    return save_model_dir(model, ModelPlan("small_vgg", 10, 1, 28), tmp_path / "base")
+
+
+@pytest.fixture
+def example_nodes():
+    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
+    x = torch.zeros(1, 1, 28, 28)
+    return model, x, discover(model, x)
