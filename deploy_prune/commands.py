@@ -131,7 +131,38 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from deploy_prune.ablate import STUDIES, ablate
+
+    studies = tuple(args.only.split(",")) if args.only else STUDIES
+    bad = [s for s in studies if s not in STUDIES]
+    if bad:
+        raise ValueError(f"--only: unknown studies {bad}; choose from {', '.join(STUDIES)}")
+    cfg = load_config(args.config_file, _overrides(args))
+    rows = ablate(cfg, args.out, studies=studies, from_run=args.from_run, resume=args.resume, force=args.force)
+    print(f"{len(rows)} ablation rows -> {args.out}/ablation.md, ablation.csv, ablation.png")
+    for r in rows:
+        print(f"  {r['study']:<10} {r['variant']:<12} pruned {r['pruned_top1']:6.2f}  recovered "
+              f"{r['recovered_top1']:6.2f}  fine-tuned {r['finetuned_top1']:6.2f}  {r['seconds']:7.1f}s")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="the paper's ablations as one table (CSV, Markdown, plot)",
+                       description="Filter selection (beta/random/first-k/L1), mimic function "
+                       "(KL/JS/MSE/LASSO/CE), number of mimicked nodes (MSE), one-step vs "
+                       "layer-by-layer, and RBP vs beta, on the same widths and budget.")
+    p.add_argument("config_file", metavar="CONFIG")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--data-root", metavar="DIR", help="where the dataset lives")
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="reuse RUN_DIR/base instead of training")
+    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
+    p.add_argument("--force", action="store_true", help="start over in a non-empty DIR")
+    p.set_defaults(func=cmd_ablate)
+
+
     p = sub.add_parser("run", help="the whole job: train -> score -> prune -> recover -> fine-tune",
                        description="Train (or load with --base) a baseline, score channels, choose "
                        "crucial nodes, prune globally to the target, cut channels out, recover in one "

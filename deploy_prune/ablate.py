@@ -1,0 +1,202 @@
+"""OSPR's ablations as one table, on the same slim widths and training budget.
+
+Studies (rows share the base model, the beta allocation's per-node widths and the budget):
+- ``selection``: which channels fill those widths: beta, random, first-k, L1-norm (Fig. 5b);
+- ``loss``: the mimic function: KL, JS, MSE, LASSO, and cross-entropy only ("Model_CE");
+- ``nodes``: how many crucial nodes are mimicked, 1..N, with MSE (Fig. 2b; KL needs N >= 2);
+- ``pipeline``: one-step recovery versus layer-by-layer (accuracy and wall time);
+- ``scorer``: RBP scoring at the same FLOPs target (its own widths) versus beta, both + KL.
+Rows are appended to ``ablation.jsonl`` as they finish, so an interrupted ablation resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy_prune import pipeline
+from deploy_prune.allocation import cut, keep_top
+from deploy_prune.artifacts import atomic_write_text, load_model_dir
+from deploy_prune.config import RunConfig
+from deploy_prune.flops import count
+from deploy_prune.nodes import discover
+from deploy_prune.recovery.layerwise import layerwise
+from deploy_prune.recovery.mimic import finetune, recover
+from deploy_prune.run import Runner, prepare_out
+from deploy_prune.scoring import SCORERS
+
+log = logging.getLogger(__name__)
+STUDIES = ("selection", "loss", "nodes", "pipeline", "scorer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    study: str
+    name: str
+    selection: str = "beta"  # scorer choosing the channels (widths from beta)
+    loss: str = "kl"
+    mode: str = "onestep"  # onestep | ce | layerwise
+    nodes: int | None = None  # mimic the last k crucial nodes (None: all)
+    scorer: str = "beta"  # scorer deciding the widths too (RBP row)
+
+
+def variants(n_crucial: int, studies: tuple[str, ...]) -> list[Variant]:
+    out: list[Variant] = []
+    if "selection" in studies:
+        out += [Variant("selection", s, selection=s) for s in ("beta", "random", "first_k", "l1")]
+    if "loss" in studies:
+        out += [Variant("loss", x, loss=x) for x in ("kl", "js", "mse", "lasso")]
+        out.append(Variant("loss", "ce", mode="ce"))
+    if "nodes" in studies:
+        out += [Variant("nodes", f"mse_last_{k}", loss="mse", nodes=k) for k in range(1, n_crucial + 1)]
+    if "pipeline" in studies:
+        out += [Variant("pipeline", "one_step"), Variant("pipeline", "layerwise", mode="layerwise")]
+    if "scorer" in studies:
+        out += [Variant("scorer", s, scorer=s, selection=s) for s in ("beta", "rbp") if s in SCORERS]
+    return out
+
+
+class Ablation:
+    def __init__(self, cfg: RunConfig, out: Path, *, from_run: str | None = None) -> None:
+        self.cfg, self.out = cfg, out
+        self.runner = Runner(cfg, out, base_dir=str(Path(from_run) / "base") if from_run else None)
+        self.rows_path = out / "ablation.jsonl"
+        self.done = {(r["study"], r["variant"]): r for r in self._read_rows()}
+        self.scores: dict[str, Any] = {}
+        self.score_seconds: dict[str, float] = {}
+
+    def _read_rows(self) -> list[dict]:
+        if not self.rows_path.is_file():
+            return []
+        return [json.loads(line) for line in self.rows_path.read_text().splitlines() if line.strip()]
+
+    def scores_for(self, name: str, model, plan):
+        if name not in self.scores:
+            cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
+            res = pipeline.score(model, plan, cfg, self.runner.data, self.runner.device)
+            self.scores[name] = {k: np.asarray(v) for k, v in res["channel_scores"].items()}
+            self.score_seconds[name] = res["seconds"]
+        return self.scores[name]
+
+    def row(self, v: Variant, model, plan, ref) -> dict[str, Any]:
+        """Prune (same widths unless the scorer decides them), recover, fine-tune, evaluate."""
+        example = plan.example()
+        if v.scorer != "beta":
+            res = pipeline.prune(model, plan, self.cfg, self.scores_for(v.scorer, model, plan))
+            slim, kept, crucial = res.slim, res.plan.kept or {}, res.plan.info["crucial_nodes"]
+        else:
+            kept = keep_top(self.scores_for(v.selection, model, plan), ref.allocation.counts)
+            slim, crucial = cut(model, kept, example), ref.plan.info["crucial_nodes"]
+        base_flops = ref.allocation.base_flops
+        flops = count(slim, example).flops
+        pruned = self.runner.evaluate(slim)
+        names = crucial if v.nodes is None else crucial[-v.nodes:]
+        rc = dataclasses.replace(self.cfg.recovery, loss=v.loss, mode=v.mode)
+        t0 = time.perf_counter()
+        nodes = discover(model, example)
+        if v.mode == "layerwise":
+            slim, extra = layerwise(model, nodes, kept, loader=self.runner.data.train, cfg=rc,
+                                    device=self.runner.device, example=example)
+            epochs = extra["epochs"]
+        else:
+            recover(model, slim, teacher_nodes=nodes, student_nodes=discover(slim, example), names=names,
+                    loader=self.runner.data.train, cfg=rc, device=self.runner.device)
+            epochs = rc.epochs
+        t_rec = time.perf_counter() - t0
+        recovered = self.runner.evaluate(slim)
+        t1 = time.perf_counter()
+        finetune(slim, loader=self.runner.data.train, cfg=self.cfg.finetune, device=self.runner.device)
+        t_ft = time.perf_counter() - t1
+        final = self.runner.evaluate(slim)
+        model.cpu()
+        return {"study": v.study, "variant": v.name, "scorer": v.scorer, "selection": v.selection,
+                "loss": v.loss if v.mode == "onestep" else v.mode, "mode": v.mode, "mimic_nodes": len(names),
+                "flops_reduction": base_flops / flops, "pruned_top1": pruned["top1"],
+                "recovered_top1": recovered["top1"], "finetuned_top1": final["top1"],
+                "score_seconds": self.score_seconds.get(v.scorer if v.scorer != "beta" else v.selection, 0.0),
+                "recovery_seconds": t_rec, "recovery_epochs": epochs, "finetune_seconds": t_ft,
+                "seconds": t_rec + t_ft}
+
+    def run(self, studies: tuple[str, ...]) -> list[dict]:
+        self.runner.timed("base", self.runner.stage_base)
+        model, plan = load_model_dir(self.out / "base")
+        ref = pipeline.prune(model, plan, self.cfg, self.scores_for("beta", model, plan))
+        todo = variants(len(ref.plan.info["crucial_nodes"]), studies)
+        log.info("ablation: %d rows (%d already done)", len(todo), sum((v.study, v.name) in self.done for v in todo))
+        rows = []
+        for i, v in enumerate(todo):
+            if (v.study, v.name) not in self.done:
+                log.info("ablation row %d/%d: %s / %s", i + 1, len(todo), v.study, v.name)
+                r = self.row(v, copy.deepcopy(model), plan, ref)
+                with self.rows_path.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                self.done[(v.study, v.name)] = r
+            rows.append(self.done[(v.study, v.name)])
+        write_tables(rows, self.out, base_top1=self.runner.state.get("base")["top1"], widths=ref.plan.info["widths"])
+        return rows
+
+
+def write_tables(rows: list[dict], out: Path, *, base_top1: float, widths: dict[str, int]) -> None:
+    """ablation.csv / .json / .md and ablation.png, all from the same table."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df["drop_vs_base"] = base_top1 - df["finetuned_top1"]
+    atomic_write_text(out / "ablation.csv", df.to_csv(index=False))
+    atomic_write_text(out / "ablation.json", df.to_json(orient="records", indent=1))
+    cols = ["study", "variant", "flops_reduction", "pruned_top1", "recovered_top1", "finetuned_top1",
+            "drop_vs_base", "recovery_epochs", "recovery_seconds", "seconds"]
+    md = [f"# Ablations (baseline top-1 {base_top1:.2f}%)", "",
+          "Same base model, same per-node widths (except the RBP row, whose scorer decides them), "
+          "same recovery and fine-tuning budget.", "", f"Widths: {widths}", "",
+          df[cols].to_markdown(index=False, floatfmt=".2f") if _has_tabulate() else df[cols].to_string(index=False)]
+    atomic_write_text(out / "ablation.md", "\n".join(md) + "\n")
+    _plot(df, out / "ablation.png", base_top1)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _plot(df, path: Path, base_top1: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(df)), 4))
+    labels = [f"{s}\n{v}" for s, v in zip(df["study"], df["variant"])]
+    x = range(len(df))
+    ax.bar([i - 0.2 for i in x], df["recovered_top1"], width=0.4, label="after recovery")
+    ax.bar([i + 0.2 for i in x], df["finetuned_top1"], width=0.4, label="after fine-tuning")
+    ax.axhline(base_top1, color="k", ls="--", lw=1, label=f"baseline {base_top1:.2f}%")
+    lo = max(0.0, min(df["recovered_top1"].min(), base_top1) - 5)
+    ax.set_ylim(lo, min(100.0, base_top1 + 3))
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("top-1 (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def ablate(cfg: RunConfig, out: str | Path, *, studies: tuple[str, ...] = STUDIES, from_run: str | None = None,
+           resume: bool = False, force: bool = False) -> list[dict]:
+    out = Path(out)
+    prepare_out(out, resume=resume, force=force)
+    return Ablation(cfg, out, from_run=from_run).run(studies)
+
+
