@@ -12,7 +12,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from deploy_prune import commands
+from deploy_prune import commands, distributed
 
 log = logging.getLogger("deploy_prune")
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        distributed.init_from_env()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy_prune import pipeline
+from deploy_prune import distributed, pipeline
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, save_model_dir
 from deploy_prune.config import load_config
 from deploy_prune.data import load_data
@@ -35,6 +35,8 @@ def cmd_train(args) -> int:
     device = pipeline.setup(cfg)
     data = load_data(cfg.data, seed=cfg.seed)
     model, plan, metrics = pipeline.train_base(cfg, data, device)
+    if not distributed.is_main():
+        return 0
     save_model_dir(model, plan, args.out, force=args.force)
     print(f"baseline {cfg.model.arch} on {data.name}: top1 {metrics['top1']:.2f}%  "
           f"top5 {metrics['top5']:.2f}%  {plan.info['flops'] / 1e6:.2f} MFLOPs  "
@@ -52,6 +54,8 @@ def cmd_score(args) -> int:
     cfg = pipeline.resolve_config(plan, args.config, _overrides(args))
     device = pipeline.setup(cfg)
     result = _scores(args, model, plan, cfg, device)
+    if not distributed.is_main():
+        return 0
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"output {out} already exists; pass --force to overwrite it")

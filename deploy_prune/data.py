@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from deploy_prune import distributed
 from deploy_prune.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -92,19 +93,15 @@ class TensorLoader:
         n = len(self.y)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
-        if self.world > 1:  # DistributedSampler-like: pad then stride
-            per = (n + self.world - 1) // self.world
-            idx = torch.cat([idx, idx[: per * self.world - n]])[self.rank :: self.world]
-        return idx
+            return torch.randperm(n, generator=g)
+        return torch.arange(n)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
         self.epoch += 1
         for i in range(0, len(idx), self.batch_size):
-            j = idx[i : i + self.batch_size]
+            # data-parallel: each rank takes its strided slice of the same global batch
+            j = idx[i : i + self.batch_size][self.rank :: self.world]
             xb = self.x[j]
             if self.augment:
                 xb = _augment(xb, seed=self.seed * 7919 + self.epoch * 131 + i)
@@ -301,7 +298,18 @@ LOADERS = {
 
 
 def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
-    """Load the dataset named by ``cfg.name``."""
+    """Load the dataset named by ``cfg.name``; under torchrun the training split is sharded."""
     if cfg.name not in LOADERS:
         raise ValueError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(LOADERS)}")
-    return LOADERS[cfg.name](cfg, seed=seed)
+    bundle = LOADERS[cfg.name](cfg, seed=seed)
+    if distributed.active():
+        bundle.train = _shard(bundle.train, seed)
+    return bundle
+
+
+def _shard(loader, seed: int):
+    if isinstance(loader, TensorLoader):
+        return loader.with_options(sampler_rank=distributed.rank(), sampler_world=distributed.world())
+    sampler = torch.utils.data.DistributedSampler(loader.dataset, seed=seed)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size // distributed.world(), sampler=sampler,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploy_prune import pipeline
+from deploy_prune import distributed, pipeline
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, save_model_dir, versions
 from deploy_prune.config import RunConfig, to_dict
 from deploy_prune.data import DataBundle, load_data
@@ -278,8 +278,19 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = 
         base_dir: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job into ``out``; returns report.json's content."""
     out = Path(out)
-    prepare_out(out, resume=resume, force=force)
-    check_resume_config(out, cfg)
-    return Runner(cfg, out, base_dir=base_dir).run()
+    if distributed.is_main():
+        prepare_out(out, resume=resume, force=force)
+        check_resume_config(out, cfg)
+    distributed.barrier()
+    # under torchrun every rank computes the same models; rank 0 owns DIR, the others a scratch
+    # folder inside it (kept until the run finishes, so a resumed run finds it)
+    work = out if distributed.is_main() else out / f".rank{distributed.rank()}"
+    work.mkdir(parents=True, exist_ok=True)
+    report = Runner(cfg, work, base_dir=base_dir).run()
+    distributed.barrier()
+    if distributed.is_main():
+        for scratch in out.glob(".rank*"):
+            shutil.rmtree(scratch, ignore_errors=True)
+    return report
 
 

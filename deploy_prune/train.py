@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from deploy_prune import distributed
 from deploy_prune.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -94,15 +95,22 @@ def fit(
     start_step: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> float:
-    """Run ``steps`` optimiser steps of ``loss_fn(model, x, y)``; returns the last mean loss."""
+    """Run ``steps`` optimiser steps of ``loss_fn(model, x, y)``; returns the last mean loss.
+
+    Under torchrun the gradients are averaged over ranks (DDP, or by hand for parameters
+    outside ``model``), so every rank takes the same step.
+    """
+    net, by_hand = distributed.wrap(model, optimizer)
     running, count = 0.0, 0
     it = batches(loader, steps - start_step)
-    bar = tqdm(it, total=steps - start_step, desc=desc, leave=False, disable=None, mininterval=2)
+    bar = tqdm(it, total=steps - start_step, desc=desc, leave=False, mininterval=2,
+               disable=None if distributed.is_main() else True)
     for i, (xb, yb) in enumerate(bar, start=start_step):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        loss = loss_fn(model, xb, yb)
+        loss = loss_fn(net, xb, yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sync_grads(by_hand)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -111,6 +119,7 @@ def fit(
             bar.set_postfix(loss=f"{running / count:.4f}")
         if on_step is not None:
             on_step(i + 1)
+    distributed.sync_buffers(model)
     return running / max(count, 1)
 
 

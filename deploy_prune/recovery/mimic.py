@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deploy_prune import distributed
 from deploy_prune.config import FinetuneConfig, RecoveryConfig
 from deploy_prune.nodes import Node, last_node
 from deploy_prune.recovery.capture import FeatureCapture
@@ -78,7 +79,7 @@ def mimic_loss_fn(teacher: nn.Module, nodes: list[Node], loss: MimicLoss) -> Cal
     def fn(student, x, y):
         with torch.no_grad(), FeatureCapture(teacher, nodes) as tcap:
             teacher(x)
-        with FeatureCapture(student, nodes) as scap:
+        with FeatureCapture(distributed.unwrap(student), nodes) as scap:
             student(x)
         terms = [loss(tcap.maps[n.name], scap.maps[n.name]) for n in nodes]
         return torch.stack(terms).mean()
