@@ -1,0 +1,102 @@
+"""``deploy-prune export MODEL_DIR --format onnx|tensorrt|aoti --out PATH [options]``.
+
+Registered through the ``deploy_prune.commands`` entry point. Options a format does not take
+are refused with a one-line error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from deploy_prune.cli import CLIError
+from export.errors import BackendUnavailableError
+from export.formats import FORMATS, check_options, export_model_dir
+
+# option name -> its flag, for error messages about options that do not apply
+_FLAGS = {"opset": "--opset", "dynamic_batch": "--static-batch", "simplify": "--simplify",
+          "verify": "--no-verify", "rtol": "--rtol", "atol": "--atol", "precision": "--precision",
+          "min_batch": "--min-batch", "opt_batch": "--opt-batch", "max_batch": "--max-batch",
+          "workspace_gb": "--workspace-gb", "timing_cache": "--timing-cache",
+          "calib_batches": "--calib-batches", "calib_batch_size": "--calib-batch-size",
+          "device": "--device", "batch": "--batch"}
+
+
+_CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._inductor", "torch.export")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.verbose:  # the exporters' own INFO logs drown the parity report
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    opts = {name: getattr(args, name) for name in _FLAGS if hasattr(args, name)}
+    opts["force"] = args.force
+    try:
+        check_options(args.format, opts)
+    except TypeError:
+        bad = sorted(_FLAGS[k] for k in opts if k not in FORMATS.get(args.format).options)
+        raise CLIError(f"option(s) {', '.join(bad)} do not apply to --format {args.format}") from None
+    t0 = time.perf_counter()
+    try:
+        out = export_model_dir(args.model_dir, args.format, args.out, **opts)
+    except BackendUnavailableError as e:
+        raise CLIError(str(e)) from None
+    size = out.stat().st_size / 1e6
+    print(f"{args.format}: {args.model_dir} -> {out} ({size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export`` sub-command."""
+    p = sub.add_parser(
+        "export", help="export a model directory to ONNX, a TensorRT engine or an AOTInductor package",
+        description="Export MODEL_DIR (plan.json + model.safetensors) to --out. The artifact is "
+        "written under a temporary name and renamed only after it matched the PyTorch model at "
+        "batch 1 and 7 (ONNX Runtime, AOTInductor, TensorRT on the GPU).",
+        epilog="Options default per format: ONNX opset 18, dynamic batch; TensorRT fp16, batch "
+        "1/8/128, 4 GB workspace; AOTInductor cpu, batch up to 256.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--format", required=True, choices=FORMATS.names(), help="artifact to write")
+    p.add_argument("--out", required=True, type=Path, metavar="PATH",
+                   help="output file (.onnx, .engine, .pt2 for aoti)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _common_options(p.add_argument_group("verification and batch (all formats)"))
+    _onnx_options(p.add_argument_group("ONNX (also the graph TensorRT builds from)"))
+    _trt_options(p.add_argument_group("TensorRT"))
+    aoti = p.add_argument_group("AOTInductor")
+    aoti.add_argument("--device", default=argparse.SUPPRESS, help="cpu or cuda[:N] (default cpu)")
+    p.set_defaults(func=cmd_export)
+
+
+def _common_options(p: argparse._ArgumentGroup) -> None:
+    S = argparse.SUPPRESS  # only options given on the command line reach the exporter
+    p.add_argument("--no-verify", dest="verify", action="store_false", default=S,
+                   help="skip the parity check (the artifact is then unverified)")
+    p.add_argument("--rtol", type=float, default=S, help="parity relative tolerance")
+    p.add_argument("--atol", type=float, default=S, help="parity absolute tolerance")
+    p.add_argument("--max-batch", type=int, default=S,
+                   help="largest batch (tensorrt profile, default 128; aoti, default 256)")
+
+
+def _onnx_options(p: argparse._ArgumentGroup) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--opset", type=int, default=S, help="ONNX opset (default 18)")
+    p.add_argument("--static-batch", dest="dynamic_batch", action="store_false", default=S,
+                   help="onnx/aoti: fix the batch axis (to --batch) instead of leaving it dynamic")
+    p.add_argument("--batch", type=int, default=S, help="onnx/aoti with --static-batch: the batch size (1)")
+    p.add_argument("--simplify", action="store_true", default=S, help="onnx: simplify with onnxslim")
+
+
+def _trt_options(p: argparse._ArgumentGroup) -> None:
+    S = argparse.SUPPRESS
+    p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16", "int8"], default=S,
+                   help="tensorrt precision (default fp16)")
+    p.add_argument("--min-batch", type=int, default=S, help="tensorrt profile minimum batch (1)")
+    p.add_argument("--opt-batch", type=int, default=S, help="tensorrt profile batch to tune for (8)")
+    p.add_argument("--workspace-gb", type=float, default=S, help="tensorrt workspace limit (4.0)")
+    p.add_argument("--timing-cache", type=Path, default=S, metavar="FILE",
+                   help="tensorrt timing cache, read if present and written back")
+    p.add_argument("--calib-batches", type=int, default=S, help="int8: calibration batches (16)")
+    p.add_argument("--calib-batch-size", type=int, default=S, help="int8: calibration batch size (32)")

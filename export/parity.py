@@ -1,0 +1,77 @@
+"""Parity: an exported artifact must compute what the PyTorch model computes.
+
+Each exporter runs its artifact and the source model on the same seeded random inputs at two
+batch sizes (1 and 7 by default, so a broken dynamic batch axis shows) and raises
+:class:`ParityError` when any output element differs by more than ``atol + rtol * |reference|``,
+the rule of :func:`torch.allclose`. The maximum absolute difference per batch is returned so
+that it can be logged and recorded next to the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from export.errors import ParityError
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_example(example: object) -> None:
+    """An example input must be a float (B, C, H, W) tensor: the image models' one input."""
+    if not isinstance(example, torch.Tensor) or example.dim() != 4 or not example.is_floating_point():
+        got = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise TypeError(f"example must be a float (B, C, H, W) tensor, got {got}")
+
+
+def probe_inputs(shape: Sequence[int], batches: Sequence[int], *, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded standard-normal inputs of ``(b, *shape)`` for each batch size ``b`` (CPU, float32)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((b, *shape), generator=g) for b in batches]  # (B, C, H, W)
+
+
+def check_close(out: torch.Tensor, ref: torch.Tensor, *, rtol: float, atol: float, what: str) -> float:
+    """Max absolute difference of ``out`` from ``ref``; raises ParityError beyond tolerance."""
+    out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
+    if out.shape != ref.shape:
+        raise ParityError(f"{what}: output shape {tuple(out.shape)} differs from PyTorch's "
+                          f"{tuple(ref.shape)}")
+    diff = float((out - ref).abs().max()) if out.numel() else 0.0
+    if not torch.allclose(out, ref, rtol=rtol, atol=atol):
+        raise ParityError(f"{what}: output differs from PyTorch by up to {diff:.3g} "
+                          f"(tolerance atol {atol:g} + rtol {rtol:g} * |reference|)")
+    return diff
+
+
+def check_parity(run: Runner, reference: Runner, shape: Sequence[int], batches: Sequence[int], *,
+                 rtol: float, atol: float, what: str) -> dict[int, float]:
+    """Run ``run`` and ``reference`` on the same probes; batch size -> max absolute difference."""
+    diffs: dict[int, float] = {}
+    for x in probe_inputs(shape, batches):
+        with torch.no_grad():
+            ref = reference(x)
+        diffs[x.shape[0]] = check_close(run(x), ref, rtol=rtol, atol=atol,
+                                        what=f"{what} at batch {x.shape[0]}")
+    log.info("%s matches PyTorch: %s", what,
+             ", ".join(f"batch {b} max|diff| {d:.2e}" for b, d in diffs.items()))
+    return diffs
+
+
+def scaled_atol(atol: float, reference: Runner, shape: Sequence[int]) -> float:
+    """``atol`` times the reference's output scale max|ref| (when above 1) on a batch-1 probe.
+
+    Reduced-precision rounding (TF32, fp16, int8) grows with the magnitudes summed into an
+    output, not with each output element, so a fixed atol would fail large-logit models.
+    """
+    with torch.no_grad():
+        scale = float(reference(probe_inputs(shape, (1,))[0]).abs().max())
+    return atol * max(scale, 1.0)
+
+
+def batches_in_range(lo: int, hi: int, wanted: Sequence[int] = (1, 7)) -> tuple[int, ...]:
+    """The wanted probe batch sizes clipped into ``[lo, hi]``, without duplicates."""
+    return tuple(sorted({max(lo, min(hi, b)) for b in wanted}))

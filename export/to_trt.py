@@ -1,0 +1,452 @@
+"""ONNX file -> TensorRT engine (TensorRT 10 API), verified on the GPU, with a build report.
+
+``tensorrt`` is imported only inside these functions, so ``import export`` works without it;
+asking for TensorRT without the package or without a CUDA GPU raises
+:class:`~export.errors.BackendUnavailableError` naming which is missing (the package first).
+
+Next to ``ENGINE`` the build writes ``ENGINE.json`` (TensorRT version, GPU and compute
+capability, precision, batch profile, build seconds, parity, reformat-layer count, provenance)
+and ``ENGINE.layers.json`` (the engine inspector's per-layer report). Reformat/copy layers are
+what TensorRT inserts to convert tensor layouts, e.g. when a pruned channel count is not a
+multiple of the vector width its fast kernels want, so their count shows what odd widths cost.
+INT8 builds write the calibration cache to ``ENGINE.calib`` and reuse it when present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploy_prune.artifacts import ModelPlan
+from deploy_prune.artifacts import atomic_write_text as write_text_atomic
+from export._staging import ensure_writable, staged, write_bytes_atomic
+from export.errors import BackendUnavailableError, first_line
+from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, provenance
+from export.parity import batches_in_range, check_parity, scaled_atol
+
+log = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "deploy-prune/trt-engine@1"
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8")
+# (rtol, atol) against PyTorch fp32 logits; unless given explicitly, atol is scaled by the
+# logits' magnitude (export.parity.scaled_atol).
+DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "tf32": (1e-2, 1e-2), "fp16": (2e-2, 2e-2),
+                     "bf16": (5e-2, 5e-2), "int8": (1e-1, 1e-1)}
+
+
+@dataclass(frozen=True)
+class OnnxInput:
+    """The ONNX file to build from: its bytes, input tensor name and (C, H, W)."""
+
+    path: Path
+    data: bytes
+    input_name: str
+    chw: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What the engine is built for: precision, batch profile, workspace and timing cache."""
+
+    precision: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    workspace_gb: float
+    timing_cache: Path | None
+
+
+def require_tensorrt() -> Any:
+    """The ``tensorrt`` module, once both it and a CUDA GPU are known to be present."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailableError(
+            "TensorRT export needs the 'tensorrt' Python package (TensorRT 10 or newer), which "
+            "is not installed: pip install tensorrt") from None
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("TensorRT export needs a CUDA GPU; tensorrt is installed "
+                                      "but PyTorch sees no CUDA device")
+    if int(trt.__version__.split(".")[0]) < 10:
+        raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; TensorRT 10 or newer is needed")
+    return trt
+
+
+def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp16", min_batch: int = 1,
+                 opt_batch: int = 8, max_batch: int = 128, workspace_gb: float = 4.0,
+                 timing_cache: str | Path | None = None,
+                 calibration_batches: Iterable[torch.Tensor] | None = None, force: bool = False,
+                 model: nn.Module | None = None, verify: bool = True, rtol: float | None = None,
+                 atol: float | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Build a TensorRT engine from ``onnx_path`` to ``out`` and verify it on the GPU.
+
+    ``precision`` is one of fp32, tf32, fp16, bf16, int8 (int8 also enables fp16 for layers
+    without an int8 kernel and needs ``calibration_batches``, equal-sized (B, C, H, W) tensors,
+    unless ``ENGINE.calib`` exists). The profile covers batch ``min_batch..max_batch``, tuned
+    for ``opt_batch``. ``timing_cache`` is read if it exists and written back after the build.
+    With ``verify`` the engine is run at two batch sizes against ``model`` (PyTorch on the
+    GPU, TF32 off) or, without a model, against ONNX Runtime on the CPU; beyond tolerance
+    (per-precision defaults, see DEFAULT_TOLERANCE) it raises ParityError and keeps no file.
+    """
+    out = Path(out)
+    settings = BuildSettings(precision, min_batch, opt_batch, max_batch, workspace_gb,
+                             Path(timing_cache) if timing_cache is not None else None)
+    _check_settings(settings)
+    ensure_writable(out, force=force)
+    onnx_in = _read_onnx(Path(onnx_path), settings)
+    trt = require_tensorrt()
+    calib = _calibration(trt, precision, calibration_batches, calib_path(out), onnx_in.chw)
+    t0 = time.perf_counter()
+    blob = _build(trt, onnx_in, settings, calib)
+    seconds = time.perf_counter() - t0
+    log.info("built a %s TensorRT engine from %s in %.1f s", precision, onnx_in.path.name, seconds)
+    with staged(out, force=force, suffix=".engine") as tmp:
+        tmp.write_bytes(blob)
+        runner = TRTRunner(tmp)
+        parity = _verify(runner, onnx_in, model, settings, rtol, atol) if verify else None
+        if parity is None:
+            log.warning("TensorRT parity check skipped (verify=False): %s is unverified", out)
+        layers = runner.layer_report()
+        write_text_atomic(layers_path(out), json.dumps(layers, indent=1) + "\n")
+        side = _sidecar(trt, settings, seconds, parity, layers, onnx_in.path, calib, metadata)
+        write_text_atomic(sidecar_path(out), json.dumps(side, indent=1) + "\n")
+    return out
+
+
+class TRTRunner:
+    """A deserialised engine run on PyTorch CUDA tensors with ``execute_async_v3``, no pycuda.
+
+    ``runner(x)`` takes a (B, C, H, W) CUDA tensor and returns the output as a new CUDA tensor;
+    the work is enqueued on PyTorch's current CUDA stream, so it orders with surrounding
+    PyTorch work like any other kernel.
+    """
+
+    def __init__(self, engine_path: str | Path) -> None:
+        self._trt = trt = require_tensorrt()
+        path = Path(engine_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"TensorRT engine not found: {path}")
+        self.path = path
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise ValueError(f"{path}: not a TensorRT engine this TensorRT {trt.__version__} and GPU can load")
+        self.context = self.engine.create_execution_context()
+        self.input_name, self.output_name = self._io_names()
+        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+        lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.batch_range = (int(lo[0]), int(hi[0]))
+
+    def _io_names(self) -> tuple[str, str]:
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = self._trt.TensorIOMode
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ValueError(f"{self.path}: expected one input and one output, found {inputs} -> {outputs}")
+        return inputs[0], outputs[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            raise ValueError("TRTRunner needs a CUDA tensor; move the input with .cuda()")
+        x = x.to(self.input_dtype).contiguous()  # (B, C, H, W)
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise ValueError(f"input shape {tuple(x.shape)} is outside the engine's batch range "
+                             f"{self.batch_range[0]}..{self.batch_range[1]}")
+        shape = tuple(self.context.get_tensor_shape(self.output_name))
+        out = torch.empty(shape, dtype=self.output_dtype, device=x.device)
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {self.path.name} failed")
+        return out
+
+    def layer_report(self) -> dict[str, Any]:
+        """The inspector's per-layer JSON plus counts of all and of reformat/copy layers."""
+        inspector = self.engine.create_engine_inspector()
+        info = json.loads(inspector.get_engine_information(self._trt.LayerInformationFormat.JSON))
+        layers = info.get("Layers", []) if isinstance(info, dict) else []
+        reformats = [_layer_name(la) for la in layers if _is_reformat(la)]
+        return {"num_layers": len(layers), "reformat_layers": len(reformats),
+                "reformat_layer_names": reformats, "engine_information": info}
+
+
+def sidecar_path(out: Path) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    return out.with_name(out.name + ".json")
+
+
+def layers_path(out: Path) -> Path:
+    """``model.engine`` -> ``model.engine.layers.json``."""
+    return out.with_name(out.name + ".layers.json")
+
+
+def calib_path(out: Path) -> Path:
+    """``model.engine`` -> ``model.engine.calib`` (the INT8 calibration cache)."""
+    return out.with_name(out.name + ".calib")
+
+
+def _check_settings(s: BuildSettings) -> None:
+    if s.precision not in PRECISIONS:
+        raise ValueError(f"precision {s.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if not 1 <= s.min_batch <= s.opt_batch <= s.max_batch:
+        raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got "
+                         f"{s.min_batch}, {s.opt_batch}, {s.max_batch}")
+    if s.workspace_gb <= 0:
+        raise ValueError(f"workspace_gb must be positive, got {s.workspace_gb}")
+
+
+def _read_onnx(path: Path, s: BuildSettings) -> OnnxInput:
+    """The file's bytes, input name and (C, H, W); one-line errors for garbage or bad shapes."""
+    import onnx
+
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    data = path.read_bytes()
+    try:
+        proto = onnx.load_model_from_string(data)
+        onnx.checker.check_model(proto)
+    except Exception as e:  # DecodeError, ValidationError, ...
+        raise ValueError(f"{path}: not a valid ONNX model ({type(e).__name__}: {first_line(e)})") from None
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ValueError(f"{path}: expected one (B, C, H, W) input, found {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    chw = tuple(d.dim_value for d in dims[1:])
+    if len(dims) != 4 or not all(chw):
+        raise ValueError(f"{path}: input {inputs[0].name} must be (B, C, H, W) with static C, H, W")
+    static = dims[0].dim_value
+    if static and not s.min_batch == s.max_batch == static:
+        raise ValueError(f"{path}: the batch axis is static ({static}); export it with a dynamic "
+                         f"batch or set min=opt=max batch={static}")
+    return OnnxInput(path, data, inputs[0].name, chw)
+
+
+def _build(trt: Any, onnx_in: OnnxInput, s: BuildSettings, calib: Any) -> bytes:
+    """Parse, configure (precision, profile, workspace, timing cache, calibrator) and build."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_in.data):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise ValueError(f"{onnx_in.path}: TensorRT's ONNX parser rejected it: {errors or 'no detail'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(s.workspace_gb * 2**30))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    _set_precision(trt, config, s.precision)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(onnx_in.input_name, *((b, *onnx_in.chw) for b in (s.min_batch, s.opt_batch, s.max_batch)))
+    config.add_optimization_profile(profile)
+    if calib is not None:
+        _set_calibrator(builder, config, calib, onnx_in.input_name, onnx_in.chw)
+    _load_timing_cache(config, s.timing_cache)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise ValueError(f"TensorRT could not build an engine from {onnx_in.path} (see its log above)")
+    _save_timing_cache(config, s.timing_cache)
+    return bytes(blob)
+
+
+def _set_precision(trt: Any, config: Any, precision: str) -> None:
+    """fp32 turns TF32 off (TensorRT enables it by default); int8 adds fp16 as a fallback."""
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+        return
+    flags = {"tf32": ["TF32"], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"]}
+    for name in flags[precision]:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+
+
+def _set_calibrator(builder: Any, config: Any, calib: Any, input_name: str, chw: tuple[int, ...]) -> None:
+    """INT8 calibration on a fixed-shape profile at the calibration batch size."""
+    shape = (calib.get_batch_size(), *chw)
+    cal_profile = builder.create_optimization_profile()
+    cal_profile.set_shape(input_name, shape, shape, shape)
+    config.set_calibration_profile(cal_profile)
+    config.int8_calibrator = calib
+
+
+def _load_timing_cache(config: Any, path: Path | None) -> None:
+    """Attach a timing cache (read from ``path`` if it exists) so tactic timings are reused."""
+    blob = path.read_bytes() if path is not None and path.is_file() else b""
+    if not config.set_timing_cache(config.create_timing_cache(blob), False):
+        log.warning("timing cache %s does not match this TensorRT/GPU; starting a new one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+
+
+def _save_timing_cache(config: Any, path: Path | None) -> None:
+    """Write the cache, now holding this build's tactic timings too, back to ``path``."""
+    if path is not None:
+        write_bytes_atomic(path, bytes(config.get_timing_cache().serialize()))
+        log.info("timing cache written to %s", path)
+
+
+def _calibration(trt: Any, precision: str, batches: Iterable[torch.Tensor] | None, cache: Path,
+                 chw: tuple[int, ...]) -> Any:
+    """An entropy calibrator for int8 (None otherwise)."""
+    if precision != "int8":
+        return None
+    data = [b for b in (batches or []) if tuple(b.shape[1:]) == chw]
+    if data:
+        size = data[0].shape[0]
+        data = [b for b in data if b.shape[0] == size]
+    elif not cache.is_file():
+        raise ValueError(f"int8 needs calibration batches of shape (B, {', '.join(map(str, chw))}) "
+                         f"or an existing calibration cache at {cache}")
+    return _entropy_calibrator(trt, data, cache)
+
+
+def _entropy_calibrator(trt: Any, batches: list[torch.Tensor], cache: Path) -> Any:
+    """An ``IInt8EntropyCalibrator2`` fed from ``batches``; its scales are cached in ``cache``."""
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._batches: Iterator[torch.Tensor] = iter(batches)
+            self._size = int(batches[0].shape[0]) if batches else 1
+            self._current: torch.Tensor | None = None  # kept alive while TensorRT reads it
+
+        def get_batch_size(self) -> int:
+            return self._size
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            x = next(self._batches, None)
+            if x is None:
+                return None
+            self._current = x.float().contiguous().cuda()  # (B, C, H, W)
+            torch.cuda.current_stream().synchronize()
+            return [int(self._current.data_ptr())]
+
+        def read_calibration_cache(self) -> bytes | None:
+            return cache.read_bytes() if cache.is_file() else None
+
+        def write_calibration_cache(self, data: Any) -> None:
+            write_bytes_atomic(cache, bytes(data))
+            log.info("INT8 calibration cache written to %s", cache)
+
+    return EntropyCalibrator()
+
+
+def _verify(runner: TRTRunner, onnx_in: OnnxInput, model: nn.Module | None, s: BuildSettings,
+            rtol: float | None, atol: float | None) -> dict[str, Any]:
+    """Parity of the engine against PyTorch on the GPU (or ONNX Runtime without a model)."""
+    reference, against = _reference(onnx_in.path, model)
+    batches = batches_in_range(s.min_batch, s.max_batch)
+    r, a = _tolerance(s.precision, reference, onnx_in.chw, rtol, atol)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return runner(x.cuda()).float().cpu()
+
+    diffs = check_parity(run, reference, onnx_in.chw, batches, rtol=r, atol=a,
+                         what=f"TensorRT {s.precision} engine vs {against}")
+    return {"against": against, "max_abs_diff": {str(b): d for b, d in diffs.items()}, "rtol": r, "atol": a}
+
+
+def _reference(onnx_path: Path, model: nn.Module | None) -> tuple[Any, str]:
+    if model is None:
+        from export.to_onnx import open_session
+
+        session = open_session(onnx_path)
+        name = session.get_inputs()[0].name
+        return (lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])), "ONNX Runtime (CPU)"
+    gpu_model = copy.deepcopy(model).eval().cuda()
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        with _strict_fp32():
+            return gpu_model(x.cuda()).float().cpu()
+
+    return reference, "PyTorch fp32 (CUDA)"
+
+
+@contextlib.contextmanager
+def _strict_fp32() -> Iterator[None]:
+    """Turn TF32 off for the reference, so that it is an fp32 ground truth."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _tolerance(precision: str, reference: Any, chw: tuple[int, ...], rtol: float | None,
+               atol: float | None) -> tuple[float, float]:
+    r, a = DEFAULT_TOLERANCE[precision]
+    return (r if rtol is None else rtol), (scaled_atol(a, reference, chw) if atol is None else atol)
+
+
+def _sidecar(trt: Any, s: BuildSettings, seconds: float, parity: dict[str, Any] | None,
+             layers: dict[str, Any], onnx_path: Path, calib: Any,
+             metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    major, minor = torch.cuda.get_device_capability()
+    settings = asdict(s)
+    settings["timing_cache"] = str(s.timing_cache) if s.timing_cache else None
+    return {"format": SIDECAR_FORMAT, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
+            "compute_capability": f"{major}.{minor}", **settings,
+            "profile": {"min": s.min_batch, "opt": s.opt_batch, "max": s.max_batch},
+            "build_seconds": round(seconds, 3), "parity": parity, "num_layers": layers["num_layers"],
+            "reformat_layers": layers["reformat_layers"], "onnx": str(onnx_path),
+            "int8_calibrated": calib is not None, **dict(metadata or {})}
+
+
+def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "int8": torch.int8, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+             "uint8": torch.uint8}
+    for name, torch_dtype in table.items():
+        if getattr(trt, name, None) == dtype:
+            return torch_dtype
+    raise ValueError(f"engine tensor type {dtype} has no PyTorch equivalent here")
+
+
+def _layer_name(layer: Any) -> str:
+    return str(layer.get("Name", "")) if isinstance(layer, dict) else str(layer)
+
+
+def _is_reformat(layer: Any) -> bool:
+    """Reformat/copy layers: TensorRT's layout conversions between kernels."""
+    kind = str(layer.get("LayerType", "")) if isinstance(layer, dict) else ""
+    text = f"{kind} {_layer_name(layer)}".lower()
+    return "reformat" in text or "copynode" in text or kind.lower() == "copy"
+
+
+def _from_model_dir(model: nn.Module, plan: ModelPlan, out: Path, *, source: Path | None, opset: int = 18,
+                    simplify: bool = False, verify: bool = True, calib_batches: int = 16,
+                    calib_batch_size: int = 32, **build: Any) -> Path:
+    """Export the ONNX graph to a temporary folder, then build and verify the engine from it."""
+    import tempfile
+
+    from export.calibration import calibration_batches
+    from export.to_onnx import export_onnx
+
+    require_tensorrt()  # fail before the (slow) ONNX export
+    ensure_writable(out, force=bool(build.get("force")))
+    meta = provenance(model, plan, source)
+    calib = None
+    if build.get("precision") == "int8" and not calib_path(out).is_file():
+        calib = calibration_batches(plan, count=calib_batches, batch_size=calib_batch_size)
+    with tempfile.TemporaryDirectory(prefix="deploy-prune-trt-") as tmp:
+        onnx_path = export_onnx(model, plan.example(2), Path(tmp) / "model.onnx", opset=opset,
+                                simplify=simplify, verify=verify, metadata=meta)
+        return build_engine(onnx_path, out, model=model, verify=verify, calibration_batches=calib,
+                            metadata=meta, **build)
+
+
+FORMATS.register("tensorrt")(FormatSpec(
+    export=_from_model_dir, suffix=".engine",
+    options=COMMON_OPTIONS | {"precision", "min_batch", "opt_batch", "max_batch", "workspace_gb",
+                              "timing_cache", "calib_batches", "calib_batch_size", "opset", "simplify"},
+    help="TensorRT engine built from the ONNX graph (needs tensorrt and a CUDA GPU)"))
