@@ -77,9 +77,12 @@ class Ablation:
             return []
         return [json.loads(line) for line in self.rows_path.read_text().splitlines() if line.strip()]
 
-    def scores_for(self, name: str, model, plan):
+    def scores_for(self, name: str, model, plan, *, crucial: list[str] | None = None):
+        """Scores by the named scorer (cached); a width-deciding scorer gets beta's crucial set."""
         if name not in self.scores:
             cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
+            if crucial:
+                cfg = dataclasses.replace(cfg, crucial=dataclasses.replace(cfg.crucial, nodes=list(crucial)))
             res = pipeline.score(model, plan, cfg, self.runner.data, self.runner.device)
             self.scores[name] = {k: np.asarray(v) for k, v in res["channel_scores"].items()}
             self.score_seconds[name] = res["seconds"]
@@ -88,8 +91,10 @@ class Ablation:
     def row(self, v: Variant, model, plan, ref) -> dict[str, Any]:
         """Prune (same widths unless the scorer decides them), recover, fine-tune, evaluate."""
         example = plan.example()
-        if v.scorer != "beta":
-            res = pipeline.prune(model, plan, self.cfg, self.scores_for(v.scorer, model, plan))
+        if v.scorer != "beta":  # the scorer decides widths too, with beta's crucial nodes (fair)
+            crucial = ref.plan.info["crucial_nodes"]
+            scores = self.scores_for(v.scorer, model, plan, crucial=crucial)
+            res = pipeline.prune(model, plan, self.cfg, scores, crucial=crucial)
             slim, kept, crucial = res.slim, res.plan.kept or {}, res.plan.info["crucial_nodes"]
         else:
             kept = keep_top(self.scores_for(v.selection, model, plan), ref.allocation.counts)

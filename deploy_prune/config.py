@@ -60,12 +60,16 @@ class TrainConfig:
 
 @dataclass
 class RBPConfig:
-    prior_std: float = 0.01  # t in KL(N(mu, s^2) || N(0, t^2))
-    init_log_sigma: float = -2.0
-    kl_weight: float = 1e-4
-    epochs_per_layer: float = 0.25  # fraction of an epoch per layer (may exceed 1)
-    lr: float = 1e-2
-    threshold: float | None = None  # |mu| below this is cut; None: solved for the FLOPs target
+    """Recursive Bayesian Pruning (METHOD.md section 7; docs/rbp.md lists what is reconstructed)."""
+
+    prior_std: float = 0.1  # t of the sparsity prior N(0, t^2) in KL(N(mu, s^2) || N(0, t^2))
+    init_log_sigma: float = -2.0  # log s at the start (mu starts at 1: the trained network)
+    kl_weight: float = 1e-4  # weight of the KL (summed over the node's channels) beside the mean CE
+    epochs_per_layer: float = 0.25  # noise-learning epochs per visited node (fractions allowed)
+    probe_epochs: float = 0.25  # joint pass over all nodes first: crucial nodes + width forecast
+    lr: float = 0.05  # Adam on (mu, log s)
+    threshold: float | None = None  # |mu| below this is cut; None: solved for allocation.flops_reduction
+    collapse: str = "mean"  # a decided node's noise -> mean (theta = mu) | one (theta = 1: the cut net)
 
 
 @dataclass
@@ -181,6 +185,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -15,6 +15,13 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.recovery.loss == RunConfig().recovery.loss == "kl"
 
 
+def test_exponent_floats_from_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("finetune:\n  lr: 1e-5\n")
+    assert load_config(f, ["scoring.lr=1e-4"]).finetune.lr == 1e-5
+    assert load_config(None, ["scoring.lr=1e-4"]).scoring.lr == 1e-4
+
+
 def test_unknown_key_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.epochz'"):
         load_config(None, ["train.epochz=3"])

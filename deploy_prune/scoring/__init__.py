@@ -5,7 +5,7 @@ Add a scorer by writing a module with a :class:`Scorer` subclass and registering
 """
 
 # Importing the modules registers them.
-from deploy_prune.scoring import baselines, beta  # noqa: E402,F401,I001
+from deploy_prune.scoring import baselines, beta, rbp  # noqa: E402,F401,I001
 from deploy_prune.scoring._base import SCORERS, ScoreContext, Scorer, Scores, node_scores
 
 __all__ = ["SCORERS", "ScoreContext", "Scorer", "Scores", "node_scores"]
