@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # the ONNX exporter's own INFO chatter drowns the useful lines
+        for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch._inductor"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         distributed.init_from_env()
         return int(args.func(args) or 0)

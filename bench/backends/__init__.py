@@ -1,0 +1,20 @@
+"""Bench backends: one module each behind :class:`Backend`, registered by name in
+:data:`BACKENDS`. Heavy packages (onnxruntime, tensorrt) are imported only inside the backend
+that needs them, so ``import bench.backends`` works anywhere.
+
+To add a backend: write ``bench/backends/NAME.py`` with a :class:`Backend` subclass decorated
+by ``@register("NAME")`` and import it below.
+"""
+
+from bench.backends import aoti, ort, ort_trt, torch_compile, torch_eager, trt  # noqa: F401
+from bench.backends._base import (
+    BACKENDS,
+    DEVICES,
+    DTYPES,
+    Artifact,
+    Backend,
+    BackendOptions,
+    register,
+)
+
+__all__ = ["BACKENDS", "DEVICES", "DTYPES", "Artifact", "Backend", "BackendOptions", "register"]

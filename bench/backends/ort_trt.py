@@ -1,0 +1,54 @@
+"""ONNX Runtime with the TensorRT execution provider (``ort-trt``), CUDA only.
+
+The same ONNX file and IO binding as ``ort`` on CUDA; TensorRT builds one engine over an
+explicit batch profile (1 .. max_batch) and caches it in the artifact's work directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench.backends._base import Artifact, BackendOptions, register
+from bench.backends.ort import ORTBackend, available_providers
+
+
+@register("ort-trt")
+class ORTTensorRTBackend(ORTBackend):
+    """``TensorrtExecutionProvider`` first, CUDA and CPU providers for unsupported nodes."""
+
+    devices = ("cuda",)
+    precisions = ("fp32", "fp16")
+    precision_note = "fp16 is TensorRT's own reduced precision (trt_fp16_enable)"
+    provider_by_device = {"cuda": "TensorrtExecutionProvider"}
+    install_hint = {"cuda": "onnxruntime-gpu and tensorrt"}
+
+    @classmethod
+    def requirements(cls, device: str, precision: str, options: BackendOptions) -> str | None:
+        reason = super().requirements(device, precision, options)
+        if reason is None and "TensorrtExecutionProvider" not in available_providers():
+            return "onnxruntime has no TensorrtExecutionProvider"
+        return reason
+
+    def providers(self, artifact: Artifact, example: torch.Tensor) -> list[Any]:
+        name = self.session_input_name(artifact)
+        shape = "x".join(str(d) for d in example.shape[1:])
+        opt = min(8, self.options.max_batch)
+        trt = {**self.cuda_options(),
+               "trt_fp16_enable": self.precision == "fp16",
+               "trt_engine_cache_enable": True,
+               "trt_engine_cache_path": str(artifact.workdir / f"ort-trt-{self.precision}"),
+               "trt_profile_min_shapes": f"{name}:1x{shape}",
+               "trt_profile_opt_shapes": f"{name}:{opt}x{shape}",
+               "trt_profile_max_shapes": f"{name}:{self.options.max_batch}x{shape}"}
+        return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", self.cuda_options()),
+                "CPUExecutionProvider"]
+
+    def session_input_name(self, artifact: Artifact) -> str:
+        """The ONNX graph's (first non-initializer) input name, for the shape profile."""
+        import onnx
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        inits = {i.name for i in graph.initializer}
+        return next(i.name for i in graph.input if i.name not in inits)

@@ -1,0 +1,176 @@
+"""``deploy-prune bench``: measure a slim model against its base; ``bench compare``: gate on it.
+
+Registered through the ``deploy_prune.commands`` entry point (``bench = "bench.cli:register"``).
+``bench`` takes an optional ACTION word: none runs the benchmark; ``compare`` checks a result
+against a baseline. More actions register in :data:`ACTIONS` (a function that adds one
+sub-parser), so ``bench suite`` is one more decorated function, not another branch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.backends import BACKENDS, DEVICES, DTYPES
+from deploy_prune._registry import Registry
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from bench.sweep import BenchConfig
+
+ACTIONS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("bench action")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options of the benchmark run itself (``deploy-prune bench --base ... --slim ...``)."""
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--base", metavar="DIR", help="the unpruned model directory")
+    g.add_argument("--slim", metavar="DIR", help="the pruned model directory")
+    g.add_argument("--out", metavar="DIR", help="where results.csv/json, report.md and plots go")
+    g.add_argument("--backends", nargs="+", default=["torch", "ort"], choices=BACKENDS.names(),
+                   metavar="NAME", help=f"backends ({', '.join(BACKENDS.names())}); default: torch ort")
+    g.add_argument("--device", nargs="+", default=["cpu"], choices=DEVICES, help="default: cpu")
+    g.add_argument("--precision", nargs="+", default=["fp32"], choices=tuple(DTYPES), help="default: fp32")
+    g.add_argument("--batch", nargs="+", type=int, default=[1, 8], metavar="B", help="default: 1 8")
+    g.add_argument("--name", metavar="LABEL", help="the 'model' column (default: the slim model's arch)")
+    g.add_argument("--force", action="store_true", help="overwrite existing results in --out")
+    t = p.add_argument_group("timing budget")
+    t.add_argument("--warmup", type=float, default=0.5, metavar="S", help="warm-up seconds (default 0.5)")
+    t.add_argument("--warmup-iters", type=int, default=10, metavar="N", help="warm-up calls at least (10)")
+    t.add_argument("--min-time", type=float, default=2.0, metavar="S",
+                   help="timed seconds per model and configuration (default 2.0)")
+    t.add_argument("--rounds", type=int, default=30, metavar="N", help="interleaved rounds (default 30)")
+    t.add_argument("--min-samples", type=int, default=200, metavar="N",
+                   help="timed calls per model at least, for p99 (default 200)")
+    t.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="CPU threads, pinned (default 1, as torch.utils.benchmark; 0: every usable core)")
+    t.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: host wall clock (default); cpu: process CPU time, which ignores "
+                   "time lost to other jobs on a shared machine (needs --threads 1, --device cpu)")
+    t.add_argument("--channels-last", action="store_true", help="torch/compile: NHWC memory format")
+    t.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode; 'reduce-overhead' uses CUDA graphs (default: default)")
+    t.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    t.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")
+    t.add_argument("--seed", type=int, default=0, help="input and bootstrap seed (default 0)")
+    a = p.add_argument_group("accuracy")
+    a.add_argument("--accuracy", action="store_true", help="top-1 of each benchmarked artifact")
+    a.add_argument("--max-eval-samples", type=int, metavar="N", help="cap the evaluation set (implies --accuracy)")
+    a.add_argument("--data-root", metavar="DIR", help="where the dataset lives (data.root)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`bench.sweep.BenchConfig` the options describe."""
+    from bench.sweep import BenchConfig
+    from bench.timing import TimingConfig
+
+    timing = TimingConfig(warmup_s=args.warmup, warmup_iters=args.warmup_iters, min_time_s=args.min_time,
+                          rounds=args.rounds, min_samples=args.min_samples, clock=args.clock)
+    return BenchConfig(backends=tuple(args.backends), devices=tuple(args.device),
+                       precisions=tuple(args.precision), batches=tuple(args.batch),
+                       threads=args.threads or None, channels_last=args.channels_last, compile_mode=args.compile_mode, timing=timing,
+                       accuracy=args.accuracy or args.max_eval_samples is not None,
+                       max_eval_samples=args.max_eval_samples, data_root=args.data_root,
+                       confidence=args.confidence, n_boot=args.bootstrap, seed=args.seed,
+                       model_name=args.name)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The canonical command that reproduces this run (written into report.md)."""
+    parts = ["deploy-prune", "bench", "--base", args.base, "--slim", args.slim,
+             "--backends", *args.backends, "--device", *args.device, "--precision", *args.precision,
+             "--batch", *map(str, args.batch), "--out", args.out, "--warmup", str(args.warmup),
+             "--min-time", str(args.min_time), "--rounds", str(args.rounds),
+             "--min-samples", str(args.min_samples), "--seed", str(args.seed)]
+    parts += ["--threads", str(args.threads)] if args.threads != 1 else []
+    parts += ["--clock", args.clock] if args.clock != "wall" else []
+    parts += ["--channels-last"] if args.channels_last else []
+    parts += ["--compile-mode", args.compile_mode] if args.compile_mode != "default" else []
+    parts += ["--max-eval-samples", str(args.max_eval_samples)] if args.max_eval_samples else []
+    parts += ["--accuracy"] if args.accuracy and not args.max_eval_samples else []
+    return shlex.join(parts)
+
+
+def summary_lines(df: pd.DataFrame) -> list[str]:
+    """One line per slim row: latencies, speedup with interval, FLOPs reduction, efficiency."""
+    lines = []
+    for _, r in df[df["status"] == "ok"].iterrows():
+        if r["variant"] != "slim":
+            continue
+        base = df[(df["variant"] == "base") & (df["backend"] == r["backend"]) & (df["device"] == r["device"])
+                  & (df["precision"] == r["precision"]) & (df["batch"] == r["batch"])]
+        b50 = base["p50_ms"].iloc[0] if len(base) else float("nan")
+        lines.append(f"{r['backend']:<9} {r['device']:<4} {r['precision']:<5} batch {r['batch']:>4}: "
+                     f"p50 {b50:.3f} -> {r['p50_ms']:.3f} ms, speedup {r['speedup']:.3f}x "
+                     f"[{r['speedup_ci_low']:.3f}, {r['speedup_ci_high']:.3f}], FLOPs "
+                     f"{r['flops_reduction']:.2f}x, efficiency {r['efficiency']:.2f}")
+    for _, r in df[df["status"] != "ok"].drop_duplicates(["backend", "device", "precision", "error"]).iterrows():
+        lines.append(f"{r['backend']:<9} {r['device']:<4} {r['precision']:<5} {r['status']}: {r['error']}")
+    return lines
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the sweep and print a short summary; the table goes to --out."""
+    from bench.sweep import run
+
+    missing = [f"--{k}" for k in ("base", "slim", "out") if not getattr(args, k)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or an action: {', '.join(ACTIONS.names())})")
+    for k in ("base", "slim"):
+        if not Path(getattr(args, k)).is_dir():
+            raise FileNotFoundError(f"--{k} {getattr(args, k)}: no such model directory")
+    out = Path(args.out)
+    if (out / "results.json").exists() and not args.force:
+        raise FileExistsError(f"{out / 'results.json'} already exists; pass --force to overwrite it")
+    df = run(args.base, args.slim, out, config_from_args(args), command=command_line(args))
+    print("\n".join(summary_lines(df)))
+    print(f"{len(df)} rows -> {out / 'results.csv'}, {out / 'results.json'}, {out / 'report.md'}")
+    return 0
+
+
+@ACTIONS.register("compare")
+def add_compare(sub: argparse._SubParsersAction) -> None:
+    """``bench compare CURRENT --baseline BASELINE [--tolerance T]``."""
+    p = sub.add_parser("compare", help="exit 1 when a speedup regressed against a baseline",
+                       description="Match slim rows by (model, backend, device, precision, batch); a "
+                       "row regressed when its speedup CI upper bound < (1 - tolerance) x the "
+                       "baseline's speedup. Baseline rows without an ok current row fail too.")
+    p.add_argument("current", metavar="CURRENT.json", help="results.json (or .csv) of this run")
+    p.add_argument("--baseline", required=True, metavar="BASELINE.json", help="the reference results")
+    p.add_argument("--tolerance", type=float, default=0.05, metavar="T",
+                   help="allowed relative shortfall (default 0.05)")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print the verdicts; exit 1 when a row regressed or is missing, else 0."""
+    from bench import table
+    from bench.compare import compare, format_comparison
+
+    result = compare(table.read(args.current), table.read(args.baseline), tolerance=args.tolerance)
+    print(format_comparison(result))
+    n = len(result.failures)
+    print(f"bench compare: {n} of {len(result.verdicts)} rows failed" if n else
+          f"bench compare: all {len(result.verdicts)} rows within tolerance {args.tolerance}",
+          file=sys.stderr if n else sys.stdout)
+    return 1 if n else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench`` (and its actions) to the ``deploy-prune`` command line."""
+    p = sub.add_parser("bench", help="latency, throughput, speedup and accuracy of slim vs base",
+                       description="Time the slim model against its base in interleaved rounds on "
+                       "each backend, device, precision and batch size; write OUT/results.csv, "
+                       "OUT/results.json, OUT/report.md and plots.",
+                       epilog="Example: deploy-prune bench --base runs/x/base --slim runs/x/slim "
+                       "--backends torch ort --device cpu --precision fp32 --batch 1 8 --out bench_out")
+    add_run_options(p)
+    actions = p.add_subparsers(dest="bench_action", metavar="[ACTION]", required=False)
+    for name in ACTIONS.names():
+        ACTIONS.get(name)(actions)
+    p.set_defaults(func=cmd_bench)
