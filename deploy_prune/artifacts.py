@@ -157,6 +157,20 @@ def save_model_dir(model: nn.Module, plan: ModelPlan, out: str | Path, *, force:
     return out
 
 
+def read_json_object(path: str | Path, *, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """A JSON object from ``path``; missing, corrupt or non-object files raise ``error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: corrupt JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
+
+
 def read_plan(path: str | Path) -> ModelPlan:
     """Read ``DIR/plan.json`` with clear errors for a missing or foreign directory."""
     path = Path(path)
@@ -166,13 +180,7 @@ def read_plan(path: str | Path) -> ModelPlan:
     pf = path / PLAN_FILE
     if not pf.is_file():
         raise ArtifactError(f"{path}: no {PLAN_FILE}; not a deploy-prune model directory")
-    try:
-        data = json.loads(pf.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{pf}: corrupt JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{pf}: expected a JSON object")
-    return ModelPlan.from_json(data, source=str(pf))
+    return ModelPlan.from_json(read_json_object(pf, error=ArtifactError), source=str(pf))
 
 
 def load_model_dir(path: str | Path) -> tuple[nn.Module, ModelPlan]:

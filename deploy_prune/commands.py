@@ -25,6 +25,16 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
+def job_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the whole-job commands (run, ablate)."""
+    p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/default.yaml)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted job in DIR")
+    p.add_argument("--force", action="store_true", help="delete DIR's previous content and start over")
+
+
 def _overrides(args) -> list[str]:
     extra = [f"data.root={args.data_root}"] if getattr(args, "data_root", None) else []
     return list(args.overrides) + extra
@@ -156,14 +166,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Filter selection (beta/random/first-k/L1), mimic function "
                        "(KL/JS/MSE/LASSO/CE), number of mimicked nodes (MSE), one-step vs "
                        "layer-by-layer, and RBP vs beta, on the same widths and budget.")
-    p.add_argument("config_file", metavar="CONFIG")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--data-root", metavar="DIR", help="where the dataset lives")
+    job_args(p)
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="reuse RUN_DIR/base instead of training")
     p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted ablation")
-    p.add_argument("--force", action="store_true", help="start over in a non-empty DIR")
     p.set_defaults(func=cmd_ablate)
 
 
@@ -172,13 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "crucial nodes, prune globally to the target, cut channels out, recover in one "
                        "step by mimicking the crucial feature maps, fine-tune and evaluate. Writes "
                        "DIR/base, DIR/slim, DIR/report.json and DIR/report.md.")
-    p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/default.yaml)")
-    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
+    job_args(p)
     p.add_argument("--base", metavar="BASE_DIR", help="use this trained model directory instead of training")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
-    p.add_argument("--force", action="store_true", help="delete DIR's previous content and start over")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a baseline and save it as a model directory",
