@@ -7,6 +7,7 @@ current clock-event ("throttle") reasons, so a slow row can be traced to a throt
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -25,13 +26,10 @@ PACKAGES = ("numpy", "pandas", "onnx", "onnxruntime", "onnxruntime-gpu", "tensor
 
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 

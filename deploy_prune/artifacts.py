@@ -7,6 +7,7 @@ then loading the weights, which must match the plan tensor for tensor.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -83,12 +84,10 @@ def versions() -> dict[str, str]:
 
     out = {"deploy_prune": deploy_prune.__version__, "torch": torch.__version__,
            "torch_pruning": torch_pruning.__version__, "python": platform.python_version()}
-    try:
+    with contextlib.suppress(ImportError):
         import torchvision
 
         out["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover
-        pass
     return out
 
 

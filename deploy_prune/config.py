@@ -7,6 +7,7 @@ them. Unknown keys and wrong types are errors that name the key. YAML is read wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -186,10 +187,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 return float(value)
-            except ValueError:
-                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
