@@ -135,14 +135,21 @@ class Ablation:
         ref = pipeline.prune(model, plan, self.cfg, self.scores_for("beta", model, plan))
         todo = variants(len(ref.plan.info["crucial_nodes"]), studies)
         log.info("ablation: %d rows (%d already done)", len(todo), sum((v.study, v.name) in self.done for v in todo))
+        n_crucial = len(ref.plan.info["crucial_nodes"])
+        same: dict[tuple, dict] = {}  # one experiment under several labels is run once
         rows = []
         for i, v in enumerate(todo):
+            key = (v.scorer, v.selection, v.loss, v.mode, v.nodes or n_crucial)
             if (v.study, v.name) not in self.done:
-                log.info("ablation row %d/%d: %s / %s", i + 1, len(todo), v.study, v.name)
-                r = self.row(v, copy.deepcopy(model), plan, ref)
+                if key in same:
+                    r = {**same[key], "study": v.study, "variant": v.name}
+                else:
+                    log.info("ablation row %d/%d: %s / %s", i + 1, len(todo), v.study, v.name)
+                    r = self.row(v, copy.deepcopy(model), plan, ref)
                 with self.rows_path.open("a") as f:
                     f.write(json.dumps(r) + "\n")
                 self.done[(v.study, v.name)] = r
+            same.setdefault(key, self.done[(v.study, v.name)])
             rows.append(self.done[(v.study, v.name)])
         write_tables(rows, self.out, base_top1=self.runner.state.get("base")["top1"], widths=ref.plan.info["widths"])
         return rows
