@@ -13,11 +13,14 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from deploy_prune.artifacts import ModelPlan
 from deploy_prune.config import AllocationConfig
 from deploy_prune.flops import count
 from deploy_prune.nodes import Node, last_node
@@ -73,6 +76,7 @@ class Allocation:
     base_params: int
     params: int
     history: list[tuple[int, float]] = field(default_factory=list)  # (channels removed, reduction)
+    extra: dict[str, Any] = field(default_factory=dict)  # plugin facts (latency), into plan.json
 
     @property
     def flops_reduction(self) -> float:
@@ -107,6 +111,34 @@ class _Ranking:
             kept = max(n.channels - int(removed[i]), self.min_keep(n.channels))
             out[n.name] = round_width(kept, n.channels, self.cfg.round_to)
         return out
+
+
+# Targets served by plugin allocators (entry-point group ``deploy_prune.allocators``): they
+# need measurements (bench), which the core never imports.
+PLUGIN_TARGETS = ("speedup", "latency")
+ALLOCATOR_GROUP = "deploy_prune.allocators"
+
+
+class TargetAllocator(Protocol):
+    """A plugin allocator: base model + channel scores -> an :class:`Allocation` for ``cfg``."""
+
+    def allocate(self, model: nn.Module, nodes: list[Node], scores: Scores, example: torch.Tensor, *,
+                 crucial: list[str], cfg: AllocationConfig, plan: ModelPlan,
+                 selection: Scores | None = None) -> Allocation: ...
+
+
+def load_allocator(target: str) -> TargetAllocator:
+    """The plugin allocator registered for ``target`` (an instance), or a clear error."""
+    if target not in PLUGIN_TARGETS:
+        raise AllocationError(f"allocation.target {target!r} has no plugin allocator "
+                              f"(plugin targets: {', '.join(PLUGIN_TARGETS)})")
+    found = {ep.name: ep for ep in entry_points(group=ALLOCATOR_GROUP)}
+    if target not in found:
+        raise AllocationError(
+            f"allocation.target={target} needs the latency allocator from the bench package, "
+            f"but no {ALLOCATOR_GROUP!r} entry point named {target!r} is installed (found: "
+            f"{sorted(found) or 'none'}); run `pip install -e .` in the deploy-prune checkout")
+    return found[target].load()()
 
 
 def round_width(kept: int, channels: int, multiple: int) -> int:

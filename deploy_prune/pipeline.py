@@ -5,7 +5,6 @@ The CLI commands and the end-to-end ``run`` are thin layers over these.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -18,8 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy_prune.allocation import Allocation, allocate, cut, select_crucial
-from deploy_prune.artifacts import ModelPlan, load_model_dir, versions
+from deploy_prune.allocation import (
+    PLUGIN_TARGETS,
+    Allocation,
+    allocate,
+    cut,
+    load_allocator,
+    select_crucial,
+)
+from deploy_prune.artifacts import ModelPlan, load_model_dir, read_json_object, versions
 from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
 from deploy_prune.data import DataBundle
 from deploy_prune.flops import count
@@ -107,14 +113,8 @@ def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | 
 
 def read_scores(path: str | Path, plan: ModelPlan) -> Scores:
     """Load a scores JSON and check it belongs to this base model."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"scores file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != SCORES_FORMAT:
+    data = read_json_object(path)
+    if data.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path}: not a deploy-prune scores file")
     if data.get("base_sha256") != plan.digest():
         raise ValueError(f"{path}: these scores were computed for another model (base hash differs)")
@@ -139,7 +139,13 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
     if missing:
         raise ValueError(f"scores do not cover nodes {missing[:4]} of this model")
     crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
-    alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
+    if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
+        alloc = load_allocator(cfg.allocation.target).allocate(
+            model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, plan=plan,
+            selection=selection)
+    else:
+        alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation,
+                         selection=selection)
     slim = cut(model, alloc.plan, example).eval()
     slim_plan = ModelPlan(arch=plan.arch, arch_kwargs=plan.arch_kwargs, num_classes=plan.num_classes,
                           in_channels=plan.in_channels, input_size=plan.input_size, kept=alloc.plan)
@@ -147,7 +153,7 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         config=to_dict(cfg), base_sha256=plan.digest(), crucial_nodes=crucial,
         flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
-        base_widths=widths(nodes), versions=versions())
+        base_widths=widths(nodes), versions=versions(), **alloc.extra)
     return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
 
 
@@ -164,7 +170,7 @@ def width_table(nodes: list[Node], base: dict[str, int], slim: dict[str, int], c
     for n in nodes:
         note = "crucial" if n.name in crucial else ("fixed" if not n.prunable else "")
         b, s = base[n.name], slim[n.name]
-        lines.append(f"{n.name:<32} {b:>6} {s:>6} {100 * s / b:>6.1f}%  {note}")
+        lines.append(f"{n.name:<32} {b:>6} {s:>6} {100 * s / b:>6.1f}%  {note}".rstrip())
     return "\n".join(lines)
 
 

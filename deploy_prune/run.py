@@ -222,6 +222,7 @@ def build_report(out: Path, state: RunState, cfg: RunConfig, device: torch.devic
         "flops_reduction": slim["flops_reduction"],
         "params_reduction": slim["base_params"] / max(slim["params"], 1),
         "crucial_nodes": slim["crucial_nodes"],
+        **latency_fields(slim),
         "widths": widths,
         "recovery": {k: v for k, v in s["recover"].items() if k not in ("top1", "top5", "seconds")},
         "seconds": {k: round(v["seconds"], 2) for k, v in s.items()},
@@ -230,6 +231,16 @@ def build_report(out: Path, state: RunState, cfg: RunConfig, device: torch.devic
         "config": to_dict(cfg),
         "versions": versions(),
     }
+
+
+def latency_fields(slim_plan: dict[str, Any]) -> dict[str, Any]:
+    """``latency`` (base, predicted, measured ms and measured speedup) for speedup/latency targets."""
+    lat = slim_plan.get("latency")
+    if not lat:
+        return {}
+    keys = ("base_ms", "predicted_ms", "measured_ms", "measured_speedup", "requested_ms", "backend",
+            "device", "device_name", "precision", "batch", "threads", "clock")
+    return {"latency": {k: lat[k] for k in keys if k in lat}}
 
 
 def render_report(r: dict[str, Any]) -> str:

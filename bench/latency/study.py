@@ -1,0 +1,100 @@
+"""The measured comparison of docs/results/latency_target.md.
+
+``python -m bench.latency.study --run DIR [--speedup 2.0] --out FILE.csv`` takes a finished
+(or pruned) ``deploy-prune run`` directory and, on the backend its latency allocation used:
+
+- validates the additive latency model: predicted vs measured latency of random grid widths;
+- finds the FLOPs reduction whose FLOPs-targeted allocation (same scores, same crucial nodes)
+  measures the same speedup, by bisection on measured speedup.
+
+Rows are tidy (one measurement each) and written as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bench.latency.probe import CHECK, Probe
+from bench.latency.table import cached_table
+from deploy_prune import pipeline
+from deploy_prune.allocation import allocate
+from deploy_prune.artifacts import load_model_dir
+from deploy_prune.config import AllocationConfig, RunConfig, from_dict
+from deploy_prune.nodes import discover
+
+log = logging.getLogger(__name__)
+
+
+def additive_check(probe: Probe, table: Any, *, n: int, seed: int) -> list[dict[str, Any]]:
+    """Predicted vs measured ms for ``n`` random grid selections (all prunable nodes narrowed)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    scale = probe.base_ms / table.base_ms
+    for i in range(n):
+        widths = {node: int(rng.choice(w)) for node, w in table.widths.items()}
+        kept = {node: list(range(k)) for node, k in widths.items()}
+        rows.append({"study": "additive", "case": i, "widths": widths,
+                     "predicted_ms": scale * table.predict(widths),
+                     "measured_ms": probe.latency(kept, timing=CHECK), "base_ms": probe.base_ms})
+    return rows
+
+
+def match_flops(probe: Probe, model: Any, plan: Any, cfg: RunConfig, scores: Any, crucial: list[str], *,
+                speedup: float, lo: float, hi: float, steps: int) -> list[dict[str, Any]]:
+    """Bisection on the FLOPs reduction so that the measured speedup meets ``speedup``."""
+    example = plan.example()
+    nodes = discover(model, example)
+    rows = []
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        acfg: AllocationConfig = replace(cfg.allocation, target="flops", flops_reduction=mid)
+        alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=acfg)
+        measured = probe.speedup(alloc.plan, timing=CHECK)
+        rows.append({"study": "flops_match", "flops_target": mid, "flops_reduction": alloc.flops_reduction,
+                     "measured_speedup": measured, "widths": {n.name: alloc.counts[n.name] for n in nodes}})
+        log.info("flops target %.3fx -> %.3fx FLOPs, measured speedup %.3fx", mid, alloc.flops_reduction,
+                 measured)
+        lo, hi = (mid, hi) if measured < speedup else (lo, mid)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a deploy-prune run directory (latency-targeted)")
+    p.add_argument("--out", required=True, help="CSV of the study rows")
+    p.add_argument("--speedup", type=float, default=2.0)
+    p.add_argument("--lo", type=float, default=1.5, help="FLOPs reduction bracket, low end")
+    p.add_argument("--hi", type=float, default=6.0, help="FLOPs reduction bracket, high end")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--additive", type=int, default=8, help="random selections for the additive check")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run = Path(args.run)
+    model, plan = load_model_dir(run / "base")
+    pruned = load_model_dir(run / "pruned")[1]
+    cfg = from_dict(RunConfig, pruned.info["config"])
+    scores = pipeline.read_scores(run / "scores.json", plan)
+    crucial = pruned.info["crucial_nodes"]
+    a = cfg.allocation
+    nodes = [n for n in discover(model, plan.example()) if n.name not in crucial and n.prunable]
+    with Probe(model, plan, backend=a.backend, device=a.device, precision=a.precision, batch=a.batch) as probe:
+        table = cached_table(probe, nodes, a)
+        rows = additive_check(probe, table, n=args.additive, seed=0)
+        rows += match_flops(probe, model, plan, cfg, scores, crucial, speedup=args.speedup, lo=args.lo,
+                            hi=args.hi, steps=args.steps)
+        env = probe.describe()
+    df = pd.DataFrame([{**r, **env} for r in rows])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out, index=False)
+    print(df.drop(columns=list(env)).to_string())
+
+
+if __name__ == "__main__":
+    main()
