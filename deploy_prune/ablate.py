@@ -67,6 +67,7 @@ class Ablation:
     def __init__(self, cfg: RunConfig, out: Path, *, from_run: str | None = None) -> None:
         self.cfg, self.out = cfg, out
         self.runner = Runner(cfg, out, base_dir=str(Path(from_run) / "base") if from_run else None)
+        self.from_run = Path(from_run) if from_run else None
         self.rows_path = out / "ablation.jsonl"
         self.done = {(r["study"], r["variant"]): r for r in self._read_rows()}
         self.scores: dict[str, Any] = {}
@@ -78,7 +79,15 @@ class Ablation:
         return [json.loads(line) for line in self.rows_path.read_text().splitlines() if line.strip()]
 
     def scores_for(self, name: str, model, plan, *, crucial: list[str] | None = None):
-        """Scores by the named scorer (cached); a width-deciding scorer gets beta's crucial set."""
+        """Scores by the named scorer (cached); a width-deciding scorer gets beta's crucial set.
+
+        With ``--from RUN_DIR`` the run's own beta scores are reused, so the ablation studies
+        exactly the widths and crucial nodes of that run.
+        """
+        reuse = self.from_run / "scores.json" if self.from_run else None
+        if name == self.cfg.scoring.method and name not in self.scores and reuse and reuse.is_file():
+            self.scores[name] = pipeline.read_scores(reuse, plan)
+            self.score_seconds[name] = float(json.loads(reuse.read_text()).get("seconds", 0.0))
         if name not in self.scores:
             cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
             if crucial:
@@ -91,6 +100,7 @@ class Ablation:
     def row(self, v: Variant, model, plan, ref) -> dict[str, Any]:
         """Prune (same widths unless the scorer decides them), recover, fine-tune, evaluate."""
         example = plan.example()
+        loader = self._fresh_loader()
         if v.scorer != "beta":  # the scorer decides widths too, with beta's crucial nodes (fair)
             crucial = ref.plan.info["crucial_nodes"]
             scores = self.scores_for(v.scorer, model, plan, crucial=crucial)
@@ -107,17 +117,17 @@ class Ablation:
         t0 = time.perf_counter()
         nodes = discover(model, example)
         if v.mode == "layerwise":
-            slim, extra = layerwise(model, nodes, kept, loader=self.runner.data.train, cfg=rc,
+            slim, extra = layerwise(model, nodes, kept, loader=loader, cfg=rc,
                                     device=self.runner.device, example=example)
             epochs = extra["epochs"]
         else:
             recover(model, slim, teacher_nodes=nodes, student_nodes=discover(slim, example), names=names,
-                    loader=self.runner.data.train, cfg=rc, device=self.runner.device)
+                    loader=loader, cfg=rc, device=self.runner.device)
             epochs = rc.epochs
         t_rec = time.perf_counter() - t0
         recovered = self.runner.evaluate(slim)
         t1 = time.perf_counter()
-        finetune(slim, loader=self.runner.data.train, cfg=self.cfg.finetune, device=self.runner.device)
+        finetune(slim, loader=loader, cfg=self.cfg.finetune, device=self.runner.device)
         t_ft = time.perf_counter() - t1
         final = self.runner.evaluate(slim)
         model.cpu()
@@ -128,6 +138,11 @@ class Ablation:
                 "score_seconds": self.score_seconds.get(v.scorer if v.scorer != "beta" else v.selection, 0.0),
                 "recovery_seconds": t_rec, "recovery_epochs": epochs, "finetune_seconds": t_ft,
                 "seconds": t_rec + t_ft}
+
+    def _fresh_loader(self):
+        """The training loader from its first shuffle, so every row sees the same batches."""
+        loader = self.runner.data.train
+        return loader.with_options() if hasattr(loader, "with_options") else loader
 
     def run(self, studies: tuple[str, ...]) -> list[dict]:
         self.runner.timed("base", self.runner.stage_base)

@@ -120,7 +120,9 @@ class RecoveryConfig:
     gamma: float = 0.1
     batch_size: int | None = None
     freeze_classifier: bool = True
-    layer_epochs: float = 0.5  # mode=layerwise: reconstruction epochs after each layer is cut
+    # mode=layerwise: reconstruction epochs after each layer is cut; None = recovery.epochs, as
+    # in the conventional pipeline where every cut gets its own full recovery
+    layer_epochs: float | None = None
 
 
 @dataclass

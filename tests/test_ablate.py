@@ -15,7 +15,7 @@ def test_variants_cover_the_paper_studies():
 
 
 def test_ablation_table_is_filled(tmp_path):
-    cfg = digits_cfg(train__epochs=2, recovery__epochs=0.5, finetune__epochs=0.5, recovery__layer_epochs=0.2)
+    cfg = digits_cfg(train__epochs=2, recovery__epochs=0.5, finetune__epochs=0.5)
     rows = ablate(cfg, tmp_path / "abl", studies=("loss", "nodes", "pipeline"))
     df = pd.read_csv(tmp_path / "abl" / "ablation.csv")
     n = int((df.study == "nodes").sum())  # one row per number of mimicked crucial nodes, 1..N

@@ -35,7 +35,8 @@ def layerwise(teacher: nn.Module, nodes: list[Node], plan: Plan, *, loader, cfg:
     teacher = teacher.to(device).eval()
     student = copy.deepcopy(teacher).cpu()
     todo = [n for n in nodes if n.name in plan]
-    steps_each = steps_for(cfg.layer_epochs, loader)
+    layer_epochs = cfg.epochs if cfg.layer_epochs is None else cfg.layer_epochs
+    steps_each = steps_for(layer_epochs, loader)
     for i, node in enumerate(todo):
         apply_plan(student, {node.name: plan[node.name]}, example)
         target = next_node(nodes, node)
@@ -50,5 +51,5 @@ def layerwise(teacher: nn.Module, nodes: list[Node], plan: Plan, *, loader, cfg:
         student.cpu()
     for p in student.parameters():
         p.requires_grad_(True)
-    return student.eval(), {"layers": len(todo), "epochs": cfg.layer_epochs * len(todo),
+    return student.eval(), {"layers": len(todo), "epochs": layer_epochs * len(todo),
                             "steps": steps_each * len(todo)}
