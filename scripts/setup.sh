@@ -10,7 +10,7 @@ if ! [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
-if ! python3 -c "import deploy_prune, torch, torchvision, torch_pruning, onnx, onnxscript, onnxruntime, onnxslim, safetensors, pandas, matplotlib, sklearn, pytest, ruff" 2>/dev/null; then
-  echo "== installing deploy-prune and its dependencies (torch, torchvision, onnxruntime, ...)"
-  python3 -m pip install -q -e ".[dev,slim]"
-fi
+# Always (re)install this checkout: a clone must not run another checkout's console script.
+# pip skips what is already satisfied, so a repeat costs seconds.
+echo "== installing deploy-prune and its dependencies (torch, torchvision, onnxruntime, ...)"
+python3 -m pip install -q -e ".[dev,slim]"
