@@ -170,6 +170,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="Example: deploy-prune bench --base runs/x/base --slim runs/x/slim "
                        "--backends torch ort --device cpu --precision fp32 --batch 1 8 --out bench_out")
     add_run_options(p)
+    import bench.suite  # noqa: F401  (registers the ``suite`` action)
+
     actions = p.add_subparsers(dest="bench_action", metavar="[ACTION]", required=False)
     for name in ACTIONS.names():
         ACTIONS.get(name)(actions)

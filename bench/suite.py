@@ -1,0 +1,302 @@
+"""``deploy-prune bench suite CONFIG --out DIR``: the papers' operating points, measured.
+
+Builds the ImageNet-shape base and slim models of every operating point and width rounding
+(:mod:`bench.suite_models`) and times each slim model against its base with the bench sweep
+(:mod:`bench.sweep`), one *unit* (stage x rounding x point) at a time. Units run stage by stage
+in config order, so the headline measurements come first and a ``budget_minutes`` cut falls on
+the later ones (their rows say ``skipped: cut for time``). A separate process builds the model
+directories ahead of the measurements. Every finished unit is cached as CSV under
+``DIR/units/``; a rerun resumes. The combined table, page and plot are written by
+:mod:`bench.suite_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import shlex
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bench import env, table
+from bench.backends import BACKENDS, Artifact
+from bench.cli import ACTIONS
+from bench.suite_config import UNTIMED_PRECISIONS, PointConfig, StageConfig, SuiteConfig, load_suite
+from bench.suite_models import build_slim, ensure_base, ensure_onnx, width_source
+from bench.sweep import BenchConfig, Shared, load_artifact, make_shared, pinned_threads, sweep
+from deploy_prune.allocation import AllocationError
+
+log = logging.getLogger(__name__)
+CUT_FOR_TIME = "cut for time: the suite's budget_minutes was spent before this unit"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One measurement: a stage of backends and batches, on one point at one rounding."""
+
+    stage: StageConfig
+    point: PointConfig
+    rounding: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage.name}-{self.point.name}-r{self.rounding}"
+
+
+def plan_units(cfg: SuiteConfig) -> list[Unit]:
+    """Stage by stage (config order), then rounding, then operating point."""
+    return [Unit(s, p, r) for s in cfg.stages for r in s.roundings for p in cfg.points]
+
+
+def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> BenchConfig:
+    """The bench sweep config of one stage; CUDA stages use the wall clock (CPU time is no latency there)."""
+    timing = (stage.timing or cfg.timing).to_timing()
+    if "cuda" in stage.devices and timing.clock == "cpu":
+        from dataclasses import replace
+
+        timing = replace(timing, clock="wall")
+    return BenchConfig(backends=tuple(stage.backends), devices=tuple(stage.devices),
+                       precisions=tuple(p for p in stage.precisions if p not in UNTIMED_PRECISIONS), batches=tuple(stage.batches),
+                       threads=cfg.threads, channels_last=stage.channels_last,
+                       compile_mode=stage.compile_mode, timing=timing, seed=cfg.seed, model_name=point.arch)
+
+
+def unit_columns(unit: Unit, cfg: SuiteConfig) -> dict[str, Any]:
+    """What the suite adds to each bench row."""
+    return {"rounding": unit.rounding, "operating_point": unit.point.name, "source": unit.point.source,
+            "target_flops_reduction": unit.point.flops_reduction, "width_source": width_source(cfg),
+            "stage": unit.stage.name, "channels_last": unit.stage.channels_last}
+
+
+def skip_rows(unit: Unit, cfg: SuiteConfig, precisions: list[str], reason: str,
+              status: str = "skipped") -> list[dict[str, Any]]:
+    """``skipped`` (or ``error``) rows, no model timed, for the unit's combinations at ``precisions``."""
+    s = unit.stage
+    return [{"model": unit.point.arch, "variant": v, "backend": b, "device": d, "precision": p, "batch": n,
+             "threads": cfg.threads, "status": status, "error": reason, **unit_columns(unit, cfg)}
+            for b in s.backends for d in s.devices for p in precisions for n in s.batches
+            for v in ("base", "slim")]
+
+
+def untimed_rows(unit: Unit, cfg: SuiteConfig) -> list[dict[str, Any]]:
+    """Skipped rows for the stage's precisions no bench backend can time (int8)."""
+    return [r for p in unit.stage.precisions if p in UNTIMED_PRECISIONS
+            for r in skip_rows(unit, cfg, [p], f"precision {p}: {UNTIMED_PRECISIONS[p]}")]
+
+
+def unavailable_reasons(bcfg: BenchConfig) -> dict[str, str] | None:
+    """precision -> why the stage cannot run here, when none of its combinations can (a GPU stage on
+    a CPU box); None when something can run."""
+    reasons: dict[str, str] = {}
+    for b in bcfg.backends:
+        for d in bcfg.devices:
+            for p in bcfg.precisions:
+                reason = BACKENDS.get(b).unavailable(d, p, bcfg.options())
+                if not reason:
+                    return None
+                reasons.setdefault(p, reason)
+    return reasons
+
+
+def planned_flops(root: Path, unit: Unit, cfg: SuiteConfig) -> dict[str, dict[str, Any]]:
+    """variant -> FLOPs columns, from a built slim plan (no model is loaded for rows that time nothing)."""
+    from bench.suite_models import slim_dir
+    from deploy_prune.artifacts import read_plan
+
+    path = slim_dir(root, unit.point, unit.rounding, width_source(cfg))
+    if not (path / "plan.json").is_file():
+        return {}
+    info = read_plan(path).info
+    return {"slim": {"flops_reduction": info.get("flops_reduction"), "flops": info.get("flops")},
+            "base": {"flops_reduction": 1.0, "flops": info.get("base_flops")}}
+
+
+def unavailable_rows(root: Path, unit: Unit, cfg: SuiteConfig, reasons: dict[str, str]) -> list[dict[str, Any]]:
+    """Skipped rows with the backend's own reason, and the planned FLOPs on the slim rows."""
+    flops = planned_flops(root, unit, cfg)
+    rows = [r for p, why in reasons.items() for r in skip_rows(unit, cfg, [p], why)]
+    return [{**r, **flops.get(r["variant"], {})} for r in rows]
+
+
+def uses_onnx(stage: StageConfig) -> bool:
+    """Whether the stage times the ONNX export on this machine (``ort`` on the CPU)."""
+    return "ort" in stage.backends and "cpu" in stage.devices
+
+
+def prime(artifact: Artifact, model_dir: Path) -> None:
+    """Hand the artifact the ONNX file built ahead of time, so the ``ort`` backend does not export again."""
+    from bench.suite_models import ONNX_FILE
+
+    if (model_dir / ONNX_FILE).is_file():
+        artifact.cached("onnx", lambda: model_dir / ONNX_FILE)
+
+
+class Builder:
+    """Builds model directories in a worker process, ahead of the measurements."""
+
+    def __init__(self, root: Path, cfg: SuiteConfig, units: list[Unit], *, workers: int = 1) -> None:
+        self.root, self.cfg = root, cfg
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers else None
+        self.futures: dict[tuple[str, int], Future[Path]] = {}
+        self.onnx = {(u.point.name, u.rounding) for u in units if uses_onnx(u.stage)}
+        for u in units:
+            self._submit(u.point, u.rounding)
+
+    def _submit(self, point: PointConfig, rounding: int) -> None:
+        key = (point.name, rounding)
+        if self.pool is not None and key not in self.futures:
+            self.futures[key] = self.pool.submit(build_slim, self.root, self.cfg, point, rounding,
+                                                 onnx=key in self.onnx)
+
+    def slim(self, point: PointConfig, rounding: int) -> Path:
+        """The slim directory, waiting for the worker (or building here without one)."""
+        fut = self.futures.get((point.name, rounding))
+        if fut is not None:
+            return fut.result()
+        return build_slim(self.root, self.cfg, point, rounding, onnx=(point.name, rounding) in self.onnx)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Measurer:
+    """Times units; keeps one base artifact per architecture so its ONNX export happens once."""
+
+    def __init__(self, root: Path, cfg: SuiteConfig, builder: Builder) -> None:
+        self.root, self.cfg, self.builder = root, cfg, builder
+        self.bases: dict[str, Artifact] = {}
+
+    def base(self, arch: str) -> Artifact:
+        if arch not in self.bases:
+            path = ensure_base(self.root, self.cfg, arch)
+            self.bases[arch] = load_artifact(arch, path, self.root)
+            if any(uses_onnx(s) for s in self.cfg.stages):
+                prime(self.bases[arch], ensure_onnx(path).parent)
+        return self.bases[arch]
+
+    def measure(self, unit: Unit) -> pd.DataFrame:
+        """The bench rows of one unit, with the suite's columns."""
+        bcfg = stage_config(self.cfg, unit.stage, unit.point)
+        slim_path = self.builder.slim(unit.point, unit.rounding)
+        slim = load_artifact("slim", slim_path, self.root)
+        prime(slim, slim_path)
+        environment = env.collect(threads=self.cfg.threads)
+        sh: Shared = make_shared(self.base(unit.point.arch), slim, bcfg, environment)
+        rows = [{**r, "clock": r.get("clock", bcfg.timing.clock), **unit_columns(unit, self.cfg)}
+                for r in sweep(sh)]
+        return table.to_frame(rows)
+
+
+def unit_path(root: Path, unit: Unit) -> Path:
+    return root / "units" / f"{unit.key}.csv"
+
+
+def cached_unit(root: Path, unit: Unit) -> pd.DataFrame | None:
+    """A unit measured by an earlier run (units cut for time are measured again)."""
+    path = unit_path(root, unit)
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    return None if (df["error"] == CUT_FOR_TIME).any() else df
+
+
+def run_suite(cfg: SuiteConfig, out: str | Path, *, build_workers: int = 1) -> pd.DataFrame:
+    """Build, measure (resuming from ``out/units``) and return the combined table."""
+    root = Path(out)
+    (root / "units").mkdir(parents=True, exist_ok=True)
+    units = plan_units(cfg)
+    t0, frames = time.monotonic(), []
+    todo = [u for u in units if cached_unit(root, u) is None]
+    builder = Builder(root, cfg, todo, workers=build_workers)
+    measurer = Measurer(root, cfg, builder)
+    try:
+        with pinned_threads(cfg.threads):
+            for unit in tqdm(units, desc="suite", unit="unit"):
+                frames.append(_one_unit(root, cfg, unit, measurer, t0))
+    finally:
+        builder.close()
+    return table.to_frame(pd.concat(frames, ignore_index=True).to_dict(orient="records"))
+
+
+def _one_unit(root: Path, cfg: SuiteConfig, unit: Unit, measurer: Measurer, t0: float) -> pd.DataFrame:
+    cached = cached_unit(root, unit)
+    if cached is not None:
+        return cached
+    rows = untimed_rows(unit, cfg)
+    if all(p in UNTIMED_PRECISIONS for p in unit.stage.precisions):
+        df = table.to_frame(rows)
+        df.to_csv(unit_path(root, unit), index=False)
+        return df
+    bcfg = stage_config(cfg, unit.stage, unit.point)
+    over = cfg.budget_minutes is not None and time.monotonic() - t0 > 60 * cfg.budget_minutes
+    reasons = unavailable_reasons(bcfg)
+    if reasons is not None:
+        df = table.to_frame(unavailable_rows(root, unit, cfg, reasons) + rows)
+    elif over:
+        log.warning("%s: %s", unit.key, CUT_FOR_TIME)
+        df = table.to_frame(skip_rows(unit, cfg, list(bcfg.precisions), CUT_FOR_TIME) + rows)
+    else:
+        log.info("measuring %s", unit.key)
+        try:
+            df = table.to_frame(measurer.measure(unit).to_dict(orient="records") + rows)
+        except AllocationError as e:  # the target is out of reach with the crucial nodes kept
+            log.error("%s: %s", unit.key, e)
+            reason = f"AllocationError: {e}"
+            df = table.to_frame(skip_rows(unit, cfg, list(bcfg.precisions), reason, status="error") + rows)
+    df.to_csv(unit_path(root, unit), index=False)
+    return df
+
+
+def suite_command(args: argparse.Namespace) -> str:
+    """The command that reproduces this suite run (written into the page)."""
+    parts = ["deploy-prune", "bench", "suite", args.config, *args.overrides, "--out", args.suite_out]
+    parts += ["--results", args.results] if args.results else []
+    parts += ["--data-root", args.data_root] if args.data_root else []
+    return shlex.join(parts)
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    """Run the suite; write the table, page and plot to --results (default: --out)."""
+    from bench.suite_report import write_results
+
+    overrides = list(args.overrides) + ([f"data_root={args.data_root}"] if args.data_root else [])
+    cfg = load_suite(args.config, overrides)
+    df = run_suite(cfg, args.suite_out, build_workers=args.build_workers)
+    notes = Path(args.notes).read_text() if args.notes else ""
+    paths = write_results(df, Path(args.results or args.suite_out), cfg=cfg, command=suite_command(args),
+                          notes=notes)
+    ok = df[(df["status"] == "ok") & (df["variant"] == "slim")]
+    print(f"{len(df)} rows ({len(ok)} measured slim rows) -> {', '.join(map(str, paths))}")
+    return 0
+
+
+@ACTIONS.register("suite")
+def add_suite(sub: argparse._SubParsersAction) -> None:
+    """``bench suite CONFIG [key=value ...] --out DIR [--results DIR] [--data-root DIR]``."""
+    p = sub.add_parser("suite", help="build the papers' operating points and measure them",
+                       description="Build ImageNet-shape base and slim models at the operating points "
+                       "of CONFIG (random weights; widths from beta scores with --data-root, else "
+                       "uniform) and time slim against base per stage, rounding and point. Model "
+                       "directories and finished units are cached under --out; a rerun resumes.",
+                       epilog="Example: deploy-prune bench suite configs/bench/paper_claims.yaml "
+                       "--out runs/paper_claims --results docs/results")
+    p.add_argument("config", metavar="CONFIG", help="suite YAML (configs/bench/paper_claims.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (budget_minutes=30)")
+    p.add_argument("--out", dest="suite_out", required=True, metavar="DIR",
+                   help="work directory: models, artifacts, per-unit CSVs")
+    p.add_argument("--results", metavar="DIR", help="where paper_claims.csv/.md/.png go (default: --out)")
+    p.add_argument("--data-root", dest="data_root", metavar="DIR",
+                   help="ImageNet folder (train/, val/): widths from beta scores")
+    p.add_argument("--notes", metavar="FILE", help="Markdown added to the page (how a split run was produced)")
+    p.add_argument("--build-workers", type=int, default=1, metavar="N",
+                   help="processes building models ahead of the measurements (0: build inline)")
+    p.set_defaults(func=cmd_suite)

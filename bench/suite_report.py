@@ -1,0 +1,157 @@
+"""The suite's results: ``paper_claims.csv``, ``paper_claims.md`` and ``paper_claims.png``.
+
+All three come from the same tidy table (one row per model variant x backend x device x
+precision x batch x rounding x operating point). The page leads with one line per operating
+point (the ``summary`` rows: rounding 8 when measured, else the best-measured rounding), then
+every measured slim row, then what was skipped and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.report import markdown_table
+from bench.suite_config import SuiteConfig
+from deploy_prune.artifacts import atomic_write_text
+
+SUITE_COLUMNS = ("rounding", "operating_point", "source", "target_flops_reduction", "width_source", "stage")
+ROW_COLUMNS = [
+    ("operating_point", "operating point", ""), ("source", "paper", ""), ("rounding", "rounding", ""),
+    ("backend", "backend", ""), ("device", "device", ""), ("batch", "batch", ""),
+    ("flops_reduction", "FLOPs reduction", ".2f"), ("base_p50_ms", "base p50 ms", ".2f"),
+    ("p50_ms", "slim p50 ms", ".2f"), ("speedup_ci", "speedup [95% CI]", ""),
+    ("efficiency", "efficiency", ".2f"), ("threads", "threads", ""), ("clock", "clock", ""),
+]
+
+
+def ordered(df: pd.DataFrame) -> pd.DataFrame:
+    """The bench columns, then the suite's, then anything else."""
+    front = [c for c in df.columns if c not in SUITE_COLUMNS]
+    return df[front[:17] + [c for c in SUITE_COLUMNS if c in df.columns] + front[17:]]
+
+
+def slim_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Measured slim rows with the base p50 beside them and the interval as text."""
+    ok = df[df["status"] == "ok"]
+    key = ["operating_point", "rounding", "backend", "device", "precision", "batch"]
+    base = ok[ok["variant"] == "base"][key + ["p50_ms"]].rename(columns={"p50_ms": "base_p50_ms"})
+    slim = ok[ok["variant"] == "slim"].merge(base, on=key, how="left")
+    slim["speedup_ci"] = [f"{r.speedup:.2f} [{r.speedup_ci_low:.2f}, {r.speedup_ci_high:.2f}]"
+                          for r in slim.itertuples()]
+    return slim.sort_values(["model", "source", "target_flops_reduction", "backend", "batch", "rounding"])
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per operating point x backend x batch: rounding 8 if measured, else the fastest rounding."""
+    rows = []
+    s = slim_rows(df)
+    for _, g in s.groupby(["operating_point", "backend", "device", "batch"], sort=False):
+        r8 = g[g["rounding"] == 8]
+        rows.append(r8.iloc[0] if len(r8) else g.loc[g["speedup"].idxmax()])
+    return pd.DataFrame(rows) if rows else s.iloc[0:0]
+
+
+def plot(df: pd.DataFrame, path: Path) -> Path:
+    """FLOPs reduction vs measured speedup (with its interval) per backend/batch, and y = x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = slim_rows(df)
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    markers = {1: "o", 8: "s", 32: "^"}
+    for (model, backend, batch), g in s.groupby(["model", "backend", "batch"]):
+        for rnd, gg in g.groupby("rounding"):
+            err = [gg["speedup"] - gg["speedup_ci_low"], gg["speedup_ci_high"] - gg["speedup"]]
+            ax.errorbar(gg["flops_reduction"], gg["speedup"], yerr=err, fmt=markers.get(int(rnd), "x"),
+                        capsize=2, alpha=0.8, label=f"{model} {backend} b{batch} r{rnd}")
+    top = max([1.0, *s["flops_reduction"].tolist()]) * 1.05 if len(s) else 8.0
+    ax.plot([1, top], [1, top], "k--", lw=1, label="y = x (FLOPs cut = time cut)")
+    ax.set_xlabel("FLOPs reduction (base / slim)")
+    ax.set_ylabel("measured speedup (base / slim latency)")
+    ax.set_title("Papers' operating points: FLOPs reduction vs measured speedup (CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _first(df: pd.DataFrame, col: str) -> Any:
+    vals = df[col].dropna() if col in df else pd.Series(dtype=object)
+    return vals.iloc[0] if len(vals) else None
+
+
+def skipped_lines(df: pd.DataFrame) -> list[str]:
+    """One line per distinct reason a combination was not measured."""
+    bad = df[df["status"] != "ok"]
+    lines = []
+    for (backend, device, precision, status, err), g in bad.groupby(
+            ["backend", "device", "precision", "status", "error"], dropna=False):
+        units = g[["operating_point", "rounding", "batch"]].drop_duplicates()
+        lines.append(f"- `{backend}` {device} {precision}: **{status}** ({len(units)} point x rounding x "
+                     f"batch combinations): {err}")
+    return lines
+
+
+def gpu_line(df: pd.DataFrame) -> str:
+    """What the page says about GPU rows: measured, or plainly not."""
+    cuda = df[df["device"] == "cuda"]
+    if (cuda["status"] == "ok").any():
+        return f"GPU rows measured on {_first(cuda, 'gpu_name')} (wall clock, CUDA events beside)."
+    return ("**No GPU was available for this run**: every CUDA row (torch eager fp16/bf16 channels_last, "
+            "torch.compile, AOTInductor, ONNX Runtime CUDA, TensorRT fp16/int8) is a `skipped` row with its "
+            "reason, and no GPU figure is estimated.")
+
+
+def page(df: pd.DataFrame, *, cfg: SuiteConfig, command: str, notes: str = "") -> str:
+    """The Markdown results page."""
+    s = slim_rows(df)
+    wsrc = _first(df, "width_source") or "uniform"
+    clocks = ", ".join(sorted({str(c) for c in s["clock"].dropna()})) or "-"
+    threads = ", ".join(sorted({str(int(t)) for t in s["threads"].dropna()})) or "-"
+    width_text = ("beta scores learnt on the ImageNet folder (OSPR eq. 2-4), global ranking" if wsrc == "beta"
+                  else "a uniform ratio: the same fraction removed from every prunable node, solved for "
+                  "the FLOPs target on the real cut model (no ImageNet folder was given)")
+    out = [
+        "# The papers' FLOPs claims as measured speedups", "",
+        f"Models: ImageNet shape ({cfg.in_channels}x{cfg.input_size}x{cfg.input_size} input, "
+        f"{cfg.num_classes} classes), **random weights** (latency does not depend on weight values, so no "
+        "checkpoint is needed for timing). Widths: " + width_text + ". OSPR's crucial-node rule: VGG-16 keeps "
+        "conv5_1..conv5_3, ResNet-50 keeps the block outputs (res2c, res3d, res4f, res5c) and prunes the "
+        "bottleneck internals; RBP points keep only the last conv node (needed by the allocator).", "",
+        f"Device: {_first(df, 'cpu_model')} (CPU, shared with other jobs, 1-min load "
+        f"{df['load_avg_1m'].min():.1f}-{df['load_avg_1m'].max():.1f}); torch {_first(df, 'torch_version')}, "
+        f"onnxruntime {_first(df, 'onnxruntime_version')}. Threads: {threads}; clock: {clocks} "
+        "(`cpu` = the process's CPU time of one thread: the latency on an idle core, unaffected by the other "
+        "jobs; see docs/bench.md). Speedup = geometric mean of per-round base/slim median ratios over "
+        "interleaved rounds, 95% bootstrap interval; efficiency = speedup / FLOPs reduction.", "",
+        gpu_line(df), "",
+        "Command of this page (it resumes from the cached units under `--out`; without `budget_minutes` "
+        "it measures everything not yet measured):", "", "```bash", command, "```", "",
+        "## Per operating point (rounding 8 where measured, else the fastest rounding)", "",
+        markdown_table(summary(df), ROW_COLUMNS), "",
+        "## Every measured slim row", "", markdown_table(s, ROW_COLUMNS), "",
+        "![FLOPs reduction vs measured speedup](paper_claims.png)", "",
+        "## Not measured here", "", *(skipped_lines(df) or ["(none)"]), "",
+    ]
+    if notes.strip():
+        out += ["## How these numbers were produced", "", notes.strip(), ""]
+    return "\n".join(out)
+
+
+def write_results(df: pd.DataFrame, out: Path, *, cfg: SuiteConfig, command: str,
+                  notes: str = "") -> list[Path]:
+    """``paper_claims.csv``, ``.md`` and ``.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    df = ordered(df)
+    csv = atomic_write_text(out / "paper_claims.csv", df.to_csv(index=False))
+    png = plot(df, out / "paper_claims.png")
+    md = atomic_write_text(out / "paper_claims.md", page(df, cfg=cfg, command=command, notes=notes))
+    return [csv, md, png]
+

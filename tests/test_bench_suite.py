@@ -1,0 +1,90 @@
+"""``bench suite``: config validation, and a tiny suite (small_vgg at 32x32, ORT batch 1) end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.suite import CUT_FOR_TIME, run_suite
+from bench.suite_config import SuiteConfig, load_suite
+from bench.suite_report import write_results
+from bench.table import REQUIRED
+from deploy_prune.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = """
+input_size: 32
+num_classes: 10
+in_channels: 1
+points:
+  - {arch: small_vgg, flops_reduction: 2.0, source: OSPR}
+timing: {warmup_iters: 2, min_time_s: 0.02, rounds: 3, min_samples: 3, min_per_round: 1, clock: cpu}
+stages:
+  - {name: cpu-ort-b1, backends: [ort], batches: [1], roundings: [8]}
+  - {name: gpu-trt, backends: [tensorrt], devices: [cuda], precisions: [fp16, int8], roundings: [8]}
+"""
+
+
+def test_paper_claims_config_has_the_papers_points() -> None:
+    cfg = load_suite(REPO / "configs" / "bench" / "paper_claims.yaml")
+    got = sorted((p.arch, p.source, p.flops_reduction) for p in cfg.points)
+    want = sorted([("vgg16", "OSPR", r) for r in (4.4, 5.0, 6.0, 7.0)] + [("vgg16", "RBP", 5.0)]
+                  + [("resnet50", "OSPR", r) for r in (2.8, 3.0, 4.0, 5.0)] + [("resnet50", "RBP", 2.2)])
+    assert got == want
+    assert {r for s in cfg.stages for r in s.roundings} == {1, 8, 32}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("bogus=1", "'bogus'"),
+    ("timing.bogus=1", "'timing.bogus'"),
+    ("threads=two", "threads"),
+])
+def test_bad_keys_are_errors_that_name_them(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_suite(REPO / "configs" / "bench" / "paper_claims.yaml", [override])
+
+
+def test_bad_values_name_their_key() -> None:
+    with pytest.raises(ConfigError, match=r"points\[0\]\.source"):
+        load_suite(None, ["points=[{arch: vgg16, flops_reduction: 2.0, source: XYZ}]"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'stages\[0\]\.batch'"):
+        load_suite(None, ["stages=[{name: a, batch: [1]}]"])
+
+
+def _tiny(tmp_path: Path, *extra: str) -> SuiteConfig:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return load_suite(path, list(extra))
+
+
+def test_tiny_suite_rows_have_every_column(tmp_path: Path) -> None:
+    cfg = _tiny(tmp_path)
+    df = run_suite(cfg, tmp_path / "out", build_workers=0)
+    for col in (*REQUIRED, "rounding", "operating_point", "source", "width_source"):
+        assert col in df.columns, col
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == 2 and set(ok["variant"]) == {"base", "slim"}
+    slim = ok[ok["variant"] == "slim"].iloc[0]
+    assert slim["rounding"] == 8 and slim["width_source"] == "uniform" and slim["source"] == "OSPR"
+    assert slim["speedup_ci_low"] <= slim["speedup"] <= slim["speedup_ci_high"]
+    assert slim["flops_reduction"] == pytest.approx(2.0, rel=0.15)
+    assert slim["efficiency"] == pytest.approx(slim["speedup"] / slim["flops_reduction"])
+    skipped = df[df["status"] == "skipped"]
+    assert set(skipped["precision"]) == {"fp16", "int8"} and skipped["error"].str.len().min() > 0
+
+    # a rerun resumes from the cached units: the same rows, nothing timed again
+    again = run_suite(cfg, tmp_path / "out", build_workers=0)
+    pd.testing.assert_series_equal(again["timestamp"], df["timestamp"])
+
+    paths = write_results(df, tmp_path / "res", cfg=cfg, command="deploy-prune bench suite tiny.yaml --out x")
+    assert [p.name for p in paths] == ["paper_claims.csv", "paper_claims.md", "paper_claims.png"]
+    text = paths[1].read_text()
+    assert "random weights" in text and "No GPU was available" in text and "uniform ratio" in text
+
+
+def test_budget_cut_rows_say_so(tmp_path: Path) -> None:
+    df = run_suite(_tiny(tmp_path, "budget_minutes=0"), tmp_path / "out", build_workers=0)
+    cpu = df[df["device"] == "cpu"]
+    assert len(cpu) == 2 and (cpu["error"] == CUT_FOR_TIME).all() and (cpu["status"] == "skipped").all()
