@@ -114,7 +114,7 @@ class Ablation:
         pruned = self.runner.evaluate(slim)
         names = crucial if v.nodes is None else crucial[-v.nodes:]
         rc = dataclasses.replace(self.cfg.recovery, loss=v.loss, mode=v.mode)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()  # wall, and CPU (load-independent)
         nodes = discover(model, example)
         if v.mode == "layerwise":
             slim, extra = layerwise(model, nodes, kept, loader=loader, cfg=rc,
@@ -124,11 +124,11 @@ class Ablation:
             recover(model, slim, teacher_nodes=nodes, student_nodes=discover(slim, example), names=names,
                     loader=loader, cfg=rc, device=self.runner.device)
             epochs = rc.epochs
-        t_rec = time.perf_counter() - t0
+        t_rec, c_rec = time.perf_counter() - t0, time.process_time() - c0
         recovered = self.runner.evaluate(slim)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         finetune(slim, loader=loader, cfg=self.cfg.finetune, device=self.runner.device)
-        t_ft = time.perf_counter() - t1
+        t_ft, c_ft = time.perf_counter() - t1, time.process_time() - c1
         final = self.runner.evaluate(slim)
         model.cpu()
         return {"study": v.study, "variant": v.name, "scorer": v.scorer, "selection": v.selection,
@@ -137,7 +137,7 @@ class Ablation:
                 "recovered_top1": recovered["top1"], "finetuned_top1": final["top1"],
                 "score_seconds": self.score_seconds.get(v.scorer if v.scorer != "beta" else v.selection, 0.0),
                 "recovery_seconds": t_rec, "recovery_epochs": epochs, "finetune_seconds": t_ft,
-                "seconds": t_rec + t_ft}
+                "seconds": t_rec + t_ft, "recovery_cpu_seconds": c_rec, "cpu_seconds": c_rec + c_ft}
 
     def _fresh_loader(self):
         """The training loader from its first shuffle, so every row sees the same batches."""
@@ -179,7 +179,8 @@ def write_tables(rows: list[dict], out: Path, *, base_top1: float, widths: dict[
     atomic_write_text(out / "ablation.csv", df.to_csv(index=False))
     atomic_write_text(out / "ablation.json", df.to_json(orient="records", indent=1))
     cols = ["study", "variant", "flops_reduction", "pruned_top1", "recovered_top1", "finetuned_top1",
-            "drop_vs_base", "recovery_epochs", "recovery_seconds", "seconds"]
+            "drop_vs_base", "recovery_epochs", "recovery_seconds", "seconds", "recovery_cpu_seconds"]
+    cols = [c for c in cols if c in df.columns]
     md = [f"# Ablations (baseline top-1 {base_top1:.2f}%)", "",
           "Same base model, same per-node widths (except the RBP row, whose scorer decides them), "
           "same recovery and fine-tuning budget.", "", f"Widths: {widths}", "",
