@@ -66,6 +66,19 @@ def provenance(model: nn.Module, plan: ModelPlan, source: str | Path | None) -> 
     }
 
 
+def from_model_dir(export_fn: Callable[..., Path]) -> Callable[..., Path]:
+    """Adapt ``export_fn(model, example, out, **opts)`` to a model directory's plan: the example
+    input comes from the plan (batch 2 for a dynamic batch axis, ``batch`` for a static one) and
+    the metadata from its provenance."""
+
+    def export(model: nn.Module, plan: ModelPlan, out: Path, *, source: Path | None,
+               batch: int = 1, **options: Any) -> Path:
+        example = plan.example(2 if options.get("dynamic_batch", True) else batch)
+        return export_fn(model, example, out, metadata=provenance(model, plan, source), **options)
+
+    return export
+
+
 def check_options(fmt: str, options: dict[str, Any]) -> FormatSpec:
     """The spec of ``fmt``; TypeError naming any option that format does not take."""
     spec = FORMATS.get(fmt)

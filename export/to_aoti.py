@@ -21,12 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploy_prune.artifacts import ModelPlan
 from deploy_prune.artifacts import atomic_write_text as write_text_atomic
 from export._staging import ensure_writable, staged
 from export.errors import BackendUnavailableError, first_line
 from export.fold import fold_batchnorm
-from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, provenance
+from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, from_model_dir
 from export.parity import batches_in_range, check_example, check_parity, scaled_atol
 
 log = logging.getLogger(__name__)
@@ -177,14 +176,7 @@ def _sidecar(dev: torch.device, dynamic_batch: bool, max_batch: int, example: to
             "versions": export_versions(), **dict(metadata or {})}
 
 
-def _from_model_dir(model: nn.Module, plan: ModelPlan, out: Path, *, source: Path | None,
-                    batch: int = 1, **options: Any) -> Path:
-    """``batch`` is the fixed batch size of a static export (a dynamic one traces at 2)."""
-    example = plan.example(2 if options.get("dynamic_batch", True) else batch)
-    return export_aoti(model, example, out, metadata=provenance(model, plan, source), **options)
-
-
 FORMATS.register("aoti")(FormatSpec(
-    export=_from_model_dir, suffix=".pt2",
+    export=from_model_dir(export_aoti), suffix=".pt2",
     options=COMMON_OPTIONS | {"device", "dynamic_batch", "batch", "max_batch"},
     help="AOTInductor .pt2 package (CPU or CUDA), loaded back and verified"))

@@ -20,11 +20,10 @@ import onnx
 import torch
 from torch import nn
 
-from deploy_prune.artifacts import ModelPlan
 from export._staging import ensure_writable, staged
 from export.errors import BackendUnavailableError, ParityError, first_line
 from export.fold import fold_batchnorm
-from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, provenance
+from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, from_model_dir
 from export.parity import check_example, check_parity
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ParityError", "export_onnx", "read_metadata", "verify_onnx"]
@@ -234,14 +233,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _from_model_dir(model: nn.Module, plan: ModelPlan, out: Path, *, source: Path | None,
-                    batch: int = 1, **options: Any) -> Path:
-    """``batch`` is the fixed batch size of a static export (a dynamic one traces at 2)."""
-    example = plan.example(2 if options.get("dynamic_batch", True) else batch)
-    return export_onnx(model, example, out, metadata=provenance(model, plan, source), **options)
-
-
 FORMATS.register("onnx")(FormatSpec(
-    export=_from_model_dir, suffix=".onnx",
+    export=from_model_dir(export_onnx), suffix=".onnx",
     options=COMMON_OPTIONS | {"opset", "dynamic_batch", "batch", "simplify"},
     help="ONNX graph (BatchNorm folded, dynamic batch), verified in ONNX Runtime"))
