@@ -34,7 +34,6 @@ EXTRA = (
     "timestamp",
 )
 COLUMNS = REQUIRED + EXTRA
-STATUSES = ("ok", "skipped", "error")
 
 
 def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:

@@ -148,7 +148,3 @@ def _make_node(dg, convs, names, modules, order, chans) -> Node:
 def last_node(nodes: list[Node]) -> Node:
     """The last conv node: the one feeding the classifier."""
     return max(nodes, key=lambda n: n.order)
-
-
-def by_name(nodes: list[Node]) -> dict[str, Node]:
-    return {n.name: n for n in nodes}
