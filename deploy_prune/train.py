@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deploy_prune import distributed
 from deploy_prune.config import TrainConfig
+from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ def fit(
     net, by_hand = distributed.wrap(model, optimizer)
     running, count = 0.0, 0
     it = batches(loader, steps - start_step)
-    bar = tqdm(it, total=steps - start_step, desc=desc, leave=False, mininterval=2,
-               disable=None if distributed.is_main() else True)
+    bar = progress(it, total=steps - start_step, desc=desc, leave=False, enabled=distributed.is_main())
     for i, (xb, yb) in enumerate(bar, start=start_step):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         loss = loss_fn(net, xb, yb)

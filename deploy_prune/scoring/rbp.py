@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from deploy_prune.config import AllocationConfig, RBPConfig
 from deploy_prune.flops import count
 from deploy_prune.gates import ChannelGates, frozen
 from deploy_prune.nodes import Node
+from deploy_prune.progress import progress
 from deploy_prune.scoring._base import SCORERS, ScoreContext, Scorer, Scores
 from deploy_prune.surgery import Plan, apply_plan
 from deploy_prune.train import fit, steps_for
@@ -391,7 +391,7 @@ def sweep(sw: _Sweep, visits: list[Node]) -> dict[str, NodeRecord]:
     fixed: dict[str, torch.Tensor] = {}  # decided node -> collapsed gate, (C,)
     widths: dict[str, int] = {}
     records: dict[str, NodeRecord] = {}
-    for step, node in enumerate(tqdm(visits, desc="rbp", leave=False, disable=None)):
+    for step, node in enumerate(progress(visits, desc="rbp", leave=False)):
         records[node.name] = _visit(sw, step, node, visits[step + 1:], fixed, widths)
     return records
 
