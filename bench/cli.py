@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.backends import BACKENDS, DEVICES, DTYPES
+from bench.backends import BACKENDS, DEVICES, PRECISIONS
 from deploy_prune._registry import Registry
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backends", nargs="+", default=["torch", "ort"], choices=BACKENDS.names(),
                    metavar="NAME", help=f"backends ({', '.join(BACKENDS.names())}); default: torch ort")
     g.add_argument("--device", nargs="+", default=["cpu"], choices=DEVICES, help="default: cpu")
-    g.add_argument("--precision", nargs="+", default=["fp32"], choices=tuple(DTYPES), help="default: fp32")
+    g.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                   help="default: fp32; int8 is TensorRT only (calibrated on the model's dataset)")
     g.add_argument("--batch", nargs="+", type=int, default=[1, 8], metavar="B", help="default: 1 8")
     g.add_argument("--name", metavar="LABEL", help="the 'model' column (default: the slim model's arch)")
     g.add_argument("--force", action="store_true", help="overwrite existing results in --out")

@@ -6,7 +6,8 @@ Builds the ImageNet-shape base and slim models of every operating point and widt
 in config order, so the headline measurements come first and a ``budget_minutes`` cut falls on
 the later ones (their rows say ``skipped: cut for time``). A separate process builds the model
 directories ahead of the measurements. Every finished unit is cached as CSV under
-``DIR/units/``; a rerun resumes. The combined table, page and plot are written by
+``DIR/units/``; a rerun resumes, and tries again the units that timed nothing (a GPU stage
+resumed on a GPU machine is measured there). The combined table, page and plot are written by
 :mod:`bench.suite_report`.
 """
 
@@ -28,10 +29,11 @@ from tqdm.auto import tqdm
 from bench import env, table
 from bench.backends import BACKENDS, Artifact
 from bench.cli import ACTIONS
-from bench.suite_config import UNTIMED_PRECISIONS, PointConfig, StageConfig, SuiteConfig, load_suite
+from bench.suite_config import PointConfig, StageConfig, SuiteConfig, load_suite
 from bench.suite_models import build_slim, ensure_base, ensure_onnx, width_source
 from bench.sweep import BenchConfig, Shared, load_artifact, make_shared, pinned_threads, sweep
 from deploy_prune.allocation import AllocationError
+from deploy_prune.artifacts import atomic_write_text
 
 log = logging.getLogger(__name__)
 CUT_FOR_TIME = "cut for time: the suite's budget_minutes was spent before this unit"
@@ -63,7 +65,7 @@ def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> Be
 
         timing = replace(timing, clock="wall")
     return BenchConfig(backends=tuple(stage.backends), devices=tuple(stage.devices),
-                       precisions=tuple(p for p in stage.precisions if p not in UNTIMED_PRECISIONS), batches=tuple(stage.batches),
+                       precisions=tuple(stage.precisions), batches=tuple(stage.batches),
                        threads=cfg.threads, channels_last=stage.channels_last,
                        compile_mode=stage.compile_mode, timing=timing, seed=cfg.seed, model_name=point.arch)
 
@@ -83,12 +85,6 @@ def skip_rows(unit: Unit, cfg: SuiteConfig, precisions: list[str], reason: str,
              "threads": cfg.threads, "status": status, "error": reason, **unit_columns(unit, cfg)}
             for b in s.backends for d in s.devices for p in precisions for n in s.batches
             for v in ("base", "slim")]
-
-
-def untimed_rows(unit: Unit, cfg: SuiteConfig) -> list[dict[str, Any]]:
-    """Skipped rows for the stage's precisions no bench backend can time (int8)."""
-    return [r for p in unit.stage.precisions if p in UNTIMED_PRECISIONS
-            for r in skip_rows(unit, cfg, [p], f"precision {p}: {UNTIMED_PRECISIONS[p]}")]
 
 
 def unavailable_reasons(bcfg: BenchConfig) -> dict[str, str] | None:
@@ -201,12 +197,14 @@ def unit_path(root: Path, unit: Unit) -> Path:
 
 
 def cached_unit(root: Path, unit: Unit) -> pd.DataFrame | None:
-    """A unit measured by an earlier run (units cut for time are measured again)."""
+    """A unit measured by an earlier run. Units that timed nothing (cut for time, or skipped
+    because a GPU or package was missing) are tried again: the rerun may be on the machine
+    that has what they need."""
     path = unit_path(root, unit)
     if not path.is_file():
         return None
     df = pd.read_csv(path)
-    return None if (df["error"] == CUT_FOR_TIME).any() else df
+    return df if (df["status"] == "ok").any() else None
 
 
 def run_suite(cfg: SuiteConfig, out: str | Path, *, build_workers: int = 1) -> pd.DataFrame:
@@ -231,27 +229,22 @@ def _one_unit(root: Path, cfg: SuiteConfig, unit: Unit, measurer: Measurer, t0: 
     cached = cached_unit(root, unit)
     if cached is not None:
         return cached
-    rows = untimed_rows(unit, cfg)
-    if all(p in UNTIMED_PRECISIONS for p in unit.stage.precisions):
-        df = table.to_frame(rows)
-        df.to_csv(unit_path(root, unit), index=False)
-        return df
     bcfg = stage_config(cfg, unit.stage, unit.point)
     over = cfg.budget_minutes is not None and time.monotonic() - t0 > 60 * cfg.budget_minutes
     reasons = unavailable_reasons(bcfg)
     if reasons is not None:
-        df = table.to_frame(unavailable_rows(root, unit, cfg, reasons) + rows)
+        df = table.to_frame(unavailable_rows(root, unit, cfg, reasons))
     elif over:
         log.warning("%s: %s", unit.key, CUT_FOR_TIME)
-        df = table.to_frame(skip_rows(unit, cfg, list(bcfg.precisions), CUT_FOR_TIME) + rows)
+        df = table.to_frame(skip_rows(unit, cfg, list(bcfg.precisions), CUT_FOR_TIME))
     else:
         log.info("measuring %s", unit.key)
         try:
-            df = table.to_frame(measurer.measure(unit).to_dict(orient="records") + rows)
+            df = measurer.measure(unit)
         except AllocationError as e:  # the target is out of reach with the crucial nodes kept
             log.error("%s: %s", unit.key, e)
             reason = f"AllocationError: {e}"
-            df = table.to_frame(skip_rows(unit, cfg, list(bcfg.precisions), reason, status="error") + rows)
+            df = table.to_frame(skip_rows(unit, cfg, list(bcfg.precisions), reason, status="error"))
     df.to_csv(unit_path(root, unit), index=False)
     return df
 
@@ -271,6 +264,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"data_root={args.data_root}"] if args.data_root else [])
     cfg = load_suite(args.config, overrides)
     df = run_suite(cfg, args.suite_out, build_workers=args.build_workers)
+    atomic_write_text(Path(args.suite_out) / "suite_table.csv", df.to_csv(index=False))
     notes = Path(args.notes).read_text() if args.notes else ""
     paths = write_results(df, Path(args.results or args.suite_out), cfg=cfg, command=suite_command(args),
                           notes=notes)
@@ -286,7 +280,8 @@ def add_suite(sub: argparse._SubParsersAction) -> None:
                        description="Build ImageNet-shape base and slim models at the operating points "
                        "of CONFIG (random weights; widths from beta scores with --data-root, else "
                        "uniform) and time slim against base per stage, rounding and point. Model "
-                       "directories and finished units are cached under --out; a rerun resumes.",
+                       "directories and finished units are cached under --out; a rerun resumes "
+                       "(and retries units that timed nothing, e.g. GPU stages on a CPU box).",
                        epilog="Example: deploy-prune bench suite configs/bench/paper_claims.yaml "
                        "--out runs/paper_claims --results docs/results")
     p.add_argument("config", metavar="CONFIG", help="suite YAML (configs/bench/paper_claims.yaml)")

@@ -10,14 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.backends import BACKENDS, DEVICES, DTYPES
+from bench.backends import BACKENDS, DEVICES, PRECISIONS
 from bench.timing import CLOCKS, TimingConfig
 from deploy_prune.config import ConfigError, load_config
 
 SOURCES = ("OSPR", "RBP")
-# Precisions a stage may name that the bench backends cannot time yet: each gives skipped rows.
-UNTIMED_PRECISIONS = {"int8": "the bench backends time fp32/fp16/bf16 only (bench.backends.DTYPES); "
-                              "export.to_trt builds int8 engines, but no bench backend loads them"}
 VGG16_CRUCIAL = ["features.24", "features.26", "features.28"]  # conv5_1, conv5_2, conv5_3
 RESNET50_CRUCIAL = ["layer1.2", "layer2.3", "layer3.5", "layer4.2"]  # res2c, res3d, res4f, res5c
 
@@ -123,7 +120,7 @@ def check_suite(cfg: SuiteConfig) -> None:
     for i, s in enumerate(cfg.stages):
         _check(f"stages[{i}].backends", s.backends, tuple(BACKENDS.names()))
         _check(f"stages[{i}].devices", s.devices, DEVICES)
-        _check(f"stages[{i}].precisions", s.precisions, (*DTYPES, *UNTIMED_PRECISIONS))
+        _check(f"stages[{i}].precisions", s.precisions, PRECISIONS)
         if not s.batches or min(s.batches) < 1:
             raise ConfigError(f"stages[{i}].batches must be >= 1, got {s.batches}")
         if not s.roundings or min(s.roundings) < 1:

@@ -1,9 +1,14 @@
 """The suite's results: ``paper_claims.csv``, ``paper_claims.md`` and ``paper_claims.png``.
 
 All three come from the same tidy table (one row per model variant x backend x device x
-precision x batch x rounding x operating point). The page leads with one line per operating
-point (the ``summary`` rows: rounding 8 when measured, else the best-measured rounding), then
-every measured slim row, then what was skipped and why.
+precision x batch x rounding x operating point). ``paper_claims.csv`` holds the *measured*
+comparisons only: one row per slim model timed against its base, in the bench table's columns
+plus the suite's (``rounding``, ``operating_point``...) and the base's own latency as
+``base_*`` columns, so every row carries a measured speedup and its interval. What was not
+measured (GPU stages on a CPU box, units cut for time) is listed on the page with its reason;
+the full table with those rows stays in the work directory (``suite_table.csv``). The page leads
+with one line per operating point (the ``summary`` rows: rounding 8 when measured, else the
+best-measured rounding), then every measured slim row, then what was skipped and why.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from bench.report import markdown_table
 from bench.suite_config import SuiteConfig
 from deploy_prune.artifacts import atomic_write_text
 
+BASE_COLUMNS = ("p50_ms", "p90_ms", "mean_ms", "throughput_ips", "flops", "params")
 SUITE_COLUMNS = ("rounding", "operating_point", "source", "target_flops_reduction", "width_source", "stage")
 ROW_COLUMNS = [
     ("operating_point", "operating point", ""), ("source", "paper", ""), ("rounding", "rounding", ""),
@@ -34,11 +40,12 @@ def ordered(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def slim_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Measured slim rows with the base p50 beside them and the interval as text."""
+    """Measured slim rows with their base's latency beside them (``base_*``) and the interval as text."""
     ok = df[df["status"] == "ok"]
     key = ["operating_point", "rounding", "backend", "device", "precision", "batch"]
-    base = ok[ok["variant"] == "base"][key + ["p50_ms"]].rename(columns={"p50_ms": "base_p50_ms"})
-    slim = ok[ok["variant"] == "slim"].merge(base, on=key, how="left")
+    cols = [c for c in BASE_COLUMNS if c in ok.columns]
+    base = ok[ok["variant"] == "base"][key + cols].rename(columns={c: f"base_{c}" for c in cols})
+    slim = ok[(ok["variant"] == "slim") & ok["speedup"].notna()].merge(base, on=key, how="left")
     slim["speedup_ci"] = [f"{r.speedup:.2f} [{r.speedup_ci_low:.2f}, {r.speedup_ci_high:.2f}]"
                           for r in slim.itertuples()]
     return slim.sort_values(["model", "source", "target_flops_reduction", "backend", "batch", "rounding"])
@@ -145,12 +152,20 @@ def page(df: pd.DataFrame, *, cfg: SuiteConfig, command: str, notes: str = "") -
     return "\n".join(out)
 
 
+def measured_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The CSV's rows: every measured slim-vs-base comparison, bench columns first, then the
+    suite's, then the base's ``base_*`` latency."""
+    s = slim_rows(df).drop(columns=["speedup_ci"])
+    base = [c for c in s.columns if c.startswith("base_")]
+    return ordered(s[[c for c in s.columns if c not in base] + base]).reset_index(drop=True)
+
+
 def write_results(df: pd.DataFrame, out: Path, *, cfg: SuiteConfig, command: str,
                   notes: str = "") -> list[Path]:
-    """``paper_claims.csv``, ``.md`` and ``.png`` in ``out``."""
+    """``paper_claims.csv`` (measured rows only), ``.md`` and ``.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     df = ordered(df)
-    csv = atomic_write_text(out / "paper_claims.csv", df.to_csv(index=False))
+    csv = atomic_write_text(out / "paper_claims.csv", measured_table(df).to_csv(index=False))
     png = plot(df, out / "paper_claims.png")
     md = atomic_write_text(out / "paper_claims.md", page(df, cfg=cfg, command=command, notes=notes))
     return [csv, md, png]

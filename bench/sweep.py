@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench import accuracy, env, table
-from bench.backends import BACKENDS, DEVICES, DTYPES, Artifact, Backend, BackendOptions
+from bench.backends import BACKENDS, DEVICES, PRECISIONS, Artifact, Backend, BackendOptions
 from bench.stats import Speedup, paired_speedup, summarize
 from bench.timing import Samples, Timer, TimingConfig, measure_pair
 from deploy_prune.artifacts import atomic_write_text, load_model_dir
@@ -59,7 +59,7 @@ class BenchConfig:
         for name in self.backends:
             BACKENDS.get(name)  # KeyError naming the known backends
         _check_choices("device", self.devices, DEVICES)
-        _check_choices("precision", self.precisions, tuple(DTYPES))
+        _check_choices("precision", self.precisions, PRECISIONS)
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batches)}")
         if self.threads is not None and self.threads < 1:

@@ -207,3 +207,15 @@ def test_cli_runs_and_refuses_to_overwrite(model_dirs: tuple[Path, Path], tmp_pa
     assert main(args) == 2  # results exist, no --force
     assert main(["bench", "--slim", str(slim), "--out", str(out)]) == 2  # --base missing
     assert main(["bench", "compare", str(out / "results.json"), "--baseline", str(out / "results.json")]) == 0
+
+
+def test_int8_is_a_tensorrt_precision_only() -> None:
+    opts = BackendOptions()
+    for name in ("torch", "compile", "aoti", "ort", "ort-trt"):
+        for device in BACKENDS.get(name).devices:
+            reason = BACKENDS.get(name).unavailable(device, "int8", opts)
+            assert reason and "does not support int8" in reason, (name, reason)
+    trt_reason = BACKENDS.get("tensorrt").unavailable("cuda", "int8", opts)
+    assert trt_reason is None or "does not support" not in trt_reason  # only CUDA/tensorrt can be missing
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        BACKENDS.get("torch")(device="cpu", precision="int4")

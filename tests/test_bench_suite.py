@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.suite import CUT_FOR_TIME, run_suite
+from bench.suite import CUT_FOR_TIME, cached_unit, plan_units, run_suite
 from bench.suite_config import SuiteConfig, load_suite
 from bench.suite_report import write_results
 from bench.table import REQUIRED
@@ -77,10 +77,22 @@ def test_tiny_suite_rows_have_every_column(tmp_path: Path) -> None:
     # a rerun resumes from the cached units: the same rows, nothing timed again
     again = run_suite(cfg, tmp_path / "out", build_workers=0)
     pd.testing.assert_series_equal(again["timestamp"], df["timestamp"])
+    # ... except units that timed nothing: a rerun on a machine with a GPU measures those
+    cpu_unit, gpu_unit = plan_units(cfg)
+    assert cached_unit(tmp_path / "out", cpu_unit) is not None and cached_unit(tmp_path / "out", gpu_unit) is None
 
     paths = write_results(df, tmp_path / "res", cfg=cfg, command="deploy-prune bench suite tiny.yaml --out x")
     assert [p.name for p in paths] == ["paper_claims.csv", "paper_claims.md", "paper_claims.png"]
+    # the CSV holds measured comparisons only: every row a slim model with a speedup and its interval
+    csv = pd.read_csv(paths[0])
+    assert len(csv) == 1 and (csv["status"] == "ok").all() and (csv["variant"] == "slim").all()
+    assert csv["speedup"].notna().all() and (csv["speedup_ci_low"] <= csv["speedup"]).all()
+    assert (csv["speedup"] <= csv["speedup_ci_high"]).all()
+    base = ok[ok["variant"] == "base"].iloc[0]
+    assert csv.loc[0, "base_p50_ms"] == pytest.approx(base["p50_ms"])
+    assert csv.loc[0, "base_flops"] / csv.loc[0, "flops"] == pytest.approx(csv.loc[0, "flops_reduction"])
     text = paths[1].read_text()
+    assert "`tensorrt` cuda int8: **skipped**" in text  # what was not measured is on the page, with why
     assert "random weights" in text and "No GPU was available" in text and "uniform ratio" in text
 
 

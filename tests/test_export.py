@@ -20,7 +20,7 @@ from deploy_prune.models import MODELS, build_model
 from deploy_prune.nodes import discover
 from deploy_prune.surgery import apply_plan
 from export import to_onnx
-from export.calibration import calibration_batches, rebatch
+from export.calibration import RANDOM_SOURCE, calibration_batches, calibration_for, rebatch
 from export.errors import BackendUnavailableError, ParityError
 from export.fold import fold_batchnorm
 from export.formats import COMMON_OPTIONS, FORMATS, export_model_dir
@@ -328,6 +328,21 @@ def test_calibration_batches_come_from_the_model_dirs_dataset():
     assert [tuple(x.shape) for x in a] == [(16, 1, 8, 8)] * 3
     assert a[0].std() > 0.1  # real images, not zeros
     torch.testing.assert_close(torch.cat(a), torch.cat(b))  # deterministic
+
+
+def test_int8_calibration_says_where_its_images_came_from():
+    with_data = ModelPlan("small_vgg", 10, 1, 8, info={"config": {"data": {"name": "digits"}}})
+    batches, source = calibration_for(with_data, count=2, batch_size=16)
+    assert source == "dataset:digits" and [tuple(x.shape) for x in batches] == [(16, 1, 8, 8)] * 2
+    # a plan without a dataset (the suite's random-weight models): seeded random images, said so
+    no_data = ModelPlan("vgg16", 1000, 3, 32)
+    r1, source = calibration_for(no_data, count=2, batch_size=4)
+    r2, _ = calibration_for(no_data, count=2, batch_size=4)
+    assert source == RANDOM_SOURCE and [tuple(x.shape) for x in r1] == [(4, 3, 32, 32)] * 2
+    torch.testing.assert_close(torch.cat(r1), torch.cat(r2))
+    # a dataset that does not fit the model falls back to random, not to a wrong-shaped calibration
+    wrong = ModelPlan("small_vgg", 10, 3, 32, info={"config": {"data": {"name": "digits"}}})
+    assert calibration_for(wrong, count=1, batch_size=4)[1] == RANDOM_SOURCE
 
 
 # --- CUDA (where present) ---------------------------------------------------------------------------

@@ -11,10 +11,11 @@ from bench.backends._base import (
     BACKENDS,
     DEVICES,
     DTYPES,
+    PRECISIONS,
     Artifact,
     Backend,
     BackendOptions,
     register,
 )
 
-__all__ = ["BACKENDS", "DEVICES", "DTYPES", "Artifact", "Backend", "BackendOptions", "register"]
+__all__ = ["BACKENDS", "DEVICES", "DTYPES", "PRECISIONS", "Artifact", "Backend", "BackendOptions", "register"]

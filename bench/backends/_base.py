@@ -31,6 +31,9 @@ from deploy_prune.artifacts import ModelPlan
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
                                   "bf16": torch.bfloat16}
+# Every precision a backend may offer: the DTYPES (the input/weight dtype), plus int8, which only
+# engines that quantise internally (TensorRT) offer; they take fp32 inputs.
+PRECISIONS: tuple[str, ...] = (*DTYPES, "int8")
 DEVICES = ("cpu", "cuda")
 T = TypeVar("T")
 
@@ -75,16 +78,17 @@ class Backend(ABC):
     name: ClassVar[str] = ""
     devices: ClassVar[tuple[str, ...]] = DEVICES
     precisions: ClassVar[tuple[str, ...]] = tuple(DTYPES)
-    precision_note: ClassVar[str] = ""  # why some precisions are missing, for skipped rows
+    # why some precisions are missing, for skipped rows
+    precision_note: ClassVar[str] = "int8 needs a quantising engine (the tensorrt backend)"
 
     def __init__(self, *, device: str, precision: str, options: BackendOptions | None = None) -> None:
         if device not in DEVICES:
             raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
-        if precision not in DTYPES:
-            raise ValueError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.device = device
         self.precision = precision
-        self.dtype = DTYPES[precision]
+        self.dtype = DTYPES.get(precision, torch.float32)  # int8 engines take fp32 inputs
         self.options = options or BackendOptions()
 
     @classmethod

@@ -3,6 +3,12 @@
 The artifact's ONNX file is built into an engine by ``export.to_trt.build_engine`` over a batch
 profile 1 .. max_batch, and run by ``export.to_trt.TRTRunner`` (``execute_async_v3`` on
 PyTorch device buffers and stream; no pycuda).
+
+``int8`` engines are calibrated by ``export.calibration.calibration_for``: on the validation
+images of the dataset the model was made with, or, for a model without one (the paper-claims
+suite's random-weight models), on seeded random images. Such an engine is timed but not
+parity-checked (random scales make its outputs meaningless, not its latency), and its rows say
+``calibration=random``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ class TensorRTBackend(Backend):
     """An engine per artifact and precision; fp32 device tensors in and out."""
 
     devices = ("cuda",)
-    precisions = ("fp32", "fp16", "bf16")
+    precisions = ("fp32", "fp16", "bf16", "int8")
 
     @classmethod
     def requirements(cls, device: str, precision: str, options: BackendOptions) -> str | None:
@@ -44,10 +50,17 @@ class TensorRTBackend(Backend):
         onnx_path = onnx_file(artifact, example, self.options)
         out = artifact.workdir / f"{artifact.name}-{self.precision}.engine"
         max_batch = max(1, self.options.max_batch)
+        calib, self.calibration = None, None
+        if self.precision == "int8":
+            from export.calibration import RANDOM_SOURCE, calibration_for
+
+            calib, self.calibration = artifact.cached("trt:calibration", lambda: calibration_for(artifact.plan))
+        verify = self.calibration != RANDOM_SOURCE if calib is not None else True
         self.path = artifact.cached(f"trt:{self.precision}", lambda: Path(build_engine(
             onnx_path, out, precision=self.precision, min_batch=1, opt_batch=min(8, max_batch),
             max_batch=max_batch, timing_cache=artifact.workdir / "trt.timing-cache", force=True,
-            model=artifact.model, metadata={"variant": artifact.name})))
+            calibration_batches=calib, model=artifact.model, verify=verify,
+            metadata={"variant": artifact.name, "calibration": self.calibration})))
         self.runner = TRTRunner(self.path)
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
@@ -57,8 +70,9 @@ class TensorRTBackend(Backend):
         return first_tensor(self.runner(inputs))  # (B, K)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "device": self.device, "precision": self.precision,
-                "artifact": str(self.path)}
+        row = {"backend": self.name, "device": self.device, "precision": self.precision,
+               "artifact": str(self.path)}
+        return {**row, "calibration": self.calibration} if self.calibration else row
 
     def close(self) -> None:
         self.__dict__.pop("runner", None)
