@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Export MODEL_DIR (plan.json + model.safetensors) to --out. The artifact is "
         "written under a temporary name and renamed only after it matched the PyTorch model at "
         "batch 1 and 7 (ONNX Runtime, AOTInductor, TensorRT on the GPU).",
-        epilog="Options default per format: ONNX opset 18, dynamic batch; TensorRT fp16, batch "
+        epilog="Options default per format: ONNX opset 18, dynamic batch, fp32; TensorRT fp16, batch "
         "1/8/128, 4 GB workspace; AOTInductor cpu, batch up to 256.")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--format", required=True, choices=FORMATS.names(), help="artifact to write")
@@ -92,7 +92,9 @@ def _onnx_options(p: argparse._ArgumentGroup) -> None:
 def _trt_options(p: argparse._ArgumentGroup) -> None:
     S = argparse.SUPPRESS
     p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16", "int8"], default=S,
-                   help="tensorrt precision (default fp16)")
+                   help="tensorrt: engine precision (default fp16); onnx: fp32 (default) or fp16, "
+                   "fp16 weights and compute behind fp32 input/output, the graph TensorRT 11 "
+                   "builds fp16 engines from")
     p.add_argument("--min-batch", type=int, default=S, help="tensorrt profile minimum batch (1)")
     p.add_argument("--opt-batch", type=int, default=S, help="tensorrt profile batch to tune for (8)")
     p.add_argument("--workspace-gb", type=float, default=S, help="tensorrt workspace limit (4.0)")

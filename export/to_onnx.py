@@ -3,6 +3,11 @@
 The graph has one input ``input`` (B, C, H, W) float32 and one output ``logits`` (B, classes);
 with ``dynamic_batch`` the batch axis is the symbol ``batch``. Provenance is stored in the
 model's ``metadata_props``, every value JSON-encoded (:func:`read_metadata` decodes them).
+
+``precision="fp16"`` writes the layout ModelOpt AutoCast's ``keep_io_types`` produces: fp32
+input and output, fp16 weights and compute in between (one Cast after the input, one before
+the output). TensorRT 11 builds every network strongly typed, so such a half-typed graph is
+the only way to get an fp16 engine from it (see :mod:`export.to_trt`).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from export._staging import ensure_writable, staged
 from export.errors import BackendUnavailableError, ParityError, first_line
 from export.fold import fold_batchnorm
 from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, from_model_dir
-from export.parity import check_example, check_parity
+from export.parity import check_example, check_parity, scaled_atol
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "ParityError", "export_onnx", "read_metadata", "verify_onnx"]
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "ONNX_PRECISIONS", "ParityError", "export_onnx", "read_metadata",
+           "verify_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,33 @@ OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 18
 _PROTOBUF_LIMIT = 2**31 - 1  # a single-file ONNX model must serialise below 2 GiB
+ONNX_PRECISIONS = ("fp32", "fp16")
+# fp32 parity tolerance (rtol, atol); fp16 uses export.to_trt.DEFAULT_TOLERANCE["fp16"], atol
+# scaled by the logits' magnitude, the same rule the TensorRT fp16 engines are held to.
+FP32_TOLERANCE = (1e-3, 1e-4)
+_HALF_DTYPES = {"fp16": torch.float16}
+
+
+class HalfCompute(nn.Module):
+    """``model`` in half precision behind fp32 input and output (AutoCast ``keep_io_types``).
+
+    The casts live in the graph, so callers feed and read fp32 exactly as with an fp32 export
+    while the weights are stored, and the convolutions run, in half precision.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.m = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(x.to(self.dtype)).float()
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, out: str | Path, *, opset: int = DEFAULT_OPSET,
                 dynamic_batch: bool = True, simplify: bool = False, verify: bool = True,
-                metadata: Mapping[str, Any] | None = None, rtol: float = 1e-3, atol: float = 1e-4,
-                force: bool = False) -> Path:
+                metadata: Mapping[str, Any] | None = None, rtol: float | None = None,
+                atol: float | None = None, force: bool = False, precision: str = "fp32") -> Path:
     """Export ``model`` to ONNX at ``out``; the file appears only once it passed every check.
 
     ``example`` is a (B, C, H, W) input fixing the shape (and the batch when
@@ -48,35 +75,75 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: str | Path, *, ops
     file is checked by ``onnx.checker`` with strict shape inference; with ``verify`` it is run
     in ONNX Runtime at batch 1 and 7 (the fixed batch when static) and must match ``model``
     within ``atol + rtol * |ref|``, else :class:`ParityError` and no file is written.
+    ``precision`` is ``fp32`` or ``fp16`` (fp32 IO, fp16 weights and compute: the graph a
+    TensorRT 11 fp16 engine is built from). Tolerances default per precision: fp32
+    ``rtol=1e-3, atol=1e-4``; fp16 that of TensorRT fp16 engines (atol scaled by the logits).
     """
     out = Path(out)
+    check_precision(precision)
     ensure_writable(out, force=force)
     check_example(example)
     t0 = time.perf_counter()
-    proto = to_proto(model, example, opset=opset, dynamic_batch=dynamic_batch)
+    proto = to_proto(model, example, opset=opset, dynamic_batch=dynamic_batch, precision=precision)
     if simplify:
         proto = simplify_proto(proto)
     _check_no_batchnorm(proto)
-    set_metadata(proto, {**_default_metadata(example, opset, dynamic_batch), **(metadata or {})})
+    set_metadata(proto, {**_default_metadata(example, opset, dynamic_batch, precision), **(metadata or {})})
     with staged(out, force=force, suffix=".onnx") as tmp:
         _save(proto, tmp)
         check_onnx(tmp)
         if verify:
-            _verify(tmp, model, batches=(1, 7), rtol=rtol, atol=atol, providers=None, label=out.name)
+            r, a = parity_tolerance(precision, model, tuple(example.shape[1:]), rtol, atol)
+            _verify(tmp, model, batches=(1, 7), rtol=r, atol=a, providers=None, label=out.name)
         else:
             log.warning("ONNX parity check skipped (verify=False): %s is unverified", out)
-    log.info("wrote %s (%.1f MB, opset %d, %s batch) in %.1f s", out, out.stat().st_size / 1e6, opset,
-             "dynamic" if dynamic_batch else "static", time.perf_counter() - t0)
+    log.info("wrote %s (%.1f MB, opset %d, %s batch, %s) in %.1f s", out, out.stat().st_size / 1e6, opset,
+             "dynamic" if dynamic_batch else "static", precision, time.perf_counter() - t0)
     return out
 
 
+def check_precision(precision: str) -> None:
+    """Only fp32 and fp16 graphs are exported; say where the other precisions come from."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(
+            f"ONNX export precision {precision!r} is not one of {', '.join(ONNX_PRECISIONS)} "
+            f"(--precision for --format onnx). bf16 Conv needs opset 22: convert an fp32 export with "
+            f"'python -m modelopt.onnx.autocast --low_precision_type bf16 --keep_io_types'; int8 needs "
+            f"Q/DQ nodes: 'python -m modelopt.onnx.quantization --quantize_mode int8'")
+
+
+def parity_tolerance(precision: str, model: nn.Module, chw: tuple[int, ...], rtol: float | None,
+                     atol: float | None) -> tuple[float, float]:
+    """(rtol, atol) for an ONNX export at ``precision``; explicit values win.
+
+    fp16 reuses the TensorRT fp16 tolerance, atol scaled by the logits' magnitude: rounding
+    to half precision grows with the sums, not with each output, as for an fp16 engine.
+    """
+    if precision == "fp32":
+        return (FP32_TOLERANCE[0] if rtol is None else rtol), (FP32_TOLERANCE[1] if atol is None else atol)
+    from export.to_trt import DEFAULT_TOLERANCE
+
+    r, a = DEFAULT_TOLERANCE[precision]
+    if atol is None:
+        device, was_training = _device_of(model), model.training
+        model.eval()
+        try:
+            atol = scaled_atol(a, lambda x: model(x.to(device)).float().cpu(), chw)
+        finally:
+            model.train(was_training)
+    return (r if rtol is None else rtol), atol
+
+
 def to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
-             dynamic_batch: bool = True) -> onnx.ModelProto:
-    """The BN-folded ONNX graph of ``model`` (in memory, unchecked)."""
+             dynamic_batch: bool = True, precision: str = "fp32") -> onnx.ModelProto:
+    """The BN-folded ONNX graph of ``model`` (in memory, unchecked), fp32 or fp16 inside."""
     if importlib.util.find_spec("onnxscript") is None:
         raise BackendUnavailableError("ONNX export needs onnxscript (torch's ONNX exporter is built "
                                       "on it): pip install onnxscript")
+    check_precision(precision)
     folded = fold_batchnorm(model)
+    if precision in _HALF_DTYPES:  # fold in fp32 first, then round the folded weights once
+        folded = HalfCompute(folded, _HALF_DTYPES[precision]).eval()
     x = example
     if dynamic_batch and example.shape[0] < 2:
         x = example[:1].repeat(2, 1, 1, 1)  # torch.export specialises a size-1 dim to a constant
@@ -116,15 +183,29 @@ def simplify_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def verify_onnx(onnx_path: str | Path, model: nn.Module, *, batches: Sequence[int] = (1, 7),
-                rtol: float = 1e-3, atol: float = 1e-4,
+                rtol: float | None = None, atol: float | None = None,
                 providers: Sequence[str] | None = None) -> dict[int, float]:
     """Run ``onnx_path`` in ONNX Runtime against ``model``; batch size -> max absolute difference.
 
-    Raises ParityError beyond ``atol + rtol * |ref|``. A static batch axis is probed at its own
-    size only. ``providers`` defaults to the CPU execution provider.
+    Raises ParityError beyond ``atol + rtol * |ref|``; the defaults are those of the precision
+    the file records in its metadata (fp32 ``1e-3``/``1e-4`` when it records none). A static
+    batch axis is probed at its own size only. ``providers`` defaults to the CPU execution provider.
     """
     path = Path(onnx_path)
+    if rtol is None or atol is None:
+        meta = _metadata_or_empty(path)
+        precision = meta.get("precision") if meta.get("precision") in ONNX_PRECISIONS else "fp32"
+        chw = tuple(meta.get("input_shape") or ())
+        rtol, atol = parity_tolerance(precision, model, chw, rtol, atol)
     return _verify(path, model, batches=batches, rtol=rtol, atol=atol, providers=providers, label=path.name)
+
+
+def _metadata_or_empty(path: Path) -> dict[str, Any]:
+    """The file's metadata, or {} when it is no ONNX model (open_session then says so in one line)."""
+    try:
+        return read_metadata(path)
+    except ValueError:
+        return {}
 
 
 def _verify(path: Path, model: nn.Module, *, batches: Sequence[int], rtol: float, atol: float,
@@ -201,10 +282,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def _default_metadata(example: torch.Tensor, opset: int, dynamic_batch: bool) -> dict[str, Any]:
+def _default_metadata(example: torch.Tensor, opset: int, dynamic_batch: bool,
+                      precision: str) -> dict[str, Any]:
+    """``precision`` is the compute type inside; ``io_dtype`` that of the input and output."""
     return {"producer": "deploy-prune export", "opset": opset, "dynamic_batch": dynamic_batch,
             "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-            "input_shape": list(example.shape[1:]), "versions": export_versions()}
+            "input_shape": list(example.shape[1:]), "versions": export_versions(),
+            "precision": precision, "io_dtype": "float32"}
 
 
 def _check_opset(proto: onnx.ModelProto, opset: int) -> None:
@@ -235,5 +319,5 @@ def _device_of(model: nn.Module) -> torch.device:
 
 FORMATS.register("onnx")(FormatSpec(
     export=from_model_dir(export_onnx), suffix=".onnx",
-    options=COMMON_OPTIONS | {"opset", "dynamic_batch", "batch", "simplify"},
-    help="ONNX graph (BatchNorm folded, dynamic batch), verified in ONNX Runtime"))
+    options=COMMON_OPTIONS | {"opset", "dynamic_batch", "batch", "simplify", "precision"},
+    help="ONNX graph (BatchNorm folded, dynamic batch, fp32 or fp16 inside), verified in ONNX Runtime"))

@@ -1,4 +1,11 @@
-"""ONNX file -> TensorRT engine (TensorRT 10 API), verified on the GPU, with a build report.
+"""ONNX file -> TensorRT engine (TensorRT 10 and 11), verified on the GPU, with a build report.
+
+TensorRT 10 builds "weakly typed": the ONNX graph is fp32 and builder flags (FP16, BF16, INT8
+with an entropy calibrator) let TensorRT pick lower-precision kernels. TensorRT 11 removed those
+flags and the calibrator: every network is strongly typed, so the precision is the ONNX graph's
+own (an fp16-typed graph for fp16, explicit QuantizeLinear/DequantizeLinear nodes for int8).
+:func:`plan_build` decides from the TensorRT major version, the requested precision and what the
+ONNX graph holds; it is pure, so the rules are tested without TensorRT.
 
 ``tensorrt`` is imported only inside these functions, so ``import export`` works without it;
 asking for TensorRT without the package or without a CUDA GPU raises
@@ -38,6 +45,15 @@ log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "deploy-prune/trt-engine@1"
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8")
+DEFAULT_PRECISION = "fp16"
+STRONG_TYPING_MAJOR = 11  # the first TensorRT without weak typing (BuilderFlag.FP16/INT8, calibrators)
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_FLOAT_TYPES = {1: "fp32", 10: "fp16", 16: "bf16"}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
+MODELOPT_AUTOCAST = ("python -m modelopt.onnx.autocast --onnx_path model.onnx --output_path "
+                     "model_{t}.onnx --low_precision_type {t} --keep_io_types")
+MODELOPT_INT8 = ("python -m modelopt.onnx.quantization --onnx_path model.onnx --quantize_mode int8 "
+                 "--calibration_data_path calib.npy --output_path model_int8.onnx")
+MODELOPT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com 'nvidia-modelopt[all]'"
 # (rtol, atol) against PyTorch fp32 logits; unless given explicitly, atol is scaled by the
 # logits' magnitude (export.parity.scaled_atol).
 DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "tf32": (1e-2, 1e-2), "fp16": (2e-2, 2e-2),
@@ -46,12 +62,32 @@ DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "tf32": (1e-2, 1e-2), "fp16": (2e-2, 
 
 @dataclass(frozen=True)
 class OnnxInput:
-    """The ONNX file to build from: its bytes, input tensor name and (C, H, W)."""
+    """The ONNX file to build from: its bytes, input tensor name, (C, H, W) and what it is typed as.
+
+    ``float_type`` is the lowest float precision of its initializers (fp32, fp16, bf16) and
+    ``has_qdq`` whether it is explicitly quantized: what a strongly typed build runs at.
+    """
 
     path: Path
     data: bytes
     input_name: str
     chw: tuple[int, ...]
+    float_type: str = "fp32"
+    has_qdq: bool = False
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How to configure the builder: typing, flags to set and clear, whether to calibrate."""
+
+    typing: str  # "weak" (TensorRT 10) or "strong" (TensorRT 11+)
+    set_flags: tuple[str, ...]  # BuilderFlag names to set
+    clear_flags: tuple[str, ...]  # BuilderFlag names to clear
+    calibrate: bool  # int8 entropy calibration (weak typing only)
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.typing == "strong"
 
 
 @dataclass(frozen=True)
@@ -77,26 +113,114 @@ def require_tensorrt() -> Any:
     if not torch.cuda.is_available():
         raise BackendUnavailableError("TensorRT export needs a CUDA GPU; tensorrt is installed "
                                       "but PyTorch sees no CUDA device")
-    if int(trt.__version__.split(".")[0]) < 10:
+    if tensorrt_major(trt) < 10:
         raise BackendUnavailableError(f"TensorRT {trt.__version__} is too old; TensorRT 10 or newer is needed")
     return trt
 
 
-def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp16", min_batch: int = 1,
-                 opt_batch: int = 8, max_batch: int = 128, workspace_gb: float = 4.0,
+def tensorrt_major(trt: Any) -> int:
+    """The major version of the imported ``tensorrt`` module (``10`` for ``10.13.0.35``)."""
+    return int(str(trt.__version__).split(".")[0])
+
+
+_WEAK_FLAGS = {"fp32": (), "tf32": ("TF32",), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}
+
+
+def plan_build(trt_major: int, precision: str, onnx_float: str = "fp32", has_qdq: bool = False) -> BuildPlan:
+    """What to build for ``precision`` on TensorRT ``trt_major`` from an ONNX graph whose float
+    initializers are ``onnx_float`` and that has (``has_qdq``) or lacks Q/DQ nodes.
+
+    TensorRT 10 keeps the weak-typing path: precision flags, int8 calibrated with fp16
+    fallback, fp32 with TF32 cleared. TensorRT 11+ builds strongly typed: the graph's types are
+    the precision, so a graph that does not hold the requested precision is a ValueError
+    saying how to get one. TF32 is not a tensor type and its flag survives in 11.x, so fp32
+    still clears it and tf32 still sets it there.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if trt_major < STRONG_TYPING_MAJOR:
+        return BuildPlan("weak", _WEAK_FLAGS[precision], ("TF32",) if precision == "fp32" else (),
+                         calibrate=precision == "int8")
+    if precision == "int8":
+        _require_qdq(trt_major, has_qdq)
+        return BuildPlan("strong", (), (), calibrate=False)
+    if has_qdq:
+        raise ValueError(f"the ONNX graph has QuantizeLinear/DequantizeLinear nodes, so TensorRT "
+                         f"{trt_major} (strongly typed) builds it as int8, not {precision}: build it with "
+                         f"precision='int8', or build from the graph before quantization")
+    wanted = "fp32" if precision in ("fp32", "tf32") else precision
+    if onnx_float != wanted:
+        raise ValueError(_type_mismatch(trt_major, precision, wanted, onnx_float))
+    if precision == "tf32":
+        return BuildPlan("strong", ("TF32",), (), calibrate=False)
+    return BuildPlan("strong", (), ("TF32",) if precision == "fp32" else (), calibrate=False)
+
+
+def _require_qdq(trt_major: int, has_qdq: bool) -> None:
+    if not has_qdq:
+        raise ValueError(
+            f"int8 on TensorRT {trt_major} needs an explicitly quantized ONNX graph "
+            f"(QuantizeLinear/DequantizeLinear nodes): implicit int8 calibration "
+            f"(BuilderFlag.INT8, int8_calibrator) was removed in TensorRT 11. Quantize the fp32 "
+            f"export with NVIDIA ModelOpt ONNX PTQ ({MODELOPT_INSTALL}): {MODELOPT_INT8}, then "
+            f"build that file with build_engine(..., precision='int8')")
+
+
+def _type_mismatch(trt_major: int, precision: str, wanted: str, onnx_float: str) -> str:
+    """The error for a graph whose float type is not the requested precision's, with the fix."""
+    head = (f"TensorRT {trt_major} builds strongly typed (the precision flags were removed in "
+            f"TensorRT 11), so a {precision} engine needs a {wanted}-typed ONNX graph; this one is "
+            f"{onnx_float}-typed")
+    if wanted == "fp16":
+        return (f"{head}. Export one with 'deploy-prune export DIR --format onnx --precision fp16', "
+                f"or build from the model directory ('deploy-prune export DIR --format tensorrt "
+                f"--precision fp16' exports it itself), or convert this file with ModelOpt AutoCast: "
+                f"{MODELOPT_AUTOCAST.format(t='fp16')}")
+    if wanted == "bf16":
+        return (f"{head}. deploy-prune does not export bf16 graphs (ONNX Conv takes bf16 only from "
+                f"opset 22); convert the fp32 export with ModelOpt AutoCast: "
+                f"{MODELOPT_AUTOCAST.format(t='bf16')}")
+    return (f"{head}. Build it with precision='{onnx_float}', or export an fp32 graph "
+            f"('deploy-prune export DIR --format onnx')")
+
+
+def onnx_typing(proto: Any) -> tuple[str, bool]:
+    """(lowest float precision among the initializers and Constant nodes, has Q/DQ nodes).
+
+    A mixed graph (AutoCast keeps sensitive layers fp32) counts as its lowest float type,
+    since that is what a strongly typed build runs its bulk in. No float weights counts as fp32.
+    """
+    types = {t.data_type for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        types.update(a.t.data_type for a in node.attribute if node.op_type == "Constant" and a.HasField("t"))
+    floats = {_FLOAT_TYPES[t] for t in types if t in _FLOAT_TYPES}
+    lowest = next((f for f in ("fp16", "bf16", "fp32") if f in floats), "fp32")
+    return lowest, any(n.op_type in _QDQ_OPS for n in proto.graph.node)
+
+
+def onnx_precision_for(trt_major: int, precision: str) -> str:
+    """The ONNX precision to export for a ``precision`` engine: fp16 graphs for TensorRT 11 fp16."""
+    return "fp16" if trt_major >= STRONG_TYPING_MAJOR and precision == "fp16" else "fp32"
+
+
+def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = DEFAULT_PRECISION,
+                 min_batch: int = 1, opt_batch: int = 8, max_batch: int = 128, workspace_gb: float = 4.0,
                  timing_cache: str | Path | None = None,
                  calibration_batches: Iterable[torch.Tensor] | None = None, force: bool = False,
                  model: nn.Module | None = None, verify: bool = True, rtol: float | None = None,
                  atol: float | None = None, metadata: Mapping[str, Any] | None = None) -> Path:
     """Build a TensorRT engine from ``onnx_path`` to ``out`` and verify it on the GPU.
 
-    ``precision`` is one of fp32, tf32, fp16, bf16, int8 (int8 also enables fp16 for layers
-    without an int8 kernel and needs ``calibration_batches``, equal-sized (B, C, H, W) tensors,
-    unless ``ENGINE.calib`` exists). The profile covers batch ``min_batch..max_batch``, tuned
-    for ``opt_batch``. ``timing_cache`` is read if it exists and written back after the build.
-    With ``verify`` the engine is run at two batch sizes against ``model`` (PyTorch on the
-    GPU, TF32 off) or, without a model, against ONNX Runtime on the CPU; beyond tolerance
-    (per-precision defaults, see DEFAULT_TOLERANCE) it raises ParityError and keeps no file.
+    ``precision`` is one of fp32, tf32, fp16, bf16, int8. On TensorRT 10, int8 also enables
+    fp16 for layers without an int8 kernel and needs ``calibration_batches``, equal-sized
+    (B, C, H, W) tensors, unless ``ENGINE.calib`` exists. On TensorRT 11+ the ONNX graph must
+    already be typed for ``precision`` (fp16/bf16 initializers, Q/DQ nodes for int8; see
+    :func:`plan_build`), else ValueError naming how to get one; nothing is calibrated there.
+    The profile covers batch ``min_batch..max_batch``, tuned for ``opt_batch``.
+    ``timing_cache`` is read if it exists and written back after the build. With ``verify``
+    the engine is run at two batch sizes against ``model`` (PyTorch on the GPU, TF32 off) or,
+    without a model, against ONNX Runtime on the CPU; beyond tolerance (per-precision
+    defaults, see DEFAULT_TOLERANCE) it raises ParityError and keeps no file.
     """
     out = Path(out)
     settings = BuildSettings(precision, min_batch, opt_batch, max_batch, workspace_gb,
@@ -105,9 +229,12 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
     ensure_writable(out, force=force)
     onnx_in = _read_onnx(Path(onnx_path), settings)
     trt = require_tensorrt()
-    calib = _calibration(trt, precision, calibration_batches, calib_path(out), onnx_in.chw)
+    plan = plan_build(tensorrt_major(trt), precision, onnx_in.float_type, onnx_in.has_qdq)
+    calib = None
+    if plan.calibrate:
+        calib = _calibration(trt, precision, calibration_batches, calib_path(out), onnx_in.chw)
     t0 = time.perf_counter()
-    blob = _build(trt, onnx_in, settings, calib)
+    blob = _build(trt, onnx_in, settings, plan, calib)
     seconds = time.perf_counter() - t0
     log.info("built a %s TensorRT engine from %s in %.1f s", precision, onnx_in.path.name, seconds)
     with staged(out, force=force, suffix=".engine") as tmp:
@@ -118,7 +245,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = "fp
             log.warning("TensorRT parity check skipped (verify=False): %s is unverified", out)
         layers = runner.layer_report()
         write_text_atomic(layers_path(out), json.dumps(layers, indent=1) + "\n")
-        side = _sidecar(trt, settings, seconds, parity, layers, onnx_in.path, calib, metadata)
+        side = _sidecar(trt, settings, seconds, parity, layers, onnx_in, plan, calib, metadata)
         write_text_atomic(sidecar_path(out), json.dumps(side, indent=1) + "\n")
     return out
 
@@ -231,14 +358,15 @@ def _read_onnx(path: Path, s: BuildSettings) -> OnnxInput:
     if static and not s.min_batch == s.max_batch == static:
         raise ValueError(f"{path}: the batch axis is static ({static}); export it with a dynamic "
                          f"batch or set min=opt=max batch={static}")
-    return OnnxInput(path, data, inputs[0].name, chw)
+    float_type, has_qdq = onnx_typing(proto)
+    return OnnxInput(path, data, inputs[0].name, chw, float_type, has_qdq)
 
 
-def _build(trt: Any, onnx_in: OnnxInput, s: BuildSettings, calib: Any) -> bytes:
+def _build(trt: Any, onnx_in: OnnxInput, s: BuildSettings, plan: BuildPlan, calib: Any) -> bytes:
     """Parse, configure (precision, profile, workspace, timing cache, calibrator) and build."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(_network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_in.data):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
@@ -246,7 +374,7 @@ def _build(trt: Any, onnx_in: OnnxInput, s: BuildSettings, calib: Any) -> bytes:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(s.workspace_gb * 2**30))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    _set_precision(trt, config, s.precision)
+    _set_flags(trt, config, plan)
     profile = builder.create_optimization_profile()
     profile.set_shape(onnx_in.input_name, *((b, *onnx_in.chw) for b in (s.min_batch, s.opt_batch, s.max_batch)))
     config.add_optimization_profile(profile)
@@ -260,14 +388,28 @@ def _build(trt: Any, onnx_in: OnnxInput, s: BuildSettings, calib: Any) -> bytes:
     return bytes(blob)
 
 
-def _set_precision(trt: Any, config: Any, precision: str) -> None:
-    """fp32 turns TF32 off (TensorRT enables it by default); int8 adds fp16 as a fallback."""
-    if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)
-        return
-    flags = {"tf32": ["TF32"], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"]}
-    for name in flags[precision]:
-        config.set_flag(getattr(trt.BuilderFlag, name))
+def _network_flags(trt: Any, plan: BuildPlan) -> int:
+    """0 (explicit batch is the only mode since TensorRT 10), plus STRONGLY_TYPED for a strong
+    build when the enum still has it (TensorRT 11 keeps it, ignored: strong typing is always on)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None) if plan.strongly_typed else None
+    return 1 << int(flag) if flag is not None else 0
+
+
+def _set_flags(trt: Any, config: Any, plan: BuildPlan) -> None:
+    """Set and clear the plan's builder flags: fp32 turns TF32 off (TensorRT enables it by
+    default); weakly typed int8 adds fp16 as a fallback."""
+    for name in plan.clear_flags:
+        flag = getattr(trt.BuilderFlag, name, None)
+        if flag is None:  # not expected (TF32 survives in 11.x), but say so instead of crashing
+            log.warning("TensorRT %s has no BuilderFlag.%s to clear", trt.__version__, name)
+            continue
+        config.clear_flag(flag)
+    for name in plan.set_flags:
+        flag = getattr(trt.BuilderFlag, name, None)
+        if flag is None:
+            raise ValueError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}; the {plan.typing}ly "
+                             f"typed build for this precision needs it")
+        config.set_flag(flag)
 
 
 def _set_calibrator(builder: Any, config: Any, calib: Any, input_name: str, chw: tuple[int, ...]) -> None:
@@ -389,7 +531,7 @@ def _tolerance(precision: str, reference: Any, chw: tuple[int, ...], rtol: float
 
 
 def _sidecar(trt: Any, s: BuildSettings, seconds: float, parity: dict[str, Any] | None,
-             layers: dict[str, Any], onnx_path: Path, calib: Any,
+             layers: dict[str, Any], onnx_in: OnnxInput, plan: BuildPlan, calib: Any,
              metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     major, minor = torch.cuda.get_device_capability()
     settings = asdict(s)
@@ -398,8 +540,10 @@ def _sidecar(trt: Any, s: BuildSettings, seconds: float, parity: dict[str, Any] 
             "compute_capability": f"{major}.{minor}", **settings,
             "profile": {"min": s.min_batch, "opt": s.opt_batch, "max": s.max_batch},
             "build_seconds": round(seconds, 3), "parity": parity, "num_layers": layers["num_layers"],
-            "reformat_layers": layers["reformat_layers"], "onnx": str(onnx_path),
-            "int8_calibrated": calib is not None, **dict(metadata or {})}
+            "reformat_layers": layers["reformat_layers"], "onnx": str(onnx_in.path),
+            "typing": plan.typing, "onnx_float_type": onnx_in.float_type, "onnx_qdq": onnx_in.has_qdq,
+            "builder_flags": list(plan.set_flags), "int8_calibrated": calib is not None,
+            **dict(metadata or {})}
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -426,21 +570,29 @@ def _is_reformat(layer: Any) -> bool:
 def _from_model_dir(model: nn.Module, plan: ModelPlan, out: Path, *, source: Path | None, opset: int = 18,
                     simplify: bool = False, verify: bool = True, calib_batches: int = 16,
                     calib_batch_size: int = 32, **build: Any) -> Path:
-    """Export the ONNX graph to a temporary folder, then build and verify the engine from it."""
+    """Export the ONNX graph to a temporary folder, then build and verify the engine from it.
+
+    On TensorRT 11+ an fp16 engine is built from an fp16-typed export (strong typing takes the
+    precision from the graph); precisions it cannot get from a model directory (bf16, int8
+    without Q/DQ nodes) fail here, before the slow export.
+    """
     import tempfile
 
     from export.calibration import calibration_batches
     from export.to_onnx import export_onnx
 
-    require_tensorrt()  # fail before the (slow) ONNX export
+    major = tensorrt_major(require_tensorrt())  # fail before the (slow) ONNX export
+    precision = build.get("precision", DEFAULT_PRECISION)
+    onnx_precision = onnx_precision_for(major, precision)
+    build_plan = plan_build(major, precision, onnx_precision, has_qdq=False)
     ensure_writable(out, force=bool(build.get("force")))
     meta = provenance(model, plan, source)
     calib = None
-    if build.get("precision") == "int8" and not calib_path(out).is_file():
+    if build_plan.calibrate and not calib_path(out).is_file():
         calib = calibration_batches(plan, count=calib_batches, batch_size=calib_batch_size)
     with tempfile.TemporaryDirectory(prefix="deploy-prune-trt-") as tmp:
         onnx_path = export_onnx(model, plan.example(2), Path(tmp) / "model.onnx", opset=opset,
-                                simplify=simplify, verify=verify, metadata=meta)
+                                simplify=simplify, verify=verify, metadata=meta, precision=onnx_precision)
         return build_engine(onnx_path, out, model=model, verify=verify, calibration_batches=calib,
                             metadata=meta, **build)
 

@@ -26,8 +26,15 @@ from export.fold import fold_batchnorm
 from export.formats import COMMON_OPTIONS, FORMATS, export_model_dir
 from export.parity import batches_in_range, check_close
 from export.to_aoti import export_aoti, load_aoti
-from export.to_onnx import export_onnx, read_metadata, verify_onnx
-from export.to_trt import build_engine
+from export.to_onnx import export_onnx, parity_tolerance, read_metadata, verify_onnx
+from export.to_trt import (
+    DEFAULT_TOLERANCE,
+    PRECISIONS,
+    build_engine,
+    onnx_precision_for,
+    onnx_typing,
+    plan_build,
+)
 
 IMAGENET_ARCHS = {"vgg16", "vgg16_bn", "resnet50"}  # torchvision models, tested at 64x64
 
@@ -260,6 +267,189 @@ def test_tensorrt_missing_is_a_clear_error(vgg_onnx, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# --- fp16 ONNX (what TensorRT 11 builds fp16 engines from) -------------------------------------------
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+@pytest.fixture(scope="module")
+def vgg_fp16_onnx(tmp_path_factory) -> tuple[nn.Module, Path]:
+    """A verified fp16 small_vgg export (fp32 IO, fp16 inside) shared by the tests below."""
+    model = make_model("small_vgg")
+    out = tmp_path_factory.mktemp("onnx16") / "small_vgg_fp16.onnx"
+    export_onnx(model, torch.zeros(2, 3, 32, 32), out, precision="fp16")
+    return model, out
+
+
+def test_fp16_onnx_has_fp32_io_and_fp16_weights(vgg_fp16_onnx):
+    _, path = vgg_fp16_onnx
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    floats = [i for i in graph.initializer if i.data_type in FLOAT_TYPES]
+    assert floats and {i.data_type for i in floats} == {onnx.TensorProto.FLOAT16}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and "BatchNormalization" not in {n.op_type for n in graph.node}
+    assert sum(n.op_type == "Cast" for n in graph.node) >= 2  # into fp16 after the input, back before the output
+
+
+def test_fp16_onnx_metadata_records_the_precision(vgg_fp16_onnx, vgg_onnx):
+    meta = read_metadata(vgg_fp16_onnx[1])
+    assert meta["precision"] == "fp16" and meta["io_dtype"] == "float32"
+    assert meta["input_shape"] == [3, 32, 32] and meta["dynamic_batch"] is True
+    assert read_metadata(vgg_onnx[1])["precision"] == "fp32"  # fp32 exports say so too
+
+
+def test_fp16_onnx_runs_in_onnx_runtime_cpu_at_fp16_tolerance(vgg_fp16_onnx):
+    model, path = vgg_fp16_onnx
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 3, 32, 32)
+    (y,) = session.run(None, {"input": x.numpy()})  # ORT inserts casts where it lacks fp16 kernels
+    assert y.dtype == np.float32 and y.shape == (7, 10)
+    diffs = verify_onnx(path, model)  # the fp16 tolerance comes from the file's metadata
+    assert set(diffs) == {1, 7}
+    assert 0 < max(diffs.values())  # really computed in half precision
+    rtol, atol = parity_tolerance("fp16", model, (3, 32, 32), None, None)
+    assert rtol == DEFAULT_TOLERANCE["fp16"][0] and atol >= DEFAULT_TOLERANCE["fp16"][1]
+    assert parity_tolerance("fp32", model, (3, 32, 32), None, None) == (1e-3, 1e-4)
+    with pytest.raises(ParityError):  # tight fp32 tolerances do not hold for an fp16 graph
+        verify_onnx(path, model, rtol=0.0, atol=1e-7)
+
+
+def scaling_fold(model: nn.Module) -> nn.Module:
+    """A fold that triples the classifier's weights: a bug beyond fp16's (looser) tolerance."""
+    folded = fold_batchnorm(model)
+    with torch.no_grad():
+        [p for p in folded.parameters() if p.dim() == 2][-1].mul_(3.0)
+    return folded
+
+
+def test_fp16_onnx_parity_failure_keeps_no_file(vgg_fp16_onnx, tmp_path, monkeypatch):
+    with pytest.raises(ParityError, match="batch 1"):
+        verify_onnx(vgg_fp16_onnx[1], make_model("small_vgg", seed=1))
+    monkeypatch.setattr(to_onnx, "fold_batchnorm", scaling_fold)
+    with pytest.raises(ParityError, match="differs from PyTorch"):
+        export_onnx(make_model("small_vgg"), torch.zeros(2, 3, 32, 32), tmp_path / "bad.onnx", precision="fp16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_precisions_other_than_fp32_fp16_are_refused(tmp_path):
+    for precision, route in (("bf16", "modelopt.onnx.autocast"), ("int8", "modelopt.onnx.quantization")):
+        with pytest.raises(ValueError, match=route):
+            export_onnx(make_model("small_vgg"), torch.zeros(2, 3, 32, 32), tmp_path / "m.onnx",
+                        precision=precision)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_an_fp16_onnx(tmp_path, capsys):
+    model_dir = make_model_dir(tmp_path, "resnet20", slim=True)
+    out = tmp_path / "slim_fp16.onnx"
+    rc, stdout, _ = run_cli(capsys, model_dir, "--format", "onnx", "--out", out, "--precision", "fp16")
+    assert rc == 0 and stdout.count("\n") == 1
+    meta = read_metadata(out)
+    assert meta["precision"] == "fp16" and meta["plan_sha256"]
+    assert onnx_typing(onnx.load(str(out))) == ("fp16", False)
+    model, _ = load_model_dir(model_dir)
+    assert set(verify_onnx(out, model)) == {1, 7}
+
+
+# --- TensorRT 10 (weak typing) vs 11 (strong typing): the build decision, no TensorRT needed ----------
+
+def qdq_proto() -> onnx.ModelProto:
+    """A tiny explicitly quantized graph: x -> QuantizeLinear -> DequantizeLinear -> Relu."""
+    h, T = onnx.helper, onnx.TensorProto
+    inits = [h.make_tensor("scale", T.FLOAT, [], [0.1]), h.make_tensor("zero", T.INT8, [], [0])]
+    nodes = [h.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"]),
+             h.make_node("Relu", ["dq"], ["y"])]
+    graph = h.make_graph(nodes, "qdq", [h.make_tensor_value_info("x", T.FLOAT, ["b", 3, 4, 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["b", 3, 4, 4])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_onnx_typing_reads_float_type_and_qdq(vgg_onnx, vgg_fp16_onnx):
+    assert onnx_typing(onnx.load(str(vgg_onnx[1]))) == ("fp32", False)
+    assert onnx_typing(onnx.load(str(vgg_fp16_onnx[1]))) == ("fp16", False)
+    assert onnx_typing(qdq_proto()) == ("fp32", True)
+    mixed = onnx.load(str(vgg_onnx[1]))  # AutoCast-style: some fp32 layers kept, the rest fp16
+    mixed.graph.initializer.append(onnx.helper.make_tensor("h", onnx.TensorProto.FLOAT16, [1], [1.0]))
+    assert onnx_typing(mixed) == ("fp16", False)
+
+
+def test_onnx_precision_for_an_engine():
+    assert onnx_precision_for(10, "fp16") == "fp32"  # TensorRT 10 lowers an fp32 graph itself
+    assert onnx_precision_for(11, "fp16") == "fp16" and onnx_precision_for(12, "fp16") == "fp16"
+    assert {onnx_precision_for(11, p) for p in PRECISIONS if p != "fp16"} == {"fp32"}
+
+
+WEAK_FLAGS = {"fp32": (), "tf32": ("TF32",), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}
+CASES = [(major, precision, onnx_float, qdq) for major in (10, 11, 12) for precision in PRECISIONS
+         for onnx_float in ("fp32", "fp16", "bf16") for qdq in (False, True)]
+
+
+@pytest.mark.parametrize(("major", "precision", "onnx_float", "qdq"), CASES)
+def test_plan_build_every_case(major, precision, onnx_float, qdq):
+    if major == 10:  # the TensorRT 10 path is unchanged whatever the graph holds
+        plan = plan_build(major, precision, onnx_float, qdq)
+        assert plan.typing == "weak" and not plan.strongly_typed
+        assert plan.set_flags == WEAK_FLAGS[precision]
+        assert plan.clear_flags == (("TF32",) if precision == "fp32" else ())
+        assert plan.calibrate == (precision == "int8")
+        return
+    wanted = {"fp32": "fp32", "tf32": "fp32", "fp16": "fp16", "bf16": "bf16"}.get(precision)
+    ok = qdq if precision == "int8" else (not qdq and onnx_float == wanted)
+    if not ok:
+        with pytest.raises(ValueError, match=f"TensorRT {major}"):
+            plan_build(major, precision, onnx_float, qdq)
+        return
+    plan = plan_build(major, precision, onnx_float, qdq)
+    assert plan.typing == "strong" and plan.strongly_typed and not plan.calibrate
+    assert not {"FP16", "BF16", "INT8"} & set(plan.set_flags + plan.clear_flags)  # removed in 11
+    assert plan.set_flags == (("TF32",) if precision == "tf32" else ())
+    assert plan.clear_flags == (("TF32",) if precision == "fp32" else ())
+
+
+def test_plan_build_errors_name_the_fix():
+    with pytest.raises(ValueError, match="deploy-prune export DIR --format onnx --precision fp16"):
+        plan_build(11, "fp16", "fp32", False)
+    with pytest.raises(ValueError, match=r"--format tensorrt --precision fp16.*modelopt\.onnx\.autocast"):
+        plan_build(11, "fp16", "fp32", False)
+    with pytest.raises(ValueError, match=r"calibration.*removed.*modelopt\.onnx\.quantization --onnx_path.*precision='int8'"):
+        plan_build(11, "int8", "fp32", False)
+    with pytest.raises(ValueError, match=r"--quantize_mode int8"):
+        plan_build(11, "int8", "fp16", False)
+    with pytest.raises(ValueError, match=r"does not export bf16.*--low_precision_type bf16"):
+        plan_build(11, "bf16", "fp32", False)
+    with pytest.raises(ValueError, match=r"QuantizeLinear/DequantizeLinear.*precision='int8'"):
+        plan_build(11, "fp16", "fp16", True)
+    with pytest.raises(ValueError, match=r"fp16-typed.*precision='fp16'"):
+        plan_build(11, "fp32", "fp16", False)
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        plan_build(11, "fp8", "fp32", False)
+    # a fresh 11.x install gets working fp32/tf32/fp16 builds from the right graphs
+    assert plan_build(11, "fp32").clear_flags == ("TF32",)
+    assert plan_build(11, "fp16", "fp16").set_flags == ()
+
+
+def test_bench_tensorrt_backend_on_tensorrt_11(tmp_path):
+    from bench.backends._base import Artifact, BackendOptions
+    from bench.backends.trt import strong_typing_reason, typed_onnx_file
+
+    reason = strong_typing_reason(11, "int8")
+    assert reason and "calibration" in reason and "\n" not in reason and "does not support" not in reason
+    assert "bf16" in (strong_typing_reason(11, "bf16") or "")
+    assert strong_typing_reason(10, "int8") is None and strong_typing_reason(None, "int8") is None
+    assert all(strong_typing_reason(11, p) is None for p in ("fp32", "fp16"))
+    model = make_model("small_vgg")
+    plan = ModelPlan("small_vgg", 10, 3, 32)
+    artifact = Artifact("slim", tmp_path, model, plan, tmp_path)
+    path = typed_onnx_file(artifact, torch.zeros(2, 3, 32, 32), BackendOptions(), "fp16")
+    assert path.name == "slim-fp16.onnx" and read_metadata(path)["precision"] == "fp16"
+    assert typed_onnx_file(artifact, torch.zeros(2, 3, 32, 32), BackendOptions(), "fp16") is path  # cached
+    assert "onnx" not in artifact._cache  # the fp32 file ort/ort-trt share is a separate entry
+
+
 # --- the format registry ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS.names())
@@ -272,8 +462,8 @@ def test_every_format_conforms(fmt):
 def test_export_model_dir_rejects_unknown_formats_and_options(tmp_path):
     with pytest.raises(KeyError, match="onnx"):
         export_model_dir(tmp_path, "tflite", tmp_path / "m")
-    with pytest.raises(TypeError, match="precision"):
-        export_model_dir(tmp_path, "onnx", tmp_path / "m.onnx", precision="fp16")
+    with pytest.raises(TypeError, match="workspace_gb"):
+        export_model_dir(tmp_path, "onnx", tmp_path / "m.onnx", workspace_gb=1.0)
 
 
 # --- AOTInductor ------------------------------------------------------------------------------------
@@ -445,8 +635,12 @@ def test_cli_existing_output_and_inapplicable_option(tmp_path, capsys):
     rc, _, stderr = run_cli(capsys, model_dir, "--format", "onnx", "--out", out)
     assert rc == 2 and "--force" in stderr and stderr.count("\n") == 1
     assert out.read_text() == "keep me"
+    rc, _, stderr = run_cli(capsys, model_dir, "--format", "onnx", "--out", out, "--force", "--workspace-gb", "1")
+    assert rc == 2 and "--workspace-gb" in stderr and stderr.count("\n") == 1
+    assert out.read_text() == "keep me"
+    # --precision applies to onnx, but only fp32 and fp16: int8 is refused, naming the Q/DQ route
     rc, _, stderr = run_cli(capsys, model_dir, "--format", "onnx", "--out", out, "--force", "--precision", "int8")
-    assert rc == 2 and "--precision" in stderr and stderr.count("\n") == 1
+    assert rc == 2 and "--precision" in stderr and "modelopt" in stderr and stderr.count("\n") == 1
     assert out.read_text() == "keep me"
 
 

@@ -4,11 +4,16 @@ The artifact's ONNX file is built into an engine by ``export.to_trt.build_engine
 profile 1 .. max_batch, and run by ``export.to_trt.TRTRunner`` (``execute_async_v3`` on
 PyTorch device buffers and stream; no pycuda).
 
-``int8`` engines are calibrated by ``export.calibration.calibration_for``: on the validation
-images of the dataset the model was made with, or, for a model without one (the paper-claims
-suite's random-weight models), on seeded random images. Such an engine is timed but not
-parity-checked (random scales make its outputs meaningless, not its latency), and its rows say
-``calibration=random``.
+On TensorRT 10, ``int8`` engines are calibrated by ``export.calibration.calibration_for``: on
+the validation images of the dataset the model was made with, or, for a model without one (the
+paper-claims suite's random-weight models), on seeded random images. Such an engine is timed
+but not parity-checked (random scales make its outputs meaningless, not its latency), and its
+rows say ``calibration=random``.
+
+TensorRT 11 builds strongly typed: an fp16 engine is built from the artifact's fp16-typed ONNX
+export (fp32 IO, fp16 inside; exported once and cached beside the fp32 one), and int8 and bf16
+are reported unavailable, since implicit int8 calibration was removed and deploy-prune exports
+neither Q/DQ nor bf16 graphs.
 """
 
 from __future__ import annotations
@@ -29,6 +34,46 @@ from bench.backends._base import (
 )
 from bench.backends.ort import onnx_file
 
+# Why a precision cannot be built on TensorRT 11+ (strong typing) from what deploy-prune exports.
+STRONG_TYPING_UNAVAILABLE = {
+    "int8": "TensorRT 11+ removed implicit int8 calibration; an int8 engine needs a Q/DQ ONNX "
+            "(NVIDIA ModelOpt ONNX PTQ), which this backend does not produce",
+    "bf16": "TensorRT 11+ builds bf16 only from a bf16-typed ONNX, which deploy-prune does not "
+            "export (ModelOpt AutoCast --low_precision_type bf16 makes one)",
+}
+
+
+def tensorrt_major() -> int | None:
+    """The installed TensorRT's major version, or None when it cannot be imported."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    from export.to_trt import tensorrt_major as major_of
+
+    return major_of(tensorrt)
+
+
+def typed_onnx_file(artifact: Artifact, example: torch.Tensor, options: BackendOptions,
+                    precision: str) -> Path:
+    """The artifact's ONNX export at ``precision`` (dynamic batch), written once and shared.
+
+    fp32 is the file ``ort`` and ``ort-trt`` use too; fp16 (what a strongly typed TensorRT
+    builds an fp16 engine from) is cached under its own key next to it.
+    """
+    if precision == "fp32":
+        return onnx_file(artifact, example, options)
+
+    def build() -> Path:
+        from export.to_onnx import export_onnx
+
+        out = artifact.workdir / f"{artifact.name}-{precision}.onnx"
+        meta = {"variant": artifact.name, "plan_sha256": artifact.plan.digest()}
+        return Path(export_onnx(artifact.model, example, out, opset=options.opset, dynamic_batch=True,
+                                verify=True, metadata=meta, force=True, precision=precision))
+
+    return artifact.cached(f"onnx:{precision}", build)
+
 
 @register("tensorrt")
 class TensorRTBackend(Backend):
@@ -39,19 +84,24 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def requirements(cls, device: str, precision: str, options: BackendOptions) -> str | None:
-        return (missing_package("tensorrt", "tensorrt")
-                or missing_export("to_trt", "build_engine")
-                or missing_export("to_trt", "TRTRunner")
-                or missing_export("to_onnx", "export_onnx"))
+        reason = (missing_package("tensorrt", "tensorrt")
+                  or missing_export("to_trt", "build_engine")
+                  or missing_export("to_trt", "TRTRunner")
+                  or missing_export("to_onnx", "export_onnx"))
+        if reason or precision not in STRONG_TYPING_UNAVAILABLE:
+            return reason
+        return strong_typing_reason(tensorrt_major(), precision)
 
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
-        from export.to_trt import TRTRunner, build_engine
+        from export.to_trt import TRTRunner, build_engine, onnx_precision_for
 
-        onnx_path = onnx_file(artifact, example, self.options)
+        major = tensorrt_major() or 0
+        onnx_path = typed_onnx_file(artifact, example, self.options,
+                                    onnx_precision_for(major, self.precision))
         out = artifact.workdir / f"{artifact.name}-{self.precision}.engine"
         max_batch = max(1, self.options.max_batch)
         calib, self.calibration = None, None
-        if self.precision == "int8":
+        if self.precision == "int8":  # TensorRT 10 only: requirements() refuses it on 11+
             from export.calibration import RANDOM_SOURCE, calibration_for
 
             calib, self.calibration = artifact.cached("trt:calibration", lambda: calibration_for(artifact.plan))
@@ -76,3 +126,12 @@ class TensorRTBackend(Backend):
 
     def close(self) -> None:
         self.__dict__.pop("runner", None)
+
+
+def strong_typing_reason(major: int | None, precision: str) -> str | None:
+    """The one-line reason ``precision`` is unavailable on TensorRT ``major``, None if it is not."""
+    from export.to_trt import STRONG_TYPING_MAJOR
+
+    if major is None or major < STRONG_TYPING_MAJOR or precision not in STRONG_TYPING_UNAVAILABLE:
+        return None
+    return f"{STRONG_TYPING_UNAVAILABLE[precision]} (TensorRT {major})"
