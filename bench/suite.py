@@ -41,20 +41,24 @@ CUT_FOR_TIME = "cut for time: the suite's budget_minutes was spent before this u
 
 @dataclass(frozen=True)
 class Unit:
-    """One measurement: a stage of backends and batches, on one point at one rounding."""
+    """One measurement: a stage of backends and batches, on one point at one rounding, in one
+    of the suite's ``repeats`` passes."""
 
     stage: StageConfig
     point: PointConfig
     rounding: int
+    repeat: int = 0
 
     @property
     def key(self) -> str:
-        return f"{self.stage.name}-{self.point.name}-r{self.rounding}"
+        return f"{self.stage.name}-{self.point.name}-r{self.rounding}" + (f"-rep{self.repeat}" if self.repeat else "")
 
 
 def plan_units(cfg: SuiteConfig) -> list[Unit]:
-    """Stage by stage (config order), then rounding, then operating point."""
-    return [Unit(s, p, r) for s in cfg.stages for r in s.roundings for p in cfg.points]
+    """Pass by pass (``repeats``), then stage by stage (config order), rounding, operating point:
+    the repeats of one unit are a whole pass apart, and a budget cut falls on the last pass."""
+    return [Unit(s, p, r, k) for k in range(cfg.repeats) for s in cfg.stages for r in s.roundings
+            for p in cfg.points]
 
 
 def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> BenchConfig:
@@ -74,7 +78,7 @@ def unit_columns(unit: Unit, cfg: SuiteConfig) -> dict[str, Any]:
     """What the suite adds to each bench row."""
     return {"rounding": unit.rounding, "operating_point": unit.point.name, "source": unit.point.source,
             "target_flops_reduction": unit.point.flops_reduction, "width_source": width_source(cfg),
-            "stage": unit.stage.name, "channels_last": unit.stage.channels_last}
+            "stage": unit.stage.name, "channels_last": unit.stage.channels_last, "repeat": unit.repeat}
 
 
 def skip_rows(unit: Unit, cfg: SuiteConfig, precisions: list[str], reason: str,

@@ -96,6 +96,10 @@ class SuiteConfig:
     min_fraction: float = 0.05  # per-node minimum kept fraction
     tolerance: float = 0.03  # relative tolerance on the FLOPs target
     budget_minutes: float | None = None  # stop starting measurements after this; rows say so
+    # Independent sessions per unit, each in its own pass over all units (minutes apart). The
+    # reported interval is the envelope of their 95% intervals: run-to-run variation, which one
+    # session's interval does not see (docs/bench.md, "Reproducing a suite").
+    repeats: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,6 +135,8 @@ def check_suite(cfg: SuiteConfig) -> None:
         raise ConfigError(f"timing.clock: expected one of {', '.join(CLOCKS)}, got {cfg.timing.clock!r}")
     if cfg.threads < 1:
         raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
+    if cfg.repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {cfg.repeats}")
 
 
 def load_suite(path: str | Path | None, overrides: list[str] | None = None) -> SuiteConfig:

@@ -13,9 +13,11 @@ best-measured rounding), then every measured slim row, then what was skipped and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from bench.report import markdown_table
@@ -23,7 +25,8 @@ from bench.suite_config import SuiteConfig
 from deploy_prune.artifacts import atomic_write_text
 
 BASE_COLUMNS = ("p50_ms", "p90_ms", "mean_ms", "throughput_ips", "flops", "params")
-SUITE_COLUMNS = ("rounding", "operating_point", "source", "target_flops_reduction", "width_source", "stage")
+SUITE_COLUMNS = ("rounding", "operating_point", "source", "target_flops_reduction", "width_source", "stage",
+                 "repeats", "speedup_repeats")
 ROW_COLUMNS = [
     ("operating_point", "operating point", ""), ("source", "paper", ""), ("rounding", "rounding", ""),
     ("backend", "backend", ""), ("device", "device", ""), ("batch", "batch", ""),
@@ -31,6 +34,64 @@ ROW_COLUMNS = [
     ("p50_ms", "slim p50 ms", ".2f"), ("speedup_ci", "speedup [95% CI]", ""),
     ("efficiency", "efficiency", ".2f"), ("threads", "threads", ""), ("clock", "clock", ""),
 ]
+
+
+UNIT_KEY = ["operating_point", "rounding", "stage", "backend", "device", "precision", "batch", "variant"]
+LATENCY_COLUMNS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips", "device_p50_ms", "device_mean_ms")
+
+
+def _combine_ratio(g: pd.DataFrame, row: dict[str, Any], col: str) -> None:
+    """Geometric mean of the repeats' ratio ``col``; interval = envelope of their intervals."""
+    vals = g[col].dropna()
+    if not len(vals):
+        return
+    row[col] = float(np.exp(np.log(vals.to_numpy(float)).mean()))
+    row[f"{col}_ci_low"] = float(g[f"{col}_ci_low"].min())
+    row[f"{col}_ci_high"] = float(g[f"{col}_ci_high"].max())
+
+
+def combine_repeats(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per unit and variant from the suite's ``repeats`` sessions.
+
+    Speedup: geometric mean of the sessions' speedups; interval: from the lowest session's
+    lower bound to the highest session's upper bound, so it holds what independent runs gave,
+    each with its own 95% interval. Latencies: median over sessions. ``repeats`` counts the
+    sessions that measured the row; ``speedup_repeats`` lists their speedups.
+    """
+    if "repeat" not in df.columns:
+        return df.assign(repeats=1)
+    rows = []
+    for _, g in df.groupby(UNIT_KEY, sort=False, dropna=False):
+        ok = g[g["status"] == "ok"]
+        if not len(ok):
+            rows.append({**g.iloc[0].to_dict(), "repeats": 0})
+            continue
+        row = ok.iloc[0].to_dict()
+        row["repeats"] = len(ok)
+        for col in LATENCY_COLUMNS:
+            if col in ok and ok[col].notna().any():
+                row[col] = float(ok[col].median())
+        if ok["speedup"].notna().any():
+            _combine_ratio(ok, row, "speedup")
+            if "device_speedup" in ok:
+                _combine_ratio(ok, row, "device_speedup")
+            row["efficiency"] = row["speedup"] / row["flops_reduction"]
+            row["speedup_repeats"] = " ".join(f"{x:.3f}" for x in ok["speedup"])
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.drop(columns=["repeat"]) if "repeat" in out else out
+
+
+def repeats_text(df: pd.DataFrame) -> str:
+    """How the page's intervals were formed."""
+    n = df.loc[df["status"] == "ok", "repeats"].max() if "repeats" in df else 1
+    if not isinstance(n, int | float | np.integer) or math.isnan(n) or n <= 1:
+        return ("Interval: 95% bootstrap over the interleaved rounds of one session (within-run noise only; "
+                "set `repeats` to cover run-to-run variation).")
+    return (f"Interval: each unit was measured in {int(n)} independent sessions, each in its own pass over "
+            "all units (minutes apart, fresh sessions); the speedup is their geometric mean and the interval "
+            "runs from the lowest session's 95% lower bound to the highest session's upper bound, so it "
+            "covers run-to-run variation (the sessions' speedups are in `speedup_repeats`).")
 
 
 def ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -101,8 +162,11 @@ def skipped_lines(df: pd.DataFrame) -> list[str]:
     for (backend, device, precision, status, err), g in bad.groupby(
             ["backend", "device", "precision", "status", "error"], dropna=False):
         units = g[["operating_point", "rounding", "batch"]].drop_duplicates()
+        pairs = g[["operating_point", "rounding"]].drop_duplicates()
+        which = ("; " + ", ".join(f"{r.operating_point} r{int(r.rounding)}" for r in pairs.itertuples())
+                 if len(pairs) <= 4 else "")
         lines.append(f"- `{backend}` {device} {precision}: **{status}** ({len(units)} point x rounding x "
-                     f"batch combinations): {err}")
+                     f"batch combinations{which}): {err}")
     return lines
 
 
@@ -137,7 +201,7 @@ def page(df: pd.DataFrame, *, cfg: SuiteConfig, command: str, notes: str = "") -
         f"onnxruntime {_first(df, 'onnxruntime_version')}. Threads: {threads}; clock: {clocks} "
         "(`cpu` = the process's CPU time of one thread: the latency on an idle core, unaffected by the other "
         "jobs; see docs/bench.md). Speedup = geometric mean of per-round base/slim median ratios over "
-        "interleaved rounds, 95% bootstrap interval; efficiency = speedup / FLOPs reduction.", "",
+        "interleaved rounds; efficiency = speedup / FLOPs reduction. " + repeats_text(df), "",
         gpu_line(df), "",
         "Command of this page (it resumes from the cached units under `--out`; without `budget_minutes` "
         "it measures everything not yet measured):", "", "```bash", command, "```", "",
@@ -164,7 +228,7 @@ def write_results(df: pd.DataFrame, out: Path, *, cfg: SuiteConfig, command: str
                   notes: str = "") -> list[Path]:
     """``paper_claims.csv`` (measured rows only), ``.md`` and ``.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    df = ordered(df)
+    df = ordered(combine_repeats(df))
     csv = atomic_write_text(out / "paper_claims.csv", measured_table(df).to_csv(index=False))
     png = plot(df, out / "paper_claims.png")
     md = atomic_write_text(out / "paper_claims.md", page(df, cfg=cfg, command=command, notes=notes))

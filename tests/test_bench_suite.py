@@ -100,3 +100,26 @@ def test_budget_cut_rows_say_so(tmp_path: Path) -> None:
     df = run_suite(_tiny(tmp_path, "budget_minutes=0"), tmp_path / "out", build_workers=0)
     cpu = df[df["device"] == "cpu"]
     assert len(cpu) == 2 and (cpu["error"] == CUT_FOR_TIME).all() and (cpu["status"] == "skipped").all()
+
+
+def test_repeats_are_separate_passes_and_their_intervals_are_enveloped(tmp_path: Path) -> None:
+    cfg = _tiny(tmp_path, "repeats=2", "stages=[{name: cpu-ort-b1, backends: [ort], batches: [1], roundings: [8]}]")
+    assert [u.repeat for u in plan_units(cfg)] == [0, 1] and plan_units(cfg)[1].key.endswith("-rep1")
+    df = run_suite(cfg, tmp_path / "out", build_workers=0)
+    slim = df[(df["status"] == "ok") & (df["variant"] == "slim")]
+    assert sorted(slim["repeat"]) == [0, 1]  # two sessions, each a measurement of its own
+    assert slim["timestamp"].nunique() == 2
+
+    csv = pd.read_csv(write_results(df, tmp_path / "res", cfg=cfg, command="x")[0])
+    assert len(csv) == 1 and csv.loc[0, "repeats"] == 2
+    s = slim["speedup"].to_numpy()
+    assert csv.loc[0, "speedup"] == pytest.approx(float((s[0] * s[1]) ** 0.5))
+    assert csv.loc[0, "speedup_ci_low"] == pytest.approx(slim["speedup_ci_low"].min())
+    assert csv.loc[0, "speedup_ci_high"] == pytest.approx(slim["speedup_ci_high"].max())
+    assert csv.loc[0, "efficiency"] == pytest.approx(csv.loc[0, "speedup"] / csv.loc[0, "flops_reduction"])
+    assert "2 independent sessions" in (tmp_path / "res" / "paper_claims.md").read_text()
+
+
+def test_repeats_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="repeats"):
+        _tiny(tmp_path, "repeats=0")
