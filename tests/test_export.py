@@ -410,23 +410,22 @@ def test_plan_build_every_case(major, precision, onnx_float, qdq):
     assert plan.clear_flags == (("TF32",) if precision == "fp32" else ())
 
 
-def test_plan_build_errors_name_the_fix():
-    with pytest.raises(ValueError, match="deploy-prune export DIR --format onnx --precision fp16"):
-        plan_build(11, "fp16", "fp32", False)
-    with pytest.raises(ValueError, match=r"--format tensorrt --precision fp16.*modelopt\.onnx\.autocast"):
-        plan_build(11, "fp16", "fp32", False)
-    with pytest.raises(ValueError, match=r"calibration.*removed.*modelopt\.onnx\.quantization --onnx_path.*precision='int8'"):
-        plan_build(11, "int8", "fp32", False)
-    with pytest.raises(ValueError, match=r"--quantize_mode int8"):
-        plan_build(11, "int8", "fp16", False)
-    with pytest.raises(ValueError, match=r"does not export bf16.*--low_precision_type bf16"):
-        plan_build(11, "bf16", "fp32", False)
-    with pytest.raises(ValueError, match=r"QuantizeLinear/DequantizeLinear.*precision='int8'"):
-        plan_build(11, "fp16", "fp16", True)
-    with pytest.raises(ValueError, match=r"fp16-typed.*precision='fp16'"):
-        plan_build(11, "fp32", "fp16", False)
-    with pytest.raises(ValueError, match="precision 'fp8'"):
-        plan_build(11, "fp8", "fp32", False)
+@pytest.mark.parametrize("args, message", [
+    ((11, "fp16", "fp32", False), "deploy-prune export DIR --format onnx --precision fp16"),
+    ((11, "fp16", "fp32", False), r"--format tensorrt --precision fp16.*modelopt\.onnx\.autocast"),
+    ((11, "int8", "fp32", False), r"calibration.*removed.*modelopt\.onnx\.quantization --onnx_path.*precision='int8'"),
+    ((11, "int8", "fp16", False), r"--quantize_mode int8"),
+    ((11, "bf16", "fp32", False), r"does not export bf16.*--low_precision_type bf16"),
+    ((11, "fp16", "fp16", True), r"QuantizeLinear/DequantizeLinear.*precision='int8'"),
+    ((11, "fp32", "fp16", False), r"fp16-typed.*precision='fp16'"),
+    ((11, "fp8", "fp32", False), "precision 'fp8'"),
+])
+def test_plan_build_errors_name_the_fix(args, message):
+    with pytest.raises(ValueError, match=message):
+        plan_build(*args)
+
+
+def test_plan_build_on_a_fresh_tensorrt_11():
     # a fresh 11.x install gets working fp32/tf32/fp16 builds from the right graphs
     assert plan_build(11, "fp32").clear_flags == ("TF32",)
     assert plan_build(11, "fp16", "fp16").set_flags == ()
