@@ -13,7 +13,6 @@ best-measured rounding), then every measured slim row, then what was skipped and
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +81,10 @@ def combine_repeats(df: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["repeat"]) if "repeat" in out else out
 
 
-def repeats_text(df: pd.DataFrame) -> str:
-    """How the page's intervals were formed."""
-    n = df.loc[df["status"] == "ok", "repeats"].max() if "repeats" in df else 1
-    if not isinstance(n, int | float | np.integer) or math.isnan(n) or n <= 1:
+def repeats_text(s: pd.DataFrame) -> str:
+    """How the page's intervals were formed (``s``: the measured slim rows)."""
+    n = int(s["repeats"].max()) if len(s) else 1
+    if n <= 1:
         return ("Interval: 95% bootstrap over the interleaved rounds of one session (within-run noise only; "
                 "set `repeats` to cover run-to-run variation).")
     return (f"Interval: each unit was measured in {int(n)} independent sessions, each in its own pass over "
@@ -112,24 +111,23 @@ def slim_rows(df: pd.DataFrame) -> pd.DataFrame:
     return slim.sort_values(["model", "source", "target_flops_reduction", "backend", "batch", "rounding"])
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per operating point x backend x batch: rounding 8 if measured, else the fastest rounding."""
+def summary(s: pd.DataFrame) -> pd.DataFrame:
+    """One row per operating point x backend x batch of the slim rows ``s``: rounding 8 if measured,
+    else the fastest rounding."""
     rows = []
-    s = slim_rows(df)
     for _, g in s.groupby(["operating_point", "backend", "device", "batch"], sort=False):
         r8 = g[g["rounding"] == 8]
         rows.append(r8.iloc[0] if len(r8) else g.loc[g["speedup"].idxmax()])
     return pd.DataFrame(rows) if rows else s.iloc[0:0]
 
 
-def plot(df: pd.DataFrame, path: Path) -> Path:
+def plot(s: pd.DataFrame, path: Path) -> Path:
     """FLOPs reduction vs measured speedup (with its interval) per backend/batch, and y = x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = slim_rows(df)
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     markers = {1: "o", 8: "s", 32: "^"}
     for (model, backend, batch), g in s.groupby(["model", "backend", "batch"]):
@@ -180,9 +178,8 @@ def gpu_line(df: pd.DataFrame) -> str:
             "reason, and no GPU figure is estimated.")
 
 
-def page(df: pd.DataFrame, *, cfg: SuiteConfig, command: str, notes: str = "") -> str:
-    """The Markdown results page."""
-    s = slim_rows(df)
+def page(df: pd.DataFrame, s: pd.DataFrame, *, cfg: SuiteConfig, command: str, notes: str = "") -> str:
+    """The Markdown results page: ``df`` is the whole table, ``s`` its measured slim rows."""
     wsrc = _first(df, "width_source") or "uniform"
     clocks = ", ".join(sorted({str(c) for c in s["clock"].dropna()})) or "-"
     threads = ", ".join(sorted({str(int(t)) for t in s["threads"].dropna()})) or "-"
@@ -201,12 +198,12 @@ def page(df: pd.DataFrame, *, cfg: SuiteConfig, command: str, notes: str = "") -
         f"onnxruntime {_first(df, 'onnxruntime_version')}. Threads: {threads}; clock: {clocks} "
         "(`cpu` = the process's CPU time of one thread: the latency on an idle core, unaffected by the other "
         "jobs; see docs/bench.md). Speedup = geometric mean of per-round base/slim median ratios over "
-        "interleaved rounds; efficiency = speedup / FLOPs reduction. " + repeats_text(df), "",
+        "interleaved rounds; efficiency = speedup / FLOPs reduction. " + repeats_text(s), "",
         gpu_line(df), "",
         "Command of this page (it resumes from the cached units under `--out`; without `budget_minutes` "
         "it measures everything not yet measured):", "", "```bash", command, "```", "",
         "## Per operating point (rounding 8 where measured, else the fastest rounding)", "",
-        markdown_table(summary(df), ROW_COLUMNS), "",
+        markdown_table(summary(s), ROW_COLUMNS), "",
         "## Every measured slim row", "", markdown_table(s, ROW_COLUMNS), "",
         "![FLOPs reduction vs measured speedup](paper_claims.png)", "",
         "## Not measured here", "", *(skipped_lines(df) or ["(none)"]), "",
@@ -216,10 +213,10 @@ def page(df: pd.DataFrame, *, cfg: SuiteConfig, command: str, notes: str = "") -
     return "\n".join(out)
 
 
-def measured_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The CSV's rows: every measured slim-vs-base comparison, bench columns first, then the
-    suite's, then the base's ``base_*`` latency."""
-    s = slim_rows(df).drop(columns=["speedup_ci"])
+def measured_table(s: pd.DataFrame) -> pd.DataFrame:
+    """The CSV's rows: every measured slim-vs-base comparison (``s``, from :func:`slim_rows`), bench
+    columns first, then the suite's, then the base's ``base_*`` latency."""
+    s = s.drop(columns=["speedup_ci"])
     base = [c for c in s.columns if c.startswith("base_")]
     return ordered(s[[c for c in s.columns if c not in base] + base]).reset_index(drop=True)
 
@@ -229,8 +226,9 @@ def write_results(df: pd.DataFrame, out: Path, *, cfg: SuiteConfig, command: str
     """``paper_claims.csv`` (measured rows only), ``.md`` and ``.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     df = ordered(combine_repeats(df))
-    csv = atomic_write_text(out / "paper_claims.csv", measured_table(df).to_csv(index=False))
-    png = plot(df, out / "paper_claims.png")
-    md = atomic_write_text(out / "paper_claims.md", page(df, cfg=cfg, command=command, notes=notes))
+    s = slim_rows(df)
+    csv = atomic_write_text(out / "paper_claims.csv", measured_table(s).to_csv(index=False))
+    png = plot(s, out / "paper_claims.png")
+    md = atomic_write_text(out / "paper_claims.md", page(df, s, cfg=cfg, command=command, notes=notes))
     return [csv, md, png]
 

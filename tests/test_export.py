@@ -433,7 +433,8 @@ def test_plan_build_on_a_fresh_tensorrt_11():
 
 def test_bench_tensorrt_backend_on_tensorrt_11(tmp_path):
     from bench.backends._base import Artifact, BackendOptions
-    from bench.backends.trt import strong_typing_reason, typed_onnx_file
+    from bench.backends.ort import onnx_file
+    from bench.backends.trt import strong_typing_reason
 
     reason = strong_typing_reason(11, "int8")
     assert reason and "calibration" in reason and "\n" not in reason and "does not support" not in reason
@@ -443,9 +444,9 @@ def test_bench_tensorrt_backend_on_tensorrt_11(tmp_path):
     model = make_model("small_vgg")
     plan = ModelPlan("small_vgg", 10, 3, 32)
     artifact = Artifact("slim", tmp_path, model, plan, tmp_path)
-    path = typed_onnx_file(artifact, torch.zeros(2, 3, 32, 32), BackendOptions(), "fp16")
+    path = onnx_file(artifact, torch.zeros(2, 3, 32, 32), BackendOptions(), "fp16")
     assert path.name == "slim-fp16.onnx" and read_metadata(path)["precision"] == "fp16"
-    assert typed_onnx_file(artifact, torch.zeros(2, 3, 32, 32), BackendOptions(), "fp16") is path  # cached
+    assert onnx_file(artifact, torch.zeros(2, 3, 32, 32), BackendOptions(), "fp16") is path  # cached
     assert "onnx" not in artifact._cache  # the fp32 file ort/ort-trt share is a separate entry
 
 

@@ -25,18 +25,24 @@ from bench.backends._base import (
 )
 
 
-def onnx_file(artifact: Artifact, example: torch.Tensor, options: BackendOptions) -> Path:
-    """The artifact's fp32 ONNX export (dynamic batch), written once and shared."""
+def onnx_file(artifact: Artifact, example: torch.Tensor, options: BackendOptions,
+              precision: str = "fp32") -> Path:
+    """The artifact's ONNX export at ``precision`` (dynamic batch), written once and shared.
+
+    fp32 is the file ``ort``, ``ort-trt`` and ``tensorrt`` share; fp16 (fp32 IO, fp16 inside:
+    what a strongly typed TensorRT builds an fp16 engine from) is cached under its own key.
+    """
+    suffix = "" if precision == "fp32" else f"-{precision}"
 
     def build() -> Path:
         from export.to_onnx import export_onnx
 
-        out = artifact.workdir / f"{artifact.name}.onnx"
+        out = artifact.workdir / f"{artifact.name}{suffix}.onnx"
         meta = {"variant": artifact.name, "plan_sha256": artifact.plan.digest()}
-        return Path(export_onnx(artifact.model, example, out, opset=options.opset,
-                                dynamic_batch=True, verify=True, metadata=meta, force=True))
+        return Path(export_onnx(artifact.model, example, out, opset=options.opset, dynamic_batch=True,
+                                verify=True, metadata=meta, force=True, precision=precision))
 
-    return artifact.cached("onnx", build)
+    return artifact.cached("onnx" if precision == "fp32" else f"onnx:{precision}", build)
 
 
 def available_providers() -> list[str]:

@@ -54,27 +54,6 @@ def tensorrt_major() -> int | None:
     return major_of(tensorrt)
 
 
-def typed_onnx_file(artifact: Artifact, example: torch.Tensor, options: BackendOptions,
-                    precision: str) -> Path:
-    """The artifact's ONNX export at ``precision`` (dynamic batch), written once and shared.
-
-    fp32 is the file ``ort`` and ``ort-trt`` use too; fp16 (what a strongly typed TensorRT
-    builds an fp16 engine from) is cached under its own key next to it.
-    """
-    if precision == "fp32":
-        return onnx_file(artifact, example, options)
-
-    def build() -> Path:
-        from export.to_onnx import export_onnx
-
-        out = artifact.workdir / f"{artifact.name}-{precision}.onnx"
-        meta = {"variant": artifact.name, "plan_sha256": artifact.plan.digest()}
-        return Path(export_onnx(artifact.model, example, out, opset=options.opset, dynamic_batch=True,
-                                verify=True, metadata=meta, force=True, precision=precision))
-
-    return artifact.cached(f"onnx:{precision}", build)
-
-
 @register("tensorrt")
 class TensorRTBackend(Backend):
     """An engine per artifact and precision; fp32 device tensors in and out."""
@@ -96,8 +75,7 @@ class TensorRTBackend(Backend):
         from export.to_trt import TRTRunner, build_engine, onnx_precision_for
 
         major = tensorrt_major() or 0
-        onnx_path = typed_onnx_file(artifact, example, self.options,
-                                    onnx_precision_for(major, self.precision))
+        onnx_path = onnx_file(artifact, example, self.options, onnx_precision_for(major, self.precision))
         out = artifact.workdir / f"{artifact.name}-{self.precision}.engine"
         max_batch = max(1, self.options.max_batch)
         calib, self.calibration = None, None
