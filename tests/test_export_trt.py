@@ -139,7 +139,7 @@ def test_engine_matches_pytorch(precision, vgg, vgg_fp16, major, strong, tmp_pat
 
 def test_fp32_graph_is_refused_for_fp16_on_tensorrt_11(vgg, strong, tmp_path):
     if not strong:
-        pytest.skip("TensorRT 10 lowers an fp32 graph to fp16 itself (weak typing)")
+        pytest.skip("needs TensorRT 11+ (strong typing); the installed TensorRT 10 builds fp16 from an fp32 graph itself")
     with pytest.raises(ValueError, match="--format onnx --precision fp16"):
         build_engine(vgg[1], tmp_path / "fp16.engine", precision="fp16", max_batch=8)
     assert list(tmp_path.iterdir()) == []
@@ -157,7 +157,8 @@ def test_timing_cache_is_written_and_reused(vgg, vgg_fp16, major, tmp_path):
 
 def test_int8_calibrates_and_writes_its_cache(vgg, strong, tmp_path):
     if strong:
-        pytest.skip("TensorRT 11+ removed implicit int8 calibration")
+        pytest.skip("needs TensorRT 10: the installed TensorRT 11+ removed implicit int8 calibration "
+                    "(test_int8_from_a_qdq_graph_on_tensorrt_11 covers it)")
     model, onnx_path = vgg
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(4)]
@@ -200,7 +201,8 @@ def qdq_onnx(fp32_onnx: Path, out: Path) -> Path:
 
 def test_int8_from_a_qdq_graph_on_tensorrt_11(vgg, strong, tmp_path):
     if not strong:
-        pytest.skip("TensorRT 10 calibrates int8 itself (see test_int8_calibrates_and_writes_its_cache)")
+        pytest.skip("needs TensorRT 11+; the installed TensorRT 10 calibrates int8 itself "
+                    "(test_int8_calibrates_and_writes_its_cache covers it)")
     model, onnx_path = vgg
     qdq = qdq_onnx(onnx_path, tmp_path / "vgg_qdq.onnx")
     out = build_engine(qdq, tmp_path / "int8.engine", precision="int8", max_batch=8, model=model)
