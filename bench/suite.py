@@ -217,22 +217,22 @@ def run_suite(cfg: SuiteConfig, out: str | Path, *, build_workers: int = 1) -> p
     (root / "units").mkdir(parents=True, exist_ok=True)
     units = plan_units(cfg)
     t0, frames = time.monotonic(), []
-    todo = [u for u in units if cached_unit(root, u) is None]
+    cached = {u.key: cached_unit(root, u) for u in units}  # each unit CSV read once
+    todo = [u for u in units if cached[u.key] is None]
     builder = Builder(root, cfg, todo, workers=build_workers)
     measurer = Measurer(root, cfg, builder)
     try:
         with pinned_threads(cfg.threads):
             for unit in tqdm(units, desc="suite", unit="unit"):
-                frames.append(_one_unit(root, cfg, unit, measurer, t0))
+                done = cached[unit.key]
+                frames.append(done if done is not None else _one_unit(root, cfg, unit, measurer, t0))
     finally:
         builder.close()
     return table.to_frame(pd.concat(frames, ignore_index=True).to_dict(orient="records"))
 
 
 def _one_unit(root: Path, cfg: SuiteConfig, unit: Unit, measurer: Measurer, t0: float) -> pd.DataFrame:
-    cached = cached_unit(root, unit)
-    if cached is not None:
-        return cached
+    """Measure (or skip, saying why) one unit not in the cache, and cache it."""
     bcfg = stage_config(cfg, unit.stage, unit.point)
     over = cfg.budget_minutes is not None and time.monotonic() - t0 > 60 * cfg.budget_minutes
     reasons = unavailable_reasons(bcfg)
