@@ -136,28 +136,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 @ACTIONS.register("compare")
 def add_compare(sub: argparse._SubParsersAction) -> None:
-    """``bench compare CURRENT --baseline BASELINE [--tolerance T]``."""
-    p = sub.add_parser("compare", help="exit 1 when a speedup regressed against a baseline",
-                       description="Match slim rows by (model, backend, device, precision, batch); a "
-                       "row regressed when its speedup CI upper bound < (1 - tolerance) x the "
-                       "baseline's speedup. Baseline rows without an ok current row fail too.")
+    """``bench compare CURRENT --baseline BASELINE [--tolerance T] [--within-interval]``."""
+    p = sub.add_parser("compare", help="exit 1 when a speedup regressed against a baseline "
+                       "(or, with --within-interval, when a rerun does not reproduce it)",
+                       description="Match slim rows by (model, backend, device, precision, batch), "
+                       "plus (operating_point, rounding) for suite tables. Default: a row regressed "
+                       "when its speedup CI upper bound < (1 - tolerance) x the baseline's speedup. "
+                       "--within-interval: a row fails when its speedup lies outside the baseline's "
+                       "95%% interval (widened by tolerance each side). Baseline rows without an ok "
+                       "current row fail too.",
+                       epilog="Examples: deploy-prune bench compare out/results.json --baseline "
+                       "bench/baselines/cpu-small_vgg-ci.json;  deploy-prune bench compare "
+                       "runs/rerun/paper_claims.csv --baseline docs/results/paper_claims.csv "
+                       "--within-interval")
     p.add_argument("current", metavar="CURRENT.json", help="results.json (or .csv) of this run")
     p.add_argument("--baseline", required=True, metavar="BASELINE.json", help="the reference results")
-    p.add_argument("--tolerance", type=float, default=0.05, metavar="T",
-                   help="allowed relative shortfall (default 0.05)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="T",
+                   help="allowed relative shortfall (default 0.05; with --within-interval, how much "
+                   "to widen the baseline interval, default 0)")
+    p.add_argument("--within-interval", action="store_true",
+                   help="reproduction check: each speedup must fall inside the baseline's interval")
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Print the verdicts; exit 1 when a row regressed or is missing, else 0."""
+    """Print the verdicts; exit 1 when a row failed (regressed, outside or missing), else 0."""
     from bench import table
     from bench.compare import compare, format_comparison
 
-    result = compare(table.read(args.current), table.read(args.baseline), tolerance=args.tolerance)
+    mode = "interval" if args.within_interval else "regression"
+    tolerance = args.tolerance if args.tolerance is not None else (0.0 if args.within_interval else 0.05)
+    result = compare(table.read(args.current), table.read(args.baseline), tolerance=tolerance, mode=mode)
     print(format_comparison(result))
     n = len(result.failures)
+    ok = "inside the baseline's intervals" if args.within_interval else f"within tolerance {tolerance}"
     print(f"bench compare: {n} of {len(result.verdicts)} rows failed" if n else
-          f"bench compare: all {len(result.verdicts)} rows within tolerance {args.tolerance}",
+          f"bench compare: all {len(result.verdicts)} rows {ok}",
           file=sys.stderr if n else sys.stdout)
     return 1 if n else 0
 

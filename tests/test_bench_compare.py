@@ -106,3 +106,75 @@ def test_cli_reads_csv_and_reports_bad_files(tmp_path: Path) -> None:
     assert main(["bench", "compare", str(tmp_path / "nope.json"), "--baseline", str(same)]) == 2
     (tmp_path / "bad.json").write_text("{\"not\": \"a list\"}")
     assert main(["bench", "compare", str(tmp_path / "bad.json"), "--baseline", str(same)]) == 2
+
+
+# --- reproduction check (--within-interval) and suite tables ------------------------------------
+
+
+def test_within_interval_passes_inside_and_fails_outside_on_either_side() -> None:
+    baseline = table.to_frame(_rows(MEASURED))  # b1 band [1.97, 2.03], b8 band [2.55, 2.66]
+    inside = table.to_frame(_rows({1: (2.02, 1.99, 2.05), 8: (2.56, 2.50, 2.62)}))
+    assert compare(inside, baseline, tolerance=0.0, mode="interval").passed
+    # b1 above its band (a *faster* rerun is not a reproduction either), b8 below
+    off = table.to_frame(_rows({1: (2.05, 2.00, 2.10), 8: (2.50, 2.45, 2.55)}))
+    result = compare(off, baseline, tolerance=0.0, mode="interval")
+    assert [(v.key[-1], v.status) for v in result.failures] == [(1, "outside"), (8, "outside")]
+    text = format_comparison(result)
+    assert "is above the baseline's band [1.970, 2.030] (+2.5% from 2.000)" in text
+    assert "is below the baseline's band [2.550, 2.660]" in text
+    assert "0 of 2 rows inside the baseline's interval" in text and "max 3.8%" in text
+    # the regression gate would have passed both: the two modes ask different questions
+    assert compare(off, baseline, tolerance=0.05).passed
+    # tolerance widens the band on both sides: 2.05 <= 1.02 * 2.03 = 2.071, 2.50 >= 0.98 * 2.55 = 2.499
+    assert compare(off, baseline, tolerance=0.02, mode="interval").passed
+    assert not compare(off, baseline, tolerance=0.01, mode="interval").passed
+
+
+def test_within_interval_needs_a_baseline_interval_and_counts_missing_rows() -> None:
+    baseline = table.to_frame(_rows(MEASURED))
+    result = compare(table.to_frame(_rows({1: MEASURED[1]})), baseline, tolerance=0.0, mode="interval")
+    assert [v.status for v in result.verdicts] == ["ok", "missing"]
+    assert "1 of 2 rows inside the baseline's interval, 1 missing" in format_comparison(result)
+    no_ci = table.to_frame([dict(r, speedup_ci_low=None) for r in _rows(MEASURED)])
+    with pytest.raises(ValueError, match="no speedup interval"):
+        compare(baseline, no_ci, mode="interval")
+    with pytest.raises(ValueError, match="mode"):
+        compare(baseline, baseline, mode="sideways")
+
+
+def _suite_rows(points: dict[tuple[str, int], float]) -> list[dict]:
+    """Suite-table rows: one model, several operating points and roundings, same batch."""
+    rows = []
+    for (point, rounding), sp in points.items():
+        rows += [dict(r, operating_point=point, rounding=rounding) for r in _rows({1: (sp, 0.99 * sp, 1.01 * sp)})]
+    return rows
+
+
+def test_suite_tables_match_on_operating_point_and_rounding() -> None:
+    points = {("vgg16-OSPR-5x", 8): 3.2, ("vgg16-OSPR-5x", 32): 3.5, ("vgg16-OSPR-7x", 8): 4.0}
+    baseline = table.to_frame(_suite_rows(points))
+    result = compare(baseline, baseline, mode="interval")
+    assert result.passed and len(result.verdicts) == 3
+    assert result.key_columns[-2:] == ("operating_point", "rounding")
+    slower = table.to_frame(_suite_rows({**points, ("vgg16-OSPR-5x", 32): 3.0}))
+    (bad,) = compare(slower, baseline).failures  # only the rounding-32 row regressed
+    assert bad.key[-2:] == ("vgg16-OSPR-5x", 32)
+    # a CSV reads rounding back as a number; it still matches
+    floaty = table.to_frame([dict(r, rounding=float(r["rounding"])) for r in _suite_rows(points)])
+    assert compare(floaty, baseline).passed
+    plain = table.to_frame(_rows({1: (3.2, 3.1, 3.3)}))
+    with pytest.raises(ValueError, match="suite table.*no operating_point, rounding"):
+        compare(plain, baseline)
+
+
+def test_cli_within_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = _write(tmp_path / "base.json", _rows(MEASURED))
+    rerun = _write(tmp_path / "rerun.json", _rows({1: (2.01, 1.98, 2.04), 8: (2.70, 2.65, 2.75)}))
+    assert main(["bench", "compare", str(rerun), "--baseline", str(base)]) == 0  # no regression...
+    assert main(["bench", "compare", str(rerun), "--baseline", str(base), "--within-interval"]) == 1
+    captured = capsys.readouterr()  # ...but batch 8 did not reproduce
+    assert "OUTSIDE: {'model': 'small_vgg'" in captured.out and "'batch': 8" in captured.out
+    assert "1 of 2 rows inside" in captured.out and "1 of 2 rows failed" in captured.err
+    assert main(["bench", "compare", str(rerun), "--baseline", str(base), "--within-interval",
+                 "--tolerance", "0.02"]) == 0
+    assert "all 2 rows inside the baseline's intervals" in capsys.readouterr().out
