@@ -112,6 +112,12 @@ def _finite(x: Any) -> bool:
     return x is not None and isinstance(x, int | float) and math.isfinite(x)
 
 
+def _same_plan(base: pd.Series, cur: pd.Series) -> bool:
+    """False when both rows name their slim model's plan and the hashes differ."""
+    shas = {r.get("plan_sha256") for r in (base, cur) if isinstance(r.get("plan_sha256"), str)}
+    return len(shas) < 2
+
+
 def judge(key: Key, base: pd.Series, cur: pd.Series | None, tolerance: float) -> Verdict:
     """The verdict for one baseline row (see the module docstring for the rule)."""
     ref = float(base["speedup"])
@@ -119,10 +125,9 @@ def judge(key: Key, base: pd.Series, cur: pd.Series | None, tolerance: float) ->
     if cur is None or not _finite(cur["speedup_ci_high"]):
         return Verdict(key, "missing", ref, threshold)
     high = float(cur["speedup_ci_high"])
-    shas = {str(r.get("plan_sha256")) for r in (base, cur) if isinstance(r.get("plan_sha256"), str)}
     return Verdict(key, "regressed" if high < threshold else "ok", ref, threshold,
                    current=float(cur["speedup"]), current_low=float(cur["speedup_ci_low"]),
-                   current_high=high, same_plan=len(shas) < 2)
+                   current_high=high, same_plan=_same_plan(base, cur))
 
 
 def judge_interval(key: Key, base: pd.Series, cur: pd.Series | None, tolerance: float) -> Verdict:
@@ -135,10 +140,9 @@ def judge_interval(key: Key, base: pd.Series, cur: pd.Series | None, tolerance: 
     if cur is None or not _finite(cur["speedup"]):
         return Verdict(key, "missing", ref, low, band_high=high)
     now = float(cur["speedup"])
-    shas = {str(r.get("plan_sha256")) for r in (base, cur) if isinstance(r.get("plan_sha256"), str)}
     return Verdict(key, "ok" if low <= now <= high else "outside", ref, low, current=now,
                    current_low=float(cur["speedup_ci_low"]), current_high=float(cur["speedup_ci_high"]),
-                   same_plan=len(shas) < 2, band_high=high)
+                   same_plan=_same_plan(base, cur), band_high=high)
 
 
 def compare(current: pd.DataFrame, baseline: pd.DataFrame, *, tolerance: float = 0.05,

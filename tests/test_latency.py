@@ -134,7 +134,6 @@ def test_plugin_targets_resolve_through_entry_points():
 @pytest.fixture
 def tiny_probe(tmp_path, monkeypatch):
     """A probe of a digits-size small_vgg (1x8x8) on CPU ONNX Runtime with a short timing budget."""
-    pytest.importorskip("onnxruntime")
     from bench.timing import TimingConfig
     from deploy_prune.artifacts import ModelPlan
     from deploy_prune.models import build_model
@@ -166,7 +165,6 @@ def test_table_build_end_to_end_and_cache(tiny_probe, tmp_path, monkeypatch, exa
 @pytest.mark.slow
 def test_allocator_meets_a_measured_speedup_on_a_tiny_model(tmp_path, monkeypatch, example_nodes):
     """The closed loop on a 28x28 small_vgg: the final measured speedup is within tolerance."""
-    pytest.importorskip("onnxruntime")
     from deploy_prune.artifacts import ModelPlan
 
     model, example, nodes = example_nodes
