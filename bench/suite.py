@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from bench import env, table
 from bench.backends import BACKENDS, Artifact
@@ -34,6 +33,7 @@ from bench.suite_models import build_slim, ensure_base, ensure_onnx, width_sourc
 from bench.sweep import BenchConfig, Shared, load_artifact, make_shared, pinned_threads, sweep
 from deploy_prune.allocation import AllocationError
 from deploy_prune.artifacts import atomic_write_text
+from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)
 CUT_FOR_TIME = "cut for time: the suite's budget_minutes was spent before this unit"
@@ -223,7 +223,7 @@ def run_suite(cfg: SuiteConfig, out: str | Path, *, build_workers: int = 1) -> p
     measurer = Measurer(root, cfg, builder)
     try:
         with pinned_threads(cfg.threads):
-            for unit in tqdm(units, desc="suite", unit="unit"):
+            for unit in progress(units, desc="suite", unit="unit"):
                 done = cached[unit.key]
                 frames.append(done if done is not None else _one_unit(root, cfg, unit, measurer, t0))
     finally:

@@ -30,6 +30,7 @@ from bench.timing import Samples, Timer, TimingConfig, measure_pair
 from deploy_prune.artifacts import atomic_write_text, load_model_dir
 from deploy_prune.flops import count
 from deploy_prune.pipeline import cpu_count
+from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)
 VARIANTS = ("base", "slim")
@@ -306,7 +307,7 @@ def sweep(sh: Shared) -> list[dict[str, Any]]:
     cfg = sh.cfg
     combos = [(b, d, p) for b in cfg.backends for d in cfg.devices for p in cfg.precisions]
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(combos) * len(cfg.batches), desc="bench", unit="config") as bar:
+    with progress(total=len(combos) * len(cfg.batches), desc="bench", unit="config") as bar:
         for name, device, precision in combos:
             rows += run_combo(sh, name, device, precision, bar)
     return rows

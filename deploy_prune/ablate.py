@@ -23,7 +23,7 @@ import numpy as np
 
 from deploy_prune import pipeline
 from deploy_prune.allocation import cut, keep_top
-from deploy_prune.artifacts import atomic_write_text, load_model_dir
+from deploy_prune.artifacts import atomic_write_text, load_model_dir, read_json_object
 from deploy_prune.config import RunConfig
 from deploy_prune.flops import count
 from deploy_prune.nodes import discover
@@ -86,8 +86,9 @@ class Ablation:
         """
         reuse = self.from_run / "scores.json" if self.from_run else None
         if name == self.cfg.scoring.method and name not in self.scores and reuse and reuse.is_file():
-            self.scores[name] = pipeline.read_scores(reuse, plan)
-            self.score_seconds[name] = float(json.loads(reuse.read_text()).get("seconds", 0.0))
+            data = read_json_object(reuse)  # parsed once: the scores and the time they took
+            self.scores[name] = pipeline.scores_from(data, plan, source=reuse)
+            self.score_seconds[name] = float(data.get("seconds", 0.0))
         if name not in self.scores:
             cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
             if crucial:

@@ -22,7 +22,7 @@ from torch import nn
 
 from deploy_prune.artifacts import ModelPlan
 from deploy_prune.config import AllocationConfig
-from deploy_prune.flops import count
+from deploy_prune.flops import Cost, count
 from deploy_prune.nodes import Node, last_node
 from deploy_prune.scoring import Scores, node_scores
 from deploy_prune.surgery import Plan, apply_plan
@@ -102,7 +102,7 @@ class _Ranking:
         self.total = len(self.order)
 
     def min_keep(self, c: int) -> int:
-        return min(c, max(self.cfg.min_channels, math.ceil(self.cfg.min_fraction * c)))
+        return min_keep(c, self.cfg)
 
     def counts(self, k: int) -> dict[str, int]:
         removed = np.bincount(self.owner[self.order[:k]], minlength=len(self.nodes))
@@ -148,6 +148,32 @@ def round_width(kept: int, channels: int, multiple: int) -> int:
     return min(channels, max(multiple, int(round(kept / multiple)) * multiple))
 
 
+def min_keep(channels: int, cfg: AllocationConfig) -> int:
+    """The per-node floor of METHOD.md section 3 (at least ``min_channels`` and ``min_fraction``)."""
+    return min(channels, max(cfg.min_channels, math.ceil(cfg.min_fraction * channels)))
+
+
+def prunable_nodes(nodes: list[Node], crucial: list[str]) -> list[Node]:
+    """The nodes an allocator may narrow; an error when the crucial set leaves none."""
+    prunable = [n for n in nodes if n.name not in crucial and n.prunable]
+    if not prunable:
+        raise AllocationError("no prunable node is left outside the crucial set")
+    return prunable
+
+
+def finish_allocation(model: nn.Module, nodes: list[Node], pick: Scores, counts: dict[str, int],
+                      example: torch.Tensor, *, crucial: list[str], base: Cost | None = None,
+                      **fields: Any) -> Allocation:
+    """The :class:`Allocation` that keeps ``counts`` channels (by ``pick``) of the prunable nodes;
+    ``fields`` fills the rest (``history``, ``extra``)."""
+    plan = keep_top(pick, counts)
+    base = base or count(model, example)
+    slim = count(cut(model, plan, example), example)
+    return Allocation(counts={**{n.name: n.channels for n in nodes}, **counts}, plan=plan, crucial=crucial,
+                      base_flops=base.flops, flops=slim.flops, base_params=base.params, params=slim.params,
+                      **fields)
+
+
 def allocate(
     model: nn.Module,
     nodes: list[Node],
@@ -159,9 +185,7 @@ def allocate(
     selection: Scores | None = None,
 ) -> Allocation:
     """Global allocation to ``cfg``'s target; ``selection`` picks channels (default: ``scores``)."""
-    prunable = [n for n in nodes if n.name not in crucial and n.prunable]
-    if not prunable:
-        raise AllocationError("no prunable node is left outside the crucial set")
+    prunable = prunable_nodes(nodes, crucial)
     base = count(model, example)
     ranking = _Ranking(prunable, scores, cfg)
     pick = selection or scores
@@ -185,11 +209,7 @@ def allocate(
         raise AllocationError(f"allocation.target {cfg.target!r} is not handled by FLOPs/channel "
                               "allocation (use flops or channels, or the latency allocator)")
     _, counts = flops_at(k)
-    plan = keep_top(pick, counts)
-    slim = count(cut(model, plan, example), example)
-    return Allocation(counts={**{n.name: n.channels for n in nodes}, **counts}, plan=plan, crucial=crucial,
-                      base_flops=base.flops, flops=slim.flops, base_params=base.params, params=slim.params,
-                      history=history)
+    return finish_allocation(model, nodes, pick, counts, example, crucial=crucial, base=base, history=history)
 
 
 def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, history) -> int:

@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # the ONNX exporter's own INFO chatter drowns the useful lines
-        for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch._inductor"):
+    if not args.verbose:  # the exporters' own INFO chatter drowns the useful lines (parity reports)
+        for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._inductor"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         distributed.init_from_env()

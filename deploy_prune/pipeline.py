@@ -113,11 +113,15 @@ def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | 
 
 def read_scores(path: str | Path, plan: ModelPlan) -> Scores:
     """Load a scores JSON and check it belongs to this base model."""
-    data = read_json_object(path)
+    return scores_from(read_json_object(path), plan, source=path)
+
+
+def scores_from(data: dict, plan: ModelPlan, *, source: str | Path) -> Scores:
+    """The channel scores of a parsed scores JSON (read from ``source``), checked against ``plan``."""
     if data.get("format") != SCORES_FORMAT:
-        raise ValueError(f"{path}: not a deploy-prune scores file")
+        raise ValueError(f"{source}: not a deploy-prune scores file")
     if data.get("base_sha256") != plan.digest():
-        raise ValueError(f"{path}: these scores were computed for another model (base hash differs)")
+        raise ValueError(f"{source}: these scores were computed for another model (base hash differs)")
     return {k: np.asarray(v, dtype=np.float64) for k, v in data["channel_scores"].items()}
 
 

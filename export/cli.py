@@ -7,7 +7,6 @@ are refused with a one-line error rather than silently ignored.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
@@ -24,13 +23,7 @@ _FLAGS = {"opset": "--opset", "dynamic_batch": "--static-batch", "simplify": "--
           "device": "--device", "batch": "--batch"}
 
 
-_CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._inductor", "torch.export")
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    if not args.verbose:  # the exporters' own INFO logs drown the parity report
-        for name in _CHATTY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
     opts = {name: getattr(args, name) for name in _FLAGS if hasattr(args, name)}
     opts["force"] = args.force
     try:

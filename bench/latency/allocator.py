@@ -22,10 +22,15 @@ from torch import nn
 from bench.latency.probe import CHECK, Probe
 from bench.latency.solver import Solution, importance_options, solve
 from bench.latency.table import LatencyTable, cached_table
-from deploy_prune.allocation import Allocation, AllocationError, cut, keep_top
+from deploy_prune.allocation import (
+    Allocation,
+    AllocationError,
+    finish_allocation,
+    keep_top,
+    prunable_nodes,
+)
 from deploy_prune.artifacts import ModelPlan
 from deploy_prune.config import AllocationConfig
-from deploy_prune.flops import count
 from deploy_prune.nodes import Node
 from deploy_prune.scoring import Scores
 
@@ -60,9 +65,7 @@ class LatencyAllocator:
     def allocate(self, model: nn.Module, nodes: list[Node], scores: Scores, example: torch.Tensor, *,
                  crucial: list[str], cfg: AllocationConfig, plan: ModelPlan,
                  selection: Scores | None = None) -> Allocation:
-        prunable = [n for n in nodes if n.name not in crucial and n.prunable]
-        if not prunable:
-            raise AllocationError("no prunable node is left outside the crucial set")
+        prunable = prunable_nodes(nodes, crucial)
         pick = selection or scores
         with Probe(model, plan, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
                    batch=cfg.batch) as probe:
@@ -71,11 +74,8 @@ class LatencyAllocator:
             target = request_ms(cfg, probe.base_ms)
             best, rounds = self._close_loop(probe, table, scale, scores, pick, target, cfg)
             meta = self._latency_info(probe, table, target, best, rounds)
-        counts = {**{n.name: n.channels for n in nodes}, **best.widths}
-        kept = keep_top(pick, best.widths)
-        base, slim = count(model, example), count(cut(model, kept, example), example)
-        return Allocation(counts=counts, plan=kept, crucial=crucial, base_flops=base.flops, flops=slim.flops,
-                          base_params=base.params, params=slim.params, extra={"latency": meta})
+        return finish_allocation(model, nodes, pick, best.widths, example, crucial=crucial,
+                                 extra={"latency": meta})
 
     def _close_loop(self, probe: Probe, table: LatencyTable, scale: float, scores: Scores, pick: Scores,
                     target: float, cfg: AllocationConfig) -> tuple[Candidate, list[Candidate]]:

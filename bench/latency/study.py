@@ -24,10 +24,10 @@ import pandas as pd
 from bench.latency.probe import CHECK, Probe
 from bench.latency.table import cached_table
 from deploy_prune import pipeline
-from deploy_prune.allocation import allocate
-from deploy_prune.artifacts import load_model_dir
+from deploy_prune.allocation import allocate, prunable_nodes
+from deploy_prune.artifacts import atomic_write_text, load_model_dir, read_plan
 from deploy_prune.config import AllocationConfig, RunConfig, from_dict
-from deploy_prune.nodes import discover
+from deploy_prune.nodes import Node, discover
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,9 @@ def additive_check(probe: Probe, table: Any, *, n: int, seed: int) -> list[dict[
 
 
 def match_flops(probe: Probe, model: Any, plan: Any, cfg: RunConfig, scores: Any, crucial: list[str], *,
-                speedup: float, lo: float, hi: float, steps: int) -> list[dict[str, Any]]:
+                nodes: list[Node], speedup: float, lo: float, hi: float, steps: int) -> list[dict[str, Any]]:
     """Bisection on the FLOPs reduction so that the measured speedup meets ``speedup``."""
     example = plan.example()
-    nodes = discover(model, example)
     rows = []
     for _ in range(steps):
         mid = (lo * hi) ** 0.5
@@ -78,21 +77,22 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run = Path(args.run)
     model, plan = load_model_dir(run / "base")
-    pruned = load_model_dir(run / "pruned")[1]
+    pruned = read_plan(run / "pruned")  # its config and crucial nodes; no weights needed
     cfg = from_dict(RunConfig, pruned.info["config"])
     scores = pipeline.read_scores(run / "scores.json", plan)
     crucial = pruned.info["crucial_nodes"]
     a = cfg.allocation
-    nodes = [n for n in discover(model, plan.example()) if n.name not in crucial and n.prunable]
+    all_nodes = discover(model, plan.example())
+    nodes = prunable_nodes(all_nodes, crucial)
     with Probe(model, plan, backend=a.backend, device=a.device, precision=a.precision, batch=a.batch) as probe:
         table = cached_table(probe, nodes, a)
         rows = additive_check(probe, table, n=args.additive, seed=0)
-        rows += match_flops(probe, model, plan, cfg, scores, crucial, speedup=args.speedup, lo=args.lo,
-                            hi=args.hi, steps=args.steps)
+        rows += match_flops(probe, model, plan, cfg, scores, crucial, nodes=all_nodes, speedup=args.speedup,
+                            lo=args.lo, hi=args.hi, steps=args.steps)
         env = probe.describe()
     df = pd.DataFrame([{**r, **env} for r in rows])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(args.out, index=False)
+    atomic_write_text(args.out, df.to_csv(index=False))
     print(df.drop(columns=list(env)).to_string())
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from bench.env import library_versions, now
 from bench.latency.probe import Probe, device_name
-from deploy_prune.artifacts import atomic_write_text
+from deploy_prune.allocation import min_keep
+from deploy_prune.artifacts import atomic_write_text, read_json_object
 from deploy_prune.config import AllocationConfig
 from deploy_prune.nodes import Node
+from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)
 TABLE_FORMAT = "deploy-prune/latency-table@1"
@@ -42,11 +43,6 @@ VERSION_KEYS = ("deploy_prune", "python", "torch", "onnx", "onnxruntime", "onnxr
 
 class StaleTableError(ValueError):
     """A latency table measured for another device, backend, library stack or model."""
-
-
-def min_keep(channels: int, cfg: AllocationConfig) -> int:
-    """The per-node floor of METHOD.md section 3 (at least ``min_channels`` and ``min_fraction``)."""
-    return min(channels, max(cfg.min_channels, math.ceil(cfg.min_fraction * channels)))
 
 
 def grid_widths(channels: int, cfg: AllocationConfig) -> list[int]:
@@ -119,11 +115,10 @@ def check_key(found: Mapping[str, Any], wanted: Mapping[str, Any], *, source: st
 def load_table(path: str | Path, wanted: Mapping[str, Any]) -> LatencyTable:
     """Read a table and check it was measured for ``wanted`` (else :class:`StaleTableError`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"latency table not found: {path}")
+    data = read_json_object(path)
     try:
-        table = LatencyTable.from_json(json.loads(path.read_text()), source=str(path))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        table = LatencyTable.from_json(data, source=str(path))
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: corrupt latency table ({e})") from None
     check_key(table.key, wanted, source=str(path))
     return table
@@ -142,7 +137,7 @@ def build_table(probe: Probe, nodes: list[Node], cfg: AllocationConfig) -> Laten
     widths = {n.name: grid_widths(n.channels, cfg) for n in nodes}
     jobs = [(n, k) for n in nodes for k in widths[n.name]]
     ms: dict[str, list[float]] = {n.name: [] for n in nodes}
-    bar = tqdm(jobs, desc=f"latency table ({probe.backend_name}/{probe.device}, b{probe.batch})", unit="pt")
+    bar = progress(jobs, desc=f"latency table ({probe.backend_name}/{probe.device}, b{probe.batch})", unit="pt")
     for node, k in bar:
         ms[node.name].append(probe.base_ms if k == node.channels else
                              probe.latency({node.name: list(range(k))}))
