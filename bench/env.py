@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -57,29 +58,40 @@ def _nvml_reasons(pynvml: Any, handle: Any) -> str:
     return ",".join(sorted(active)) or "none"
 
 
-def gpu_state(index: int = 0) -> dict[str, Any]:
-    """Clocks, temperature, power and throttle reasons of GPU ``index`` now ({} without NVML)."""
+@contextlib.contextmanager
+def _nvml() -> Iterator[Any]:
+    """``pynvml``, initialised, or None without the package, a driver or a GPU; shut down after."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception as e:  # no package, no driver, no GPU
         log.debug("NVML unavailable: %s", e)
-        return {}
+        yield None
+        return
     try:
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        clk = pynvml.NVML_CLOCK_SM
-        return {"gpu_sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, clk),
-                "gpu_sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(h, clk),
-                "gpu_mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
-                "gpu_temp_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU),
-                "gpu_power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
-                "gpu_throttle_reasons": _nvml_reasons(pynvml, h)}
-    except Exception as e:  # an NVML call this driver lacks must not stop a benchmark
-        log.warning("NVML query failed: %s", e)
-        return {}
+        yield pynvml
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_state(index: int = 0) -> dict[str, Any]:
+    """Clocks, temperature, power and throttle reasons of GPU ``index`` now ({} without NVML)."""
+    with _nvml() as nv:
+        if nv is None:
+            return {}
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(index)
+            clk = nv.NVML_CLOCK_SM
+            return {"gpu_sm_clock_mhz": nv.nvmlDeviceGetClockInfo(h, clk),
+                    "gpu_sm_clock_max_mhz": nv.nvmlDeviceGetMaxClockInfo(h, clk),
+                    "gpu_mem_clock_mhz": nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
+                    "gpu_temp_c": nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+                    "gpu_power_w": nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                    "gpu_throttle_reasons": _nvml_reasons(nv, h)}
+        except Exception as e:  # an NVML call this driver lacks must not stop a benchmark
+            log.warning("NVML query failed: %s", e)
+            return {}
 
 
 def gpu_identity(index: int = 0) -> dict[str, Any]:
@@ -87,22 +99,17 @@ def gpu_identity(index: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if torch.cuda.is_available():
         out["gpu_name"] = torch.cuda.get_device_name(index)
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:
-        return out
-    try:
-        h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-        out.update(gpu_name=_text(pynvml.nvmlDeviceGetName(h)),
-                   gpu_driver=_text(pynvml.nvmlSystemGetDriverVersion()),
-                   cuda_driver=f"{cuda // 1000}.{cuda % 1000 // 10}")
-    except Exception as e:
-        log.warning("NVML query failed: %s", e)
-    finally:
-        pynvml.nvmlShutdown()
+    with _nvml() as nv:
+        if nv is None:
+            return out
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(index)
+            cuda = nv.nvmlSystemGetCudaDriverVersion()
+            out.update(gpu_name=_text(nv.nvmlDeviceGetName(h)),
+                       gpu_driver=_text(nv.nvmlSystemGetDriverVersion()),
+                       cuda_driver=f"{cuda // 1000}.{cuda % 1000 // 10}")
+        except Exception as e:
+            log.warning("NVML query failed: %s", e)
     return out
 
 

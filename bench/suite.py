@@ -132,10 +132,11 @@ def uses_onnx(stage: StageConfig) -> bool:
 
 def prime(artifact: Artifact, model_dir: Path) -> None:
     """Hand the artifact the ONNX file built ahead of time, so the ``ort`` backend does not export again."""
+    from bench.backends.ort import seed_onnx
     from bench.suite_models import ONNX_FILE
 
     if (model_dir / ONNX_FILE).is_file():
-        artifact.cached("onnx", lambda: model_dir / ONNX_FILE)
+        seed_onnx(artifact, model_dir / ONNX_FILE)
 
 
 class Builder:
@@ -180,7 +181,8 @@ class Measurer:
             path = ensure_base(self.root, self.cfg, arch)
             self.bases[arch] = load_artifact(arch, path, self.root)
             if any(uses_onnx(s) for s in self.cfg.stages):
-                prime(self.bases[arch], ensure_onnx(path).parent)
+                ensure_onnx(path)
+                prime(self.bases[arch], path)
         return self.bases[arch]
 
     def measure(self, unit: Unit) -> pd.DataFrame:

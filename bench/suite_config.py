@@ -7,7 +7,7 @@ that name the key. The defaults are the papers' operating points (METHOD.md sect
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.backends import BACKENDS, DEVICES, PRECISIONS
@@ -47,9 +47,7 @@ class TimingSection:
     clock: str = "cpu"  # cpu: one thread's CPU time, stable on a shared machine (docs/bench.md)
 
     def to_timing(self) -> TimingConfig:
-        return TimingConfig(warmup_s=self.warmup_s, warmup_iters=self.warmup_iters,
-                            min_time_s=self.min_time_s, rounds=self.rounds, min_samples=self.min_samples,
-                            min_per_round=self.min_per_round, clock=self.clock)
+        return TimingConfig(**asdict(self))  # the same field names
 
 
 @dataclass

@@ -21,7 +21,7 @@ from deploy_prune.allocation import allocate, cut
 from deploy_prune.artifacts import PLAN_FILE, ModelPlan, save_model_dir
 from deploy_prune.config import AllocationConfig, DataConfig, RunConfig, ScoringConfig
 from deploy_prune.models import build_model
-from deploy_prune.nodes import discover
+from deploy_prune.nodes import discover, last_node
 from deploy_prune.scoring import SCORERS, ScoreContext, Scores
 
 log = logging.getLogger(__name__)
@@ -30,22 +30,21 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"  # the ort backend's export, kept beside the weights so reruns skip it
 
 
-def ensure_onnx(model_dir: Path, *, opset: int | None = None) -> Path:
+def ensure_onnx(model_dir: Path) -> Path:
     """``model_dir/model.onnx`` (fp32, dynamic batch, verified in ONNX Runtime), exported once.
 
     Exporting VGG-16 takes a minute on this class of machine; the suite's builder process does it
     ahead of the measurements, and the ``ort`` backend is handed the file (:func:`bench.suite.prime`).
     """
+    from bench.backends.ort import write_onnx
     from deploy_prune.artifacts import load_model_dir
-    from export.to_onnx import DEFAULT_OPSET, export_onnx
+    from export.to_onnx import DEFAULT_OPSET
 
     out = model_dir / ONNX_FILE
     if not out.is_file():
         model, plan = load_model_dir(model_dir)
-        meta = {"variant": "base" if plan.kept is None else "slim", "plan_sha256": plan.digest()}
         example = torch.randn(plan.example(2).shape, generator=torch.Generator().manual_seed(0))  # (2, C, H, W)
-        export_onnx(model.eval(), example, out, opset=opset or DEFAULT_OPSET, dynamic_batch=True,
-                    verify=True, metadata=meta, force=True)
+        write_onnx(model.eval(), plan, "base" if plan.kept is None else "slim", example, out, opset=DEFAULT_OPSET)
     return out
 
 
@@ -120,7 +119,7 @@ def ensure_slim(root: Path, cfg: SuiteConfig, point: PointConfig, rounding: int)
     nodes = discover(model, example)
     scores = beta_scores(model, nodes, example, cfg) if source == "beta" else uniform_scores(nodes)
     crucial = list(point.crucial or [])
-    last = max(nodes, key=lambda n: n.order).name
+    last = last_node(nodes).name
     crucial += [] if last in crucial else [last]
     alloc_cfg = AllocationConfig(method="global" if source == "beta" else "uniform",
                                  flops_reduction=point.flops_reduction, round_to=rounding,

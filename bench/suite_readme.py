@@ -57,9 +57,8 @@ def headline_table(csv: pd.DataFrame, device: str) -> str:
         head += [f"batch {b}: speedup [95% CI]", "eff."]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     keys = ["model", "source", "target_flops_reduction", "backend", "precision"]
-    order = _point_order(d).drop_duplicates(keys)
-    for _, first in order.iterrows():
-        g = d[(d[keys] == first[keys]).all(axis=1)]
+    for _, g in _point_order(d).groupby(keys, sort=False, dropna=False):  # in the sorted rows' order
+        first = g.iloc[0]
         cells = [MODEL_NAMES.get(first["model"], first["model"]), first["source"],
                  _target(first["target_flops_reduction"]), f"{first['flops_reduction']:.2f}x", _device(first),
                  BACKEND_NAMES.get(first["backend"], first["backend"]), first["precision"]]
@@ -79,8 +78,8 @@ def rounding_table(csv: pd.DataFrame, backend: str = "ort", device: str = "cpu",
     head = ["model", "paper", "target"] + [f"rounding {r}: FLOPs red. / speedup [95% CI]" for r in roundings]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     keys = ["model", "source", "target_flops_reduction"]
-    for _, first in _point_order(d).drop_duplicates(keys).iterrows():
-        g = d[(d[keys] == first[keys]).all(axis=1)]
+    for _, g in _point_order(d).groupby(keys, sort=False, dropna=False):  # in the sorted rows' order
+        first = g.iloc[0]
         cells = [MODEL_NAMES.get(first["model"], first["model"]), first["source"],
                  _target(first["target_flops_reduction"])]
         for r in roundings:

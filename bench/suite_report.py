@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import table
 from bench.report import markdown_table
 from bench.suite_config import SuiteConfig
 from deploy_prune.artifacts import atomic_write_text
@@ -96,7 +97,8 @@ def repeats_text(s: pd.DataFrame) -> str:
 def ordered(df: pd.DataFrame) -> pd.DataFrame:
     """The bench columns, then the suite's, then anything else."""
     front = [c for c in df.columns if c not in SUITE_COLUMNS]
-    return df[front[:17] + [c for c in SUITE_COLUMNS if c in df.columns] + front[17:]]
+    n = len(table.REQUIRED)
+    return df[front[:n] + [c for c in SUITE_COLUMNS if c in df.columns] + front[n:]]
 
 
 def slim_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -225,7 +227,7 @@ def write_results(df: pd.DataFrame, out: Path, *, cfg: SuiteConfig, command: str
                   notes: str = "") -> list[Path]:
     """``paper_claims.csv`` (measured rows only), ``.md`` and ``.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    df = ordered(combine_repeats(df))
+    df = combine_repeats(df)
     s = slim_rows(df)
     csv = atomic_write_text(out / "paper_claims.csv", measured_table(s).to_csv(index=False))
     png = plot(s, out / "paper_claims.png")

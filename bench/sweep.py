@@ -125,7 +125,8 @@ def make_shared(base: Artifact, slim: Artifact, cfg: BenchConfig, environment: d
         raise ValueError(f"base {base.path} and slim {slim.path} take or give different shapes "
                          f"((channels, size, classes) {_io_shape(base)} vs {_io_shape(slim)})")
     arts = {"base": base, "slim": slim}
-    costs = {k: count(a.model, a.plan.example()) for k, a in arts.items()}
+    # counted once per artifact: the suite reuses one base artifact for many units
+    costs = {k: a.cached("cost", lambda a=a: count(a.model, a.plan.example())) for k, a in arts.items()}
     if costs["slim"].flops <= 0:
         raise ValueError(f"{slim.path}: the slim model counts 0 FLOPs; cannot form a reduction")
     return Shared(cfg=cfg, model=cfg.model_name or slim.plan.arch, artifacts=arts,
