@@ -9,7 +9,7 @@ before scoring.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -22,22 +22,23 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def eval_batches(plan: ModelPlan, *, max_samples: int | None = None,
-                 data_root: str | None = None) -> list[Batch]:
-    """The test split of the model's own data config, as in-memory (x, y) batches."""
+def eval_set(plan: ModelPlan, *, max_samples: int | None = None, data_root: str | None = None) -> Batch:
+    """The test split of the model's own data config, in memory as one (x (N, C, H, W), y (N,)) pair."""
     over = [f"data.max_eval_samples={max_samples}"] if max_samples else []
     over += [f"data.root={data_root}"] if data_root else []
     cfg = resolve_config(plan, None, over)
     data = load_data(cfg.data, seed=cfg.seed)
     log.info("accuracy on %s test split (%s samples)", cfg.data.name,
              getattr(data.test, "num_samples", "?"))
-    return [(x, y) for x, y in data.test]
+    batches = [(x, y) for x, y in data.test]
+    if not batches:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
-def rebatch(batches: Iterable[Batch], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+def rebatch(data: Batch, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """(x, y, n_real) chunks of exactly ``size`` rows; the last is zero-padded to ``size``."""
-    xs = torch.cat([x for x, _ in batches]) if batches else torch.empty(0)  # (N, C, H, W)
-    ys = torch.cat([y for _, y in batches]) if batches else torch.empty(0)
+    xs, ys = data
     for i in range(0, len(ys), size):
         x, y = xs[i:i + size], ys[i:i + size]
         n = len(y)
@@ -46,10 +47,10 @@ def rebatch(batches: Iterable[Batch], size: int) -> Iterator[tuple[torch.Tensor,
         yield x.contiguous(), y, n
 
 
-def top1(backend: Backend, batches: list[Batch], *, batch_size: int) -> tuple[float, int]:
+def top1(backend: Backend, data: Batch, *, batch_size: int) -> tuple[float, int]:
     """Percent of samples whose highest logit is the label, and the number of samples."""
     correct = total = 0
-    for x, y, n in rebatch(batches, batch_size):
+    for x, y, n in rebatch(data, batch_size):
         logits = backend.download(backend.run(backend.upload(x)))[:n]  # (n, K)
         correct += int((logits.argmax(dim=1) == y).sum())
         total += n

@@ -250,9 +250,9 @@ def add_accuracy(sh: Shared, pair: dict[str, Backend], rows: list[dict[str, Any]
         art = sh.artifacts[v]
         fields: dict[str, Any]
         try:
-            batches = art.cached("eval", lambda a=art: accuracy.eval_batches(
+            data = art.cached("eval", lambda a=art: accuracy.eval_set(
                 a.plan, max_samples=sh.cfg.max_eval_samples, data_root=sh.cfg.data_root))
-            acc, n = accuracy.top1(backend, batches, batch_size=size)
+            acc, n = accuracy.top1(backend, data, batch_size=size)
             fields = {"top1": acc, "top1_samples": n}
         except Exception as e:  # no dataset here, a backend that cannot take the batch, ...
             log.warning("accuracy of %s on %s failed: %s", v, backend.name, e)

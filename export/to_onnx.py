@@ -17,7 +17,8 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from export._staging import ensure_writable, staged
 from export.errors import BackendUnavailableError, ParityError, first_line
 from export.fold import fold_batchnorm
 from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, from_model_dir
-from export.parity import check_example, check_parity, scaled_atol
+from export.parity import check_example, check_parity
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ONNX_PRECISIONS", "ParityError", "export_onnx", "read_metadata",
            "verify_onnx"]
@@ -121,17 +122,10 @@ def parity_tolerance(precision: str, model: nn.Module, chw: tuple[int, ...], rto
     """
     if precision == "fp32":
         return (FP32_TOLERANCE[0] if rtol is None else rtol), (FP32_TOLERANCE[1] if atol is None else atol)
-    from export.to_trt import DEFAULT_TOLERANCE
+    from export.to_trt import tolerance
 
-    r, a = DEFAULT_TOLERANCE[precision]
-    if atol is None:
-        device, was_training = _device_of(model), model.training
-        model.eval()
-        try:
-            atol = scaled_atol(a, lambda x: model(x.to(device)).float().cpu(), chw)
-        finally:
-            model.train(was_training)
-    return (r if rtol is None else rtol), atol
+    with eval_reference(model) as reference:
+        return tolerance(precision, lambda x: reference(x).float().cpu(), chw, rtol, atol)
 
 
 def to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
@@ -226,13 +220,9 @@ def _verify(path: Path, model: nn.Module, *, batches: Sequence[int], rtol: float
         except Exception as e:  # onnxruntime's own exception types
             raise ValueError(f"{label}: ONNX Runtime failed at batch {x.shape[0]}: {first_line(e)}") from None
 
-    device, was_training = _device_of(model), model.training
-    model.eval()
-    try:
-        return check_parity(run, lambda x: model(x.to(device)), shape, batches, rtol=rtol, atol=atol,
+    with eval_reference(model) as reference:
+        return check_parity(run, reference, shape, batches, rtol=rtol, atol=atol,
                             what=f"ONNX Runtime ({session.get_providers()[0]}) on {label}")
-    finally:
-        model.train(was_training)
 
 
 def open_session(path: Path, *, providers: Sequence[str] | None = None) -> Any:
@@ -310,6 +300,17 @@ def _save(proto: onnx.ModelProto, path: Path) -> None:
         raise ValueError(f"the ONNX graph is {size / 2**30:.2f} GiB; single-file ONNX is limited "
                          f"to 2 GiB and external-data export is not supported here")
     onnx.save_model(proto, str(path))
+
+
+@contextmanager
+def eval_reference(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """``model`` in eval mode as a function of CPU inputs (moved to its device); mode restored after."""
+    device, was_training = _device_of(model), model.training
+    model.eval()
+    try:
+        yield lambda x: model(x.to(device))
+    finally:
+        model.train(was_training)
 
 
 def _device_of(model: nn.Module) -> torch.device:

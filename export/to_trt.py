@@ -230,9 +230,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = DEF
     onnx_in = _read_onnx(Path(onnx_path), settings)
     trt = require_tensorrt()
     plan = plan_build(tensorrt_major(trt), precision, onnx_in.float_type, onnx_in.has_qdq)
-    calib = None
-    if plan.calibrate:
-        calib = _calibration(trt, precision, calibration_batches, calib_path(out), onnx_in.chw)
+    calib = _calibration(trt, calibration_batches, calib_path(out), onnx_in.chw) if plan.calibrate else None
     t0 = time.perf_counter()
     blob = _build(trt, onnx_in, settings, plan, calib)
     seconds = time.perf_counter() - t0
@@ -436,11 +434,8 @@ def _save_timing_cache(config: Any, path: Path | None) -> None:
         log.info("timing cache written to %s", path)
 
 
-def _calibration(trt: Any, precision: str, batches: Iterable[torch.Tensor] | None, cache: Path,
-                 chw: tuple[int, ...]) -> Any:
-    """An entropy calibrator for int8 (None otherwise)."""
-    if precision != "int8":
-        return None
+def _calibration(trt: Any, batches: Iterable[torch.Tensor] | None, cache: Path, chw: tuple[int, ...]) -> Any:
+    """An entropy calibrator for an implicitly calibrated int8 build (``BuildPlan.calibrate``)."""
     data = [b for b in (batches or []) if tuple(b.shape[1:]) == chw]
     if data:
         size = data[0].shape[0]
@@ -487,7 +482,7 @@ def _verify(runner: TRTRunner, onnx_in: OnnxInput, model: nn.Module | None, s: B
     """Parity of the engine against PyTorch on the GPU (or ONNX Runtime without a model)."""
     reference, against = _reference(onnx_in.path, model)
     batches = batches_in_range(s.min_batch, s.max_batch)
-    r, a = _tolerance(s.precision, reference, onnx_in.chw, rtol, atol)
+    r, a = tolerance(s.precision, reference, onnx_in.chw, rtol, atol)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return runner(x.cuda()).float().cpu()
@@ -524,8 +519,9 @@ def _strict_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _tolerance(precision: str, reference: Any, chw: tuple[int, ...], rtol: float | None,
-               atol: float | None) -> tuple[float, float]:
+def tolerance(precision: str, reference: Any, chw: tuple[int, ...], rtol: float | None,
+              atol: float | None) -> tuple[float, float]:
+    """(rtol, atol) at ``precision``; explicit values win, atol scaled by ``reference``'s logits."""
     r, a = DEFAULT_TOLERANCE[precision]
     return (r if rtol is None else rtol), (scaled_atol(a, reference, chw) if atol is None else atol)
 

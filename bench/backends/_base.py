@@ -157,17 +157,6 @@ def missing_package(module: str, install: str) -> str | None:
     return None
 
 
-def missing_export(module: str, function: str) -> str | None:
-    """``None`` when ``export.<module>.<function>`` exists, else the reason."""
-    try:
-        mod = importlib.import_module(f"export.{module}")
-    except ImportError as e:
-        return f"export.{module} unavailable ({e})"
-    if not hasattr(mod, function):
-        return f"export.{module} has no {function}()"
-    return None
-
-
 BACKENDS: Registry[type[Backend]] = Registry("backend")
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from bench.backends._base import Artifact, BackendOptions, register
-from bench.backends.ort import ORTBackend, available_providers
+from bench.backends._base import Artifact, register
+from bench.backends.ort import ORTBackend
 
 
 @register("ort-trt")
@@ -24,15 +24,10 @@ class ORTTensorRTBackend(ORTBackend):
     provider_by_device = {"cuda": "TensorrtExecutionProvider"}
     install_hint = {"cuda": "onnxruntime-gpu and tensorrt"}
 
-    @classmethod
-    def requirements(cls, device: str, precision: str, options: BackendOptions) -> str | None:
-        reason = super().requirements(device, precision, options)
-        if reason is None and "TensorrtExecutionProvider" not in available_providers():
-            return "onnxruntime has no TensorrtExecutionProvider"
-        return reason
-
     def providers(self, artifact: Artifact, example: torch.Tensor) -> list[Any]:
-        name = self.session_input_name(artifact)
+        from export.to_onnx import INPUT_NAME
+
+        name = INPUT_NAME  # export_onnx's input name, whichever path wrote the file
         shape = "x".join(str(d) for d in example.shape[1:])
         opt = min(8, self.options.max_batch)
         trt = {**self.cuda_options(),
@@ -44,11 +39,3 @@ class ORTTensorRTBackend(ORTBackend):
                "trt_profile_max_shapes": f"{name}:{self.options.max_batch}x{shape}"}
         return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", self.cuda_options()),
                 "CPUExecutionProvider"]
-
-    def session_input_name(self, artifact: Artifact) -> str:
-        """The ONNX graph's (first non-initializer) input name, for the shape profile."""
-        import onnx
-
-        graph = onnx.load(str(self.path), load_external_data=False).graph
-        inits = {i.name for i in graph.initializer}
-        return next(i.name for i in graph.input if i.name not in inits)

@@ -27,20 +27,10 @@ from bench.backends._base import (
     Artifact,
     Backend,
     BackendOptions,
-    first_tensor,
-    missing_export,
     missing_package,
     register,
 )
 from bench.backends.ort import onnx_file
-
-# Why a precision cannot be built on TensorRT 11+ (strong typing) from what deploy-prune exports.
-STRONG_TYPING_UNAVAILABLE = {
-    "int8": "TensorRT 11+ removed implicit int8 calibration; an int8 engine needs a Q/DQ ONNX "
-            "(NVIDIA ModelOpt ONNX PTQ), which this backend does not produce",
-    "bf16": "TensorRT 11+ builds bf16 only from a bf16-typed ONNX, which deploy-prune does not "
-            "export (ModelOpt AutoCast --low_precision_type bf16 makes one)",
-}
 
 
 def tensorrt_major() -> int | None:
@@ -63,13 +53,8 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def requirements(cls, device: str, precision: str, options: BackendOptions) -> str | None:
-        reason = (missing_package("tensorrt", "tensorrt")
-                  or missing_export("to_trt", "build_engine")
-                  or missing_export("to_trt", "TRTRunner")
-                  or missing_export("to_onnx", "export_onnx"))
-        if reason or precision not in STRONG_TYPING_UNAVAILABLE:
-            return reason
-        return strong_typing_reason(tensorrt_major(), precision)
+        reason = missing_package("tensorrt", "tensorrt")
+        return reason or strong_typing_reason(tensorrt_major(), precision)
 
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
         from export.to_trt import TRTRunner, build_engine, onnx_precision_for
@@ -95,7 +80,7 @@ class TensorRTBackend(Backend):
         return host.to("cuda", torch.float32, non_blocking=True).contiguous()  # (B, C, H, W)
 
     def run(self, inputs: torch.Tensor) -> Any:
-        return first_tensor(self.runner(inputs))  # (B, K)
+        return self.runner(inputs)  # TRTRunner gives the logits tensor (B, K)
 
     def describe(self) -> dict[str, Any]:
         row = {"backend": self.name, "device": self.device, "precision": self.precision,
@@ -107,9 +92,15 @@ class TensorRTBackend(Backend):
 
 
 def strong_typing_reason(major: int | None, precision: str) -> str | None:
-    """The one-line reason ``precision`` is unavailable on TensorRT ``major``, None if it is not."""
-    from export.to_trt import STRONG_TYPING_MAJOR
+    """The one-line reason ``precision`` cannot be built on TensorRT ``major`` from what the
+    bench exports, None if it can: :func:`export.to_trt.plan_build` decides, as the builder does."""
+    from export.errors import first_line
+    from export.to_trt import onnx_precision_for, plan_build
 
-    if major is None or major < STRONG_TYPING_MAJOR or precision not in STRONG_TYPING_UNAVAILABLE:
+    if major is None:
         return None
-    return f"{STRONG_TYPING_UNAVAILABLE[precision]} (TensorRT {major})"
+    try:
+        plan_build(major, precision, onnx_precision_for(major, precision))
+    except ValueError as e:
+        return first_line(e)
+    return None
