@@ -62,18 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # the exporters' own INFO chatter drowns the useful lines (parity reports)
         for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._inductor"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    code = 1
     try:
         distributed.init_from_env()
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+        return code
     except (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"deploy-prune {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        code = 2
+        return code
+    finally:
+        distributed.shutdown(ok=code == 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

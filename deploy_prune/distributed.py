@@ -30,6 +30,21 @@ def init_from_env() -> None:
     log.info("rank %d/%d joined (%s)", rank(), world(), backend)
 
 
+def shutdown(ok: bool) -> None:
+    """Leave the process group in order; call once at the end of the command.
+
+    Exiting without ``destroy_process_group`` lets interpreter teardown race gloo's worker
+    threads, which can abort (SIGABRT) a rank that finished first while rank 0 still writes the
+    outputs. A rank that succeeded waits for the others first; one that failed leaves at once
+    (torchrun then stops the rest).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from deploy_prune import distributed
 from deploy_prune.artifacts import ModelPlan, save_model_dir
 from deploy_prune.models import build_model
 
@@ -23,7 +24,10 @@ def _score(base, out, nproc: int) -> dict:
                "-m", "deploy_prune.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # torchrun's summary box hides why a rank died; put the ranks' own error lines first
+    why = [ln for ln in proc.stderr.splitlines()
+           if any(w in ln for w in ("what()", "terminate called", "Error", "error:", "Fatal"))]
+    assert proc.returncode == 0, "\n".join(why[:20]) + "\n...\n" + proc.stderr[-2000:]
     return json.loads(out.read_text())
 
 
@@ -39,3 +43,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         np.testing.assert_allclose(two["channel_scores"][k], v, atol=2e-4, rtol=0)
         moved = max(moved, float(np.abs(np.asarray(v) - 1.0).max()))
     assert moved > 1e-3  # the betas did train, so the match is not trivial
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available in this build")
+def test_shutdown_leaves_the_process_group(monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    torch.distributed.init_process_group("gloo")
+    assert torch.distributed.is_initialized()
+    distributed.shutdown(ok=True)
+    assert not torch.distributed.is_initialized()
+    distributed.shutdown(ok=False)  # a second call (or one without a group) is a no-op
