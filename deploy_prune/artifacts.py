@@ -100,11 +100,17 @@ def build_from_plan(plan: ModelPlan) -> nn.Module:
     return model.eval()
 
 
-def atomic_dir(out: str | Path, *, force: bool = False) -> tuple[Path, Path]:
-    """A temporary sibling of ``out`` to write into, then :func:`commit_dir`."""
+def check_output(out: str | Path, *, force: bool = False) -> Path:
+    """Refuse an existing output unless ``force``; commands call it before any long work."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"output {out} already exists; pass --force to overwrite it")
+    return out
+
+
+def atomic_dir(out: str | Path, *, force: bool = False) -> tuple[Path, Path]:
+    """A temporary sibling of ``out`` to write into, then :func:`commit_dir`."""
+    out = check_output(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     return out, tmp

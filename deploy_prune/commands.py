@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from deploy_prune import distributed, pipeline
-from deploy_prune.artifacts import atomic_write_text, load_model_dir, save_model_dir
+from deploy_prune.artifacts import atomic_write_text, check_output, load_model_dir, save_model_dir
 from deploy_prune.config import load_config
 from deploy_prune.data import load_data
 from deploy_prune.nodes import discover
@@ -41,6 +40,7 @@ def _overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
+    check_output(args.out, force=args.force)
     cfg = load_config(args.config, _overrides(args))
     device = pipeline.setup(cfg)
     data = load_data(cfg.data, seed=cfg.seed)
@@ -60,15 +60,13 @@ def _scores(args, model, plan, cfg, device):
 
 
 def cmd_score(args) -> int:
+    out = check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
     cfg = pipeline.resolve_config(plan, args.config, _overrides(args))
     device = pipeline.setup(cfg)
     result = _scores(args, model, plan, cfg, device)
     if not distributed.is_main():
         return 0
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"output {out} already exists; pass --force to overwrite it")
     atomic_write_text(out, json.dumps(result, indent=1))
     top = sorted(result["node_scores"].items(), key=lambda kv: -kv[1])[:5]
     print(f"{result['scorer']} scores for {len(result['nodes'])} nodes in {result['seconds']:.1f}s -> {out}")
@@ -77,6 +75,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_prune(args) -> int:
+    check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
     over = _overrides(args)
     if args.target_flops is not None:
@@ -137,6 +136,8 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config_file, _overrides(args))
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
+    if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
+        return 0
     print(f"{report['base']['arch']}: {report['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
           f"{report['base']['top1']:.2f}% | pruned {report['pruned']['top1']:.2f}% | recovered "
           f"{report['recovered']['top1']:.2f}% | slim {report['slim']['top1']:.2f}%")
@@ -154,6 +155,8 @@ def cmd_ablate(args) -> int:
         raise ValueError(f"--only: unknown studies {bad}; choose from {', '.join(STUDIES)}")
     cfg = load_config(args.config_file, _overrides(args))
     rows = ablate(cfg, args.out, studies=studies, from_run=args.from_run, resume=args.resume, force=args.force)
+    if not distributed.is_main():
+        return 0
     print(f"{len(rows)} ablation rows -> {args.out}/ablation.md, ablation.csv, ablation.png")
     for r in rows:
         print(f"  {r['study']:<10} {r['variant']:<12} pruned {r['pruned_top1']:6.2f}  recovered "

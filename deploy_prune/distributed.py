@@ -19,9 +19,14 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def launched() -> bool:
+    """True in a worker that torchrun started as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_env() -> None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if not launched() or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -31,17 +36,25 @@ def init_from_env() -> None:
 
 
 def shutdown(ok: bool) -> None:
-    """Leave the process group in order; call once at the end of the command.
+    """Leave the process group in order; every rank calls it once, at the end of the command.
 
-    Exiting without ``destroy_process_group`` lets interpreter teardown race gloo's worker
-    threads, which can abort (SIGABRT) a rank that finished first while rank 0 still writes the
-    outputs. A rank that succeeded waits for the others first; one that failed leaves at once
-    (torchrun then stops the rest).
+    Destroying the group while a peer still waits in a collective aborts that peer, and so does
+    a rank that finished first tearing its interpreter down under gloo's threads. So the ranks
+    first agree, in one all-reduce, on whether any of them failed, and then destroy the group
+    together (``cli.entry`` then skips interpreter teardown; its docstring says why). If a peer
+    is already gone, there is nothing left to leave in order.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if ok and dist.get_world_size() > 1:
-        dist.barrier()
+    if dist.get_world_size() > 1:
+        failed = torch.tensor([0 if ok else 1])
+        try:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        except RuntimeError as e:  # a peer died mid-command: torchrun is stopping the job
+            log.warning("rank %d could not reach its peers at exit: %s", rank(), e)
+            return
+        if failed.item() and ok:
+            log.warning("rank %d finished, but another rank failed", rank())
     dist.destroy_process_group()
 
 

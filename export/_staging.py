@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from deploy_prune.artifacts import check_output
+
 
 def ensure_writable(out: Path, *, force: bool) -> None:
     """Refuse to overwrite ``out`` without ``force``; create its folder."""
     if out.is_dir():
         raise ValueError(f"output {out} is a directory; expected a file path")
-    if out.exists() and not force:
-        raise FileExistsError(f"output {out} already exists; pass --force to overwrite it")
+    check_output(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
 
 

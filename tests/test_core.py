@@ -178,3 +178,23 @@ def test_data_split_is_deterministic():
     b = load_data(cfg.data, seed=1)
     assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
     assert a.num_classes == 10 and a.in_channels == 1 and a.image_size == 8
+
+
+@pytest.mark.parametrize("command", [["train", "--config", "configs/default.yaml"], ["score", "BASE"],
+                                     ["prune", "BASE"]])
+def test_existing_output_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    from deploy_prune import commands, pipeline
+    from deploy_prune.cli import main
+
+    def no_work(*a, **k):
+        raise AssertionError("the command started its work before checking --out")
+
+    for name in ("load_base", "train_base", "setup"):
+        monkeypatch.setattr(pipeline, name, no_work)
+    monkeypatch.setattr(commands, "load_config", no_work)
+    out = tmp_path / "taken"
+    out.mkdir()
+    argv = [a.replace("BASE", str(tmp_path / "base")) for a in command]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"output {out} already exists" in err and "--force" in err

@@ -59,3 +59,21 @@ def test_shutdown_leaves_the_process_group(monkeypatch):
     distributed.shutdown(ok=True)
     assert not torch.distributed.is_initialized()
     distributed.shutdown(ok=False)  # a second call (or one without a group) is a no-op
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available in this build")
+def test_two_ranks_fail_cleanly_with_the_commands_own_error(tmp_path):
+    model = build_model("small_vgg", num_classes=10, in_channels=1)
+    base = save_model_dir(model, ModelPlan("small_vgg", 10, 1, 8), tmp_path / "base")
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "deploy_prune.cli", "score", str(base), "--out", str(taken), "data.name=digits", "threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert f"output {taken} already exists" in proc.stderr
+    # the ranks exit with the command's code 2, not killed by a signal at teardown
+    assert "exitcode: 2" in proc.stderr.replace("exitcode  :", "exitcode:"), proc.stderr[-2000:]
+    assert "SIGABRT" not in proc.stderr and "terminate called" not in proc.stderr, proc.stderr[-2000:]
+    assert taken.read_text() == "{}"
