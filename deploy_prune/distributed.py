@@ -47,7 +47,8 @@ def shutdown(ok: bool) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if dist.get_world_size() > 1:
-        failed = torch.tensor([0 if ok else 1])
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        failed = torch.tensor([0 if ok else 1], device=on)  # NCCL reduces CUDA tensors only
         try:
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         except RuntimeError as e:  # a peer died mid-command: torchrun is stopping the job
