@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from bench.backends import BACKENDS, DEVICES, PRECISIONS
 from deploy_prune._registry import Registry
+from deploy_prune.artifacts import check_output
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,8 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not Path(getattr(args, k)).is_dir():
             raise FileNotFoundError(f"--{k} {getattr(args, k)}: no such model directory")
     out = Path(args.out)
-    if (out / "results.json").exists() and not args.force:
-        raise FileExistsError(f"{out / 'results.json'} already exists; pass --force to overwrite it")
+    check_output(out / "results.json", force=args.force)
     df = run(args.base, args.slim, out, config_from_args(args), command=command_line(args))
     print("\n".join(summary_lines(df)))
     print(f"{len(df)} rows -> {out / 'results.csv'}, {out / 'results.json'}, {out / 'report.md'}")

@@ -64,24 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # the exporters' own INFO chatter drowns the useful lines (parity reports)
         for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo", "torch._inductor"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    code = 1
+    code = 1  # an exception mapped to no exit code below (a bug) still counts as a failure
+    try:
+        code = _dispatch(args)
+        return code
+    finally:
+        distributed.shutdown(ok=code == 0)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the sub-command; expected errors become one line on stderr and exit code 2."""
     try:
         distributed.init_from_env()
-        code = int(args.func(args) or 0)
-        return code
+        return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        code = 130
-        return code
+        return 130
     except (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"deploy-prune {args.command}: error: {msg}", file=sys.stderr)
-        code = 2
-        return code
-    finally:
-        distributed.shutdown(ok=code == 0)
+        return 2
 
 
 def entry() -> NoReturn:

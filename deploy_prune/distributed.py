@@ -46,7 +46,7 @@ def shutdown(ok: bool) -> None:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if dist.get_world_size() > 1:
+    if active():
         on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         failed = torch.tensor([0 if ok else 1], device=on)  # NCCL reduces CUDA tensors only
         try:

@@ -61,6 +61,19 @@ def check_parity(run: Runner, reference: Runner, shape: Sequence[int], batches: 
     return diffs
 
 
+# (rtol, atol) against PyTorch fp32 logits per precision, for TensorRT engines and fp16 ONNX
+# exports; unless given explicitly, atol is scaled by the logits' magnitude (scaled_atol).
+DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "tf32": (1e-2, 1e-2), "fp16": (2e-2, 2e-2),
+                     "bf16": (5e-2, 5e-2), "int8": (1e-1, 1e-1)}
+
+
+def tolerance(precision: str, reference: Runner, chw: Sequence[int], rtol: float | None,
+              atol: float | None) -> tuple[float, float]:
+    """(rtol, atol) at ``precision``; explicit values win, atol scaled by ``reference``'s logits."""
+    r, a = DEFAULT_TOLERANCE[precision]
+    return (r if rtol is None else rtol), (scaled_atol(a, reference, chw) if atol is None else atol)
+
+
 def scaled_atol(atol: float, reference: Runner, shape: Sequence[int]) -> float:
     """``atol`` times the reference's output scale max|ref| (when above 1) on a batch-1 probe.
 

@@ -30,7 +30,7 @@ from export._staging import ensure_writable, staged
 from export.errors import BackendUnavailableError, ParityError, first_line
 from export.fold import fold_batchnorm
 from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, from_model_dir
-from export.parity import check_example, check_parity
+from export.parity import check_example, check_parity, tolerance
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ONNX_PRECISIONS", "ParityError", "export_onnx", "read_metadata",
            "verify_onnx"]
@@ -43,7 +43,7 @@ BATCH_DIM = "batch"
 DEFAULT_OPSET = 18
 _PROTOBUF_LIMIT = 2**31 - 1  # a single-file ONNX model must serialise below 2 GiB
 ONNX_PRECISIONS = ("fp32", "fp16")
-# fp32 parity tolerance (rtol, atol); fp16 uses export.to_trt.DEFAULT_TOLERANCE["fp16"], atol
+# fp32 parity tolerance (rtol, atol); fp16 uses export.parity.DEFAULT_TOLERANCE["fp16"], atol
 # scaled by the logits' magnitude, the same rule the TensorRT fp16 engines are held to.
 FP32_TOLERANCE = (1e-3, 1e-4)
 _HALF_DTYPES = {"fp16": torch.float16}
@@ -122,10 +122,8 @@ def parity_tolerance(precision: str, model: nn.Module, chw: tuple[int, ...], rto
     """
     if precision == "fp32":
         return (FP32_TOLERANCE[0] if rtol is None else rtol), (FP32_TOLERANCE[1] if atol is None else atol)
-    from export.to_trt import tolerance
-
     with eval_reference(model) as reference:
-        return tolerance(precision, lambda x: reference(x).float().cpu(), chw, rtol, atol)
+        return tolerance(precision, reference, chw, rtol, atol)
 
 
 def to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
@@ -134,7 +132,6 @@ def to_proto(model: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OP
     if importlib.util.find_spec("onnxscript") is None:
         raise BackendUnavailableError("ONNX export needs onnxscript (torch's ONNX exporter is built "
                                       "on it): pip install onnxscript")
-    check_precision(precision)
     folded = fold_batchnorm(model)
     if precision in _HALF_DTYPES:  # fold in fp32 first, then round the folded weights once
         folded = HalfCompute(folded, _HALF_DTYPES[precision]).eval()

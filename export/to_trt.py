@@ -39,7 +39,7 @@ from deploy_prune.artifacts import atomic_write_text as write_text_atomic
 from export._staging import ensure_writable, staged, write_bytes_atomic
 from export.errors import BackendUnavailableError, first_line
 from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, provenance
-from export.parity import batches_in_range, check_parity, scaled_atol
+from export.parity import batches_in_range, check_parity, tolerance
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ MODELOPT_AUTOCAST = ("python -m modelopt.onnx.autocast --onnx_path model.onnx --
 MODELOPT_INT8 = ("python -m modelopt.onnx.quantization --onnx_path model.onnx --quantize_mode int8 "
                  "--calibration_data_path calib.npy --output_path model_int8.onnx")
 MODELOPT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com 'nvidia-modelopt[all]'"
-# (rtol, atol) against PyTorch fp32 logits; unless given explicitly, atol is scaled by the
-# logits' magnitude (export.parity.scaled_atol).
-DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "tf32": (1e-2, 1e-2), "fp16": (2e-2, 2e-2),
-                     "bf16": (5e-2, 5e-2), "int8": (1e-1, 1e-1)}
 
 
 @dataclass(frozen=True)
@@ -72,8 +68,8 @@ class OnnxInput:
     data: bytes
     input_name: str
     chw: tuple[int, ...]
-    float_type: str = "fp32"
-    has_qdq: bool = False
+    float_type: str
+    has_qdq: bool
 
 
 @dataclass(frozen=True)
@@ -151,9 +147,8 @@ def plan_build(trt_major: int, precision: str, onnx_float: str = "fp32", has_qdq
     wanted = "fp32" if precision in ("fp32", "tf32") else precision
     if onnx_float != wanted:
         raise ValueError(_type_mismatch(trt_major, precision, wanted, onnx_float))
-    if precision == "tf32":
-        return BuildPlan("strong", ("TF32",), (), calibrate=False)
-    return BuildPlan("strong", (), ("TF32",) if precision == "fp32" else (), calibrate=False)
+    return BuildPlan("strong", ("TF32",) if precision == "tf32" else (), ("TF32",) if precision == "fp32" else (),
+                     calibrate=False)
 
 
 def _require_qdq(trt_major: int, has_qdq: bool) -> None:
@@ -220,7 +215,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = DEF
     ``timing_cache`` is read if it exists and written back after the build. With ``verify``
     the engine is run at two batch sizes against ``model`` (PyTorch on the GPU, TF32 off) or,
     without a model, against ONNX Runtime on the CPU; beyond tolerance (per-precision
-    defaults, see DEFAULT_TOLERANCE) it raises ParityError and keeps no file.
+    defaults, see export.parity.DEFAULT_TOLERANCE) it raises ParityError and keeps no file.
     """
     out = Path(out)
     settings = BuildSettings(precision, min_batch, opt_batch, max_batch, workspace_gb,
@@ -517,13 +512,6 @@ def _strict_fp32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def tolerance(precision: str, reference: Any, chw: tuple[int, ...], rtol: float | None,
-              atol: float | None) -> tuple[float, float]:
-    """(rtol, atol) at ``precision``; explicit values win, atol scaled by ``reference``'s logits."""
-    r, a = DEFAULT_TOLERANCE[precision]
-    return (r if rtol is None else rtol), (scaled_atol(a, reference, chw) if atol is None else atol)
 
 
 def _sidecar(trt: Any, s: BuildSettings, seconds: float, parity: dict[str, Any] | None,

@@ -24,11 +24,10 @@ from export.calibration import RANDOM_SOURCE, calibration_batches, calibration_f
 from export.errors import BackendUnavailableError, ParityError
 from export.fold import fold_batchnorm
 from export.formats import COMMON_OPTIONS, FORMATS, export_model_dir
-from export.parity import batches_in_range, check_close
+from export.parity import DEFAULT_TOLERANCE, batches_in_range, check_close
 from export.to_aoti import export_aoti, load_aoti
 from export.to_onnx import export_onnx, parity_tolerance, read_metadata, verify_onnx
 from export.to_trt import (
-    DEFAULT_TOLERANCE,
     PRECISIONS,
     build_engine,
     onnx_precision_for,

@@ -15,7 +15,6 @@ PyTorch behaviour. A backend that cannot run here says why in :meth:`Backend.una
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable

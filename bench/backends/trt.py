@@ -57,6 +57,7 @@ class TensorRTBackend(Backend):
         return reason or strong_typing_reason(tensorrt_major(), precision)
 
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
+        from export.calibration import RANDOM_SOURCE, calibration_for
         from export.to_trt import TRTRunner, build_engine, onnx_precision_for
 
         major = tensorrt_major() or 0
@@ -65,10 +66,8 @@ class TensorRTBackend(Backend):
         max_batch = max(1, self.options.max_batch)
         calib, self.calibration = None, None
         if self.precision == "int8":  # TensorRT 10 only: requirements() refuses it on 11+
-            from export.calibration import RANDOM_SOURCE, calibration_for
-
             calib, self.calibration = artifact.cached("trt:calibration", lambda: calibration_for(artifact.plan))
-        verify = self.calibration != RANDOM_SOURCE if calib is not None else True
+        verify = self.calibration != RANDOM_SOURCE  # seeded random images give no accuracy to check
         self.path = artifact.cached(f"trt:{self.precision}", lambda: Path(build_engine(
             onnx_path, out, precision=self.precision, min_batch=1, opt_batch=min(8, max_batch),
             max_batch=max_batch, timing_cache=artifact.workdir / "trt.timing-cache", force=True,
