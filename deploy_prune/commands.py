@@ -92,6 +92,8 @@ def cmd_prune(args) -> int:
         result = _scores(args, model, plan, cfg, device)
         scores = {k: np.asarray(v) for k, v in result["channel_scores"].items()}
     res = pipeline.prune(model, plan, cfg, scores)
+    if not distributed.is_main():
+        return 0
     save_model_dir(res.slim, res.plan, args.out, force=args.force)
     info = res.plan.info
     print(pipeline.width_table(res.nodes, info["base_widths"], info["widths"], info["crucial_nodes"]))
@@ -153,10 +155,11 @@ def cmd_ablate(args) -> int:
     bad = [s for s in studies if s not in STUDIES]
     if bad:
         raise ValueError(f"--only: unknown studies {bad}; choose from {', '.join(STUDIES)}")
+    if distributed.active():
+        raise ValueError("ablate runs in one process: its studies all write one folder, so launch it "
+                         "without torchrun (deploy-prune ablate ...); run supports torchrun")
     cfg = load_config(args.config_file, _overrides(args))
     rows = ablate(cfg, args.out, studies=studies, from_run=args.from_run, resume=args.resume, force=args.force)
-    if not distributed.is_main():
-        return 0
     print(f"{len(rows)} ablation rows -> {args.out}/ablation.md, ablation.csv, ablation.png")
     for r in rows:
         print(f"  {r['study']:<10} {r['variant']:<12} pruned {r['pruned_top1']:6.2f}  recovered "

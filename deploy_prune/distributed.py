@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -78,6 +81,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def from_main(make: Callable[[], T]) -> T:
+    """``make()`` on rank 0, its result sent to every rank (for results that differ per rank)."""
+    if not active():
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sync_grads(params: list[torch.Tensor]) -> None:

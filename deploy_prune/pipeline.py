@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploy_prune import distributed
 from deploy_prune.allocation import (
     PLUGIN_TARGETS,
     Allocation,
@@ -144,9 +145,11 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         raise ValueError(f"scores do not cover nodes {missing[:4]} of this model")
     crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
-        alloc = load_allocator(cfg.allocation.target).allocate(
+        # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP
+        # needs identical shapes on every rank)
+        alloc = distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(
             model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, plan=plan,
-            selection=selection)
+            selection=selection))
     else:
         alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation,
                          selection=selection)

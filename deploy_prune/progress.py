@@ -13,11 +13,15 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from deploy_prune import distributed
+
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T] | None = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
-    """``tqdm(iterable, **kwargs)``, on in logs too; ``enabled=False`` (non-main ranks) hides it."""
+def progress(iterable: Iterable[T] | None = None, *, enabled: bool | None = None, **kwargs: Any) -> tqdm:
+    """``tqdm(iterable, **kwargs)``, on in logs too; shown by rank 0 only unless ``enabled`` says."""
+    if enabled is None:
+        enabled = distributed.is_main()
     tty = sys.stderr.isatty()
     kwargs.setdefault("mininterval", 2 if tty else 30)
     if not tty:

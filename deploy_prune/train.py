@@ -103,7 +103,7 @@ def fit(
     net, by_hand = distributed.wrap(model, optimizer)
     running, count = 0.0, 0
     it = batches(loader, steps - start_step)
-    bar = progress(it, total=steps - start_step, desc=desc, leave=False, enabled=distributed.is_main())
+    bar = progress(it, total=steps - start_step, desc=desc, leave=False)
     for i, (xb, yb) in enumerate(bar, start=start_step):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         loss = loss_fn(net, xb, yb)

@@ -77,3 +77,22 @@ def test_two_ranks_fail_cleanly_with_the_commands_own_error(tmp_path):
     assert "exitcode: 2" in proc.stderr.replace("exitcode  :", "exitcode:"), proc.stderr[-2000:]
     assert "SIGABRT" not in proc.stderr and "terminate called" not in proc.stderr, proc.stderr[-2000:]
     assert taken.read_text() == "{}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available in this build")
+def test_from_main_gives_every_rank_rank0s_result(tmp_path):
+    # what a measured allocation relies on: each rank would time its own widths, rank 0's win
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os\n"
+        "from deploy_prune import distributed\n"
+        "distributed.init_from_env()\n"
+        "got = distributed.from_main(lambda: {'rank': distributed.rank(), 'widths': [distributed.rank() + 1]})\n"
+        "print('RESULT', os.environ['RANK'], got['rank'], got['widths'][0], flush=True)\n"
+        "distributed.shutdown(ok=True)\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = sorted(ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    assert results == [["0", "0", "1"], ["1", "0", "1"]]

@@ -163,7 +163,7 @@ def cached_table(probe: Probe, nodes: list[Node], cfg: AllocationConfig, *,
             table = load_table(path, wanted)
             log.info("latency table: reusing %s (built %s)", path, table.created)
             return table
-        except (StaleTableError, ValueError) as e:
+        except ValueError as e:  # StaleTableError included
             log.warning("refusing %s and rebuilding: %s", path, e)
     table = build_table(probe, nodes, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
