@@ -176,6 +176,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if n else 0
 
 
+@ACTIONS.register("suite")
+def add_suite(sub: argparse._SubParsersAction) -> None:
+    """``bench suite CONFIG [key=value ...] --out DIR [--results DIR] [--data-root DIR]``."""
+    p = sub.add_parser("suite", help="build the papers' operating points and measure them",
+                       description="Build ImageNet-shape base and slim models at the operating points "
+                       "of CONFIG (random weights; widths from beta scores with --data-root, else "
+                       "uniform) and time slim against base per stage, rounding and point. Model "
+                       "directories and finished units are cached under --out; a rerun resumes "
+                       "(and retries units that timed nothing, e.g. GPU stages on a CPU box).",
+                       epilog="Example: deploy-prune bench suite configs/bench/paper_claims.yaml "
+                       "--out runs/paper_claims --results docs/results")
+    p.add_argument("config", metavar="CONFIG", help="suite YAML (configs/bench/paper_claims.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (budget_minutes=30)")
+    p.add_argument("--out", dest="suite_out", required=True, metavar="DIR",
+                   help="work directory: models, artifacts, per-unit CSVs")
+    p.add_argument("--results", metavar="DIR", help="where paper_claims.csv/.md/.png go (default: --out)")
+    p.add_argument("--data-root", dest="data_root", metavar="DIR",
+                   help="ImageNet folder (train/, val/): widths from beta scores")
+    p.add_argument("--notes", metavar="FILE", help="Markdown added to the page (how a split run was produced)")
+    p.add_argument("--build-workers", type=int, default=1, metavar="N",
+                   help="processes building models ahead of the measurements (0: build inline)")
+    p.set_defaults(func=_cmd_suite)
+
+
+def _cmd_suite(args) -> int:
+    from bench.suite import cmd_suite  # pandas, models and allocators load only when a suite runs
+
+    return cmd_suite(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` (and its actions) to the ``deploy-prune`` command line."""
     p = sub.add_parser("bench", help="latency, throughput, speedup and accuracy of slim vs base",
@@ -185,8 +215,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="Example: deploy-prune bench --base runs/x/base --slim runs/x/slim "
                        "--backends torch ort --device cpu --precision fp32 --batch 1 8 --out bench_out")
     add_run_options(p)
-    import bench.suite  # noqa: F401  (registers the ``suite`` action)
-
     actions = p.add_subparsers(dest="bench_action", metavar="[ACTION]", required=False)
     for name in ACTIONS.names():
         ACTIONS.get(name)(actions)

@@ -19,7 +19,7 @@ import multiprocessing
 import shlex
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,15 @@ import pandas as pd
 
 from bench import env, table
 from bench.backends import BACKENDS, Artifact
-from bench.cli import ACTIONS
 from bench.suite_config import PointConfig, StageConfig, SuiteConfig, load_suite
-from bench.suite_models import build_slim, ensure_base, ensure_onnx, width_source
+from bench.suite_models import (
+    ONNX_FILE,
+    build_slim,
+    ensure_base,
+    ensure_onnx,
+    slim_dir,
+    width_source,
+)
 from bench.sweep import BenchConfig, Shared, load_artifact, make_shared, pinned_threads, sweep
 from deploy_prune.allocation import AllocationError
 from deploy_prune.artifacts import atomic_write_text
@@ -65,8 +71,6 @@ def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> Be
     """The bench sweep config of one stage; CUDA stages use the wall clock (CPU time is no latency there)."""
     timing = (stage.timing or cfg.timing).to_timing()
     if "cuda" in stage.devices and timing.clock == "cpu":
-        from dataclasses import replace
-
         timing = replace(timing, clock="wall")
     return BenchConfig(backends=tuple(stage.backends), devices=tuple(stage.devices),
                        precisions=tuple(stage.precisions), batches=tuple(stage.batches),
@@ -107,7 +111,6 @@ def unavailable_reasons(bcfg: BenchConfig) -> dict[str, str] | None:
 
 def planned_flops(root: Path, unit: Unit, cfg: SuiteConfig) -> dict[str, dict[str, Any]]:
     """variant -> FLOPs columns, from a built slim plan (no model is loaded for rows that time nothing)."""
-    from bench.suite_models import slim_dir
     from deploy_prune.artifacts import read_plan
 
     path = slim_dir(root, unit.point, unit.rounding, width_source(cfg))
@@ -133,7 +136,6 @@ def uses_onnx(stage: StageConfig) -> bool:
 def prime(artifact: Artifact, model_dir: Path) -> None:
     """Hand the artifact the ONNX file built ahead of time, so the ``ort`` backend does not export again."""
     from bench.backends.ort import seed_onnx
-    from bench.suite_models import ONNX_FILE
 
     if (model_dir / ONNX_FILE).is_file():
         seed_onnx(artifact, model_dir / ONNX_FILE)
@@ -185,9 +187,8 @@ class Measurer:
                 prime(self.bases[arch], path)
         return self.bases[arch]
 
-    def measure(self, unit: Unit) -> pd.DataFrame:
-        """The bench rows of one unit, with the suite's columns."""
-        bcfg = stage_config(self.cfg, unit.stage, unit.point)
+    def measure(self, unit: Unit, bcfg: BenchConfig) -> pd.DataFrame:
+        """The bench rows of one unit (its sweep config ``bcfg``), with the suite's columns."""
         slim_path = self.builder.slim(unit.point, unit.rounding)
         slim = load_artifact("slim", slim_path, self.root)
         prime(slim, slim_path)
@@ -246,7 +247,7 @@ def _one_unit(root: Path, cfg: SuiteConfig, unit: Unit, measurer: Measurer, t0: 
     else:
         log.info("measuring %s", unit.key)
         try:
-            df = measurer.measure(unit)
+            df = measurer.measure(unit, bcfg)
         except AllocationError as e:  # the target is out of reach with the crucial nodes kept
             log.error("%s: %s", unit.key, e)
             reason = f"AllocationError: {e}"
@@ -277,27 +278,3 @@ def cmd_suite(args: argparse.Namespace) -> int:
     ok = df[(df["status"] == "ok") & (df["variant"] == "slim")]
     print(f"{len(df)} rows ({len(ok)} measured slim rows) -> {', '.join(map(str, paths))}")
     return 0
-
-
-@ACTIONS.register("suite")
-def add_suite(sub: argparse._SubParsersAction) -> None:
-    """``bench suite CONFIG [key=value ...] --out DIR [--results DIR] [--data-root DIR]``."""
-    p = sub.add_parser("suite", help="build the papers' operating points and measure them",
-                       description="Build ImageNet-shape base and slim models at the operating points "
-                       "of CONFIG (random weights; widths from beta scores with --data-root, else "
-                       "uniform) and time slim against base per stage, rounding and point. Model "
-                       "directories and finished units are cached under --out; a rerun resumes "
-                       "(and retries units that timed nothing, e.g. GPU stages on a CPU box).",
-                       epilog="Example: deploy-prune bench suite configs/bench/paper_claims.yaml "
-                       "--out runs/paper_claims --results docs/results")
-    p.add_argument("config", metavar="CONFIG", help="suite YAML (configs/bench/paper_claims.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (budget_minutes=30)")
-    p.add_argument("--out", dest="suite_out", required=True, metavar="DIR",
-                   help="work directory: models, artifacts, per-unit CSVs")
-    p.add_argument("--results", metavar="DIR", help="where paper_claims.csv/.md/.png go (default: --out)")
-    p.add_argument("--data-root", dest="data_root", metavar="DIR",
-                   help="ImageNet folder (train/, val/): widths from beta scores")
-    p.add_argument("--notes", metavar="FILE", help="Markdown added to the page (how a split run was produced)")
-    p.add_argument("--build-workers", type=int, default=1, metavar="N",
-                   help="processes building models ahead of the measurements (0: build inline)")
-    p.set_defaults(func=cmd_suite)

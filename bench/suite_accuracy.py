@@ -11,14 +11,13 @@ PyTorch, FLOPs reduction). Written as ``fashion_accuracy.csv`` and ``fashion_acc
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from bench import table
 from bench.report import markdown_table
-from deploy_prune.artifacts import atomic_write_text
+from deploy_prune.artifacts import atomic_write_text, read_json_object
 
 COLUMNS = [
     ("model", "model", ""), ("config", "config", ""), ("backend", "backend", ""), ("batch", "batch", ""),
@@ -39,7 +38,7 @@ def entry_rows(label: str, bench_dir: Path, run_dir: Path, config: str) -> pd.Da
         columns={"p50_ms": "base_p50_ms", "top1": "base_top1"})
     slim = ok[ok["variant"] == "slim"].rename(columns={"p50_ms": "slim_p50_ms", "top1": "slim_top1"})
     out = slim.merge(base, on=key, how="left")
-    report = json.loads((run_dir / "report.json").read_text())
+    report = read_json_object(run_dir / "report.json")
     out["model"], out["config"], out["run_dir"] = label, config, str(run_dir)
     out["run_base_top1"] = report["base"]["top1"]
     out["run_slim_top1"] = report["slim"]["top1"]

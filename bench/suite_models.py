@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bench.suite_config import PointConfig, SuiteConfig
-from deploy_prune.allocation import allocate, cut
+from deploy_prune.allocation import allocate, cut, select_crucial
 from deploy_prune.artifacts import PLAN_FILE, ModelPlan, save_model_dir
 from deploy_prune.config import AllocationConfig, DataConfig, RunConfig, ScoringConfig
 from deploy_prune.models import build_model
@@ -118,9 +118,8 @@ def ensure_slim(root: Path, cfg: SuiteConfig, point: PointConfig, rounding: int)
     example = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)  # (1, C, H, W)
     nodes = discover(model, example)
     scores = beta_scores(model, nodes, example, cfg) if source == "beta" else uniform_scores(nodes)
-    crucial = list(point.crucial or [])
-    last = last_node(nodes).name
-    crucial += [] if last in crucial else [last]
+    # the paper's named crucial nodes (checked: a misspelt one is an error), plus the last conv node
+    crucial = select_crucial(nodes, scores, names=point.crucial) if point.crucial else [last_node(nodes).name]
     alloc_cfg = AllocationConfig(method="global" if source == "beta" else "uniform",
                                  flops_reduction=point.flops_reduction, round_to=rounding,
                                  min_fraction=cfg.min_fraction, tolerance=cfg.tolerance)

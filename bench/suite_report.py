@@ -125,12 +125,10 @@ def summary(s: pd.DataFrame) -> pd.DataFrame:
 
 def plot(s: pd.DataFrame, path: Path) -> Path:
     """FLOPs reduction vs measured speedup (with its interval) per backend/batch, and y = x."""
-    import matplotlib
+    from matplotlib.figure import Figure  # an Agg canvas, no pyplot global state (as bench.report)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig = Figure(figsize=(7.5, 5.5))
+    ax = fig.subplots()
     markers = {1: "o", 8: "s", 32: "^"}
     for (model, backend, batch), g in s.groupby(["model", "backend", "batch"]):
         for rnd, gg in g.groupby("rounding"):
@@ -146,7 +144,6 @@ def plot(s: pd.DataFrame, path: Path) -> Path:
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
