@@ -4,9 +4,10 @@
 #
 #   bash scripts/gpu-check.sh                 # writes at most 8 files into $OUT (or --out DIR)
 #   bash scripts/gpu-check.sh --dry-run       # the same steps on a CPU machine, tiny sizes
+#   bash scripts/gpu-check.sh --steps pytest  # only the named steps (comma-separated), e.g. a rerun
 #
 # Steps, in this order, each in its own process under `timeout`; none is started once the budget
-# (--budget seconds, default 450) is spent, and a failing step never stops the next:
+# (--budget seconds, default 470) is spent, and a failing step never stops the next:
 #   install   offline: the carried torch-pruning wheel, then `pip install --no-deps
 #             --no-build-isolation -e .`; PYTHONPATH=repo root is set either way (the fallback)
 #   env       GPU, driver, CUDA, clocks and throttle reasons (NVML, nvidia-smi) -> env.json
@@ -22,7 +23,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
-BUDGET=450
+BUDGET=470
+ONLY=""
 OUTDIR="${OUT:-}"
 CARRY=".gpucheck"
 while [ $# -gt 0 ]; do
@@ -31,7 +33,8 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET="$2"; shift ;;
     --out) OUTDIR="$2"; shift ;;
     --carry) CARRY="$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --steps) ONLY=",$2," ; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu-check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -60,6 +63,9 @@ record() {  # step status seconds note
 step() {
   local name="$1" cap="$2"; shift 2
   local now left box t0 rc status note=""
+  if [ -n "$ONLY" ] && [ "$name" != install ] && [[ "$ONLY" != *",$name,"* ]]; then
+    record "$name" "skipped" 0 "not in --steps"; return
+  fi
   now=$(date +%s); left=$((BUDGET - (now - START)))
   if [ "$left" -lt "$MIN_LEFT" ]; then
     record "$name" "not started" 0 "budget spent ($((now - START))s of ${BUDGET}s)"; return
@@ -107,9 +113,9 @@ step env 60 "$PY" scripts/gpu_check.py env --out "$OUTDIR" "${DRYFLAG[@]}"
 if [ "$DRY" = 0 ] && [ ! -d "$CARRY/pair/slim" ]; then
   skip pair "no $CARRY/pair: run scripts/prepare-gpu-carry.sh here and carry $CARRY"
 else
-  step pair 200 "$PY" scripts/gpu_check.py pair --out "$OUTDIR" --carry "$CARRY" "${DRYFLAG[@]}"
+  step pair 220 "$PY" scripts/gpu_check.py pair --out "$OUTDIR" --carry "$CARRY" "${DRYFLAG[@]}"
 fi
-step paper 200 "$PY" scripts/gpu_check.py paper --out "$OUTDIR" "${DRYFLAG[@]}"
+step paper 190 "$PY" scripts/gpu_check.py paper --out "$OUTDIR" "${DRYFLAG[@]}"
 step pytest 150 bash -c "'$PY' -m pytest -m 'gpu or trt' -v -p no:cacheprovider -rs tests > '$OUTDIR/pytest.txt' 2>&1"
 step env-after 45 "$PY" scripts/gpu_check.py env --after --out "$OUTDIR" "${DRYFLAG[@]}"
 rm -rf "$GPUCHECK_WORK"

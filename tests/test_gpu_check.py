@@ -56,6 +56,16 @@ def test_no_step_starts_past_the_budget(tmp_path: Path) -> None:
 
 
 @needs_bash
+def test_steps_runs_only_the_named_ones(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = _run(["--dry-run", "--steps", "env", "--budget", "300"], out, tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr
+    s = _summary(out).set_index("step")
+    assert s.loc["env", "status"] == "ok" and (out / "env.json").is_file()
+    assert (s.drop(["install", "env"])["note"] == "not in --steps").all()
+
+
+@needs_bash
 def test_bad_argument_is_one_line(tmp_path: Path) -> None:
     res = _run(["--bogus"], tmp_path / "out", tmp_path, timeout=30)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--bogus" in res.stderr
