@@ -46,7 +46,7 @@ def eager_dynamo(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     monkeypatch.setattr(tc, "RECOMPILE_LIMIT", 1)
     torch._dynamo.reset()
-    with dynamo_config.patch(recompile_limit=1):
+    with dynamo_config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):
         yield
     torch._dynamo.reset()
 
@@ -64,8 +64,14 @@ def _compile_backend(art: Artifact) -> tc.CompileBackend:
     return b
 
 
-def test_compile_past_the_recompile_limit_is_an_error_not_eager(eager_dynamo, tmp_path: Path) -> None:
+@pytest.mark.parametrize("raise_on_limit", [True, False], ids=["config-raises", "graph-counter"])
+def test_compile_past_the_recompile_limit_is_an_error_not_eager(eager_dynamo, tmp_path: Path,
+                                                                raise_on_limit: bool) -> None:
+    import torch._dynamo.config as dynamo_config
+
     base, slim = (_compile_backend(_artifact(tmp_path, n, w)) for n, w in (("base", 4), ("slim", 2)))
+    # graph-counter: a torch without fail_on_recompile_limit_hit; the captured-graph count catches it
+    dynamo_config.fail_on_recompile_limit_hit = raise_on_limit
     x = torch.randn(1, 1, 8, 8)
     assert base.run(x).shape == (1, 3)
     # the slim model shares forward's code object; at the limit Dynamo would run it eagerly

@@ -13,9 +13,7 @@ fallback (:func:`compiled_graphs`).
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,15 +49,16 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-@contextlib.contextmanager
-def _fail_on_recompile_limit() -> Iterator[None]:
+def _fail_on_recompile_limit() -> None:
     """Make hitting the recompile limit raise instead of falling back to eager (torch >= 2.6:
-    ``fail_on_recompile_limit_hit``; older: ``fail_on_cache_limit_hit``)."""
+    ``fail_on_recompile_limit_hit``; older: ``fail_on_cache_limit_hit``). Set process-wide, as
+    the limit itself is: a ``config.patch`` around every call would add its cost to every timed call."""
     import torch._dynamo.config as dynamo_config
 
-    keys = [k for k in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(dynamo_config, k)]
-    with dynamo_config.patch({keys[0]: True}) if keys else contextlib.nullcontext():
-        yield
+    for key in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(dynamo_config, key):
+            setattr(dynamo_config, key, True)
+            return
 
 
 def reset_dynamo() -> None:
@@ -84,6 +83,7 @@ class CompileBackend(TorchBackend):
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
         super().prepare(artifact, example)
         _raise_recompile_limit()
+        _fail_on_recompile_limit()
         self.compiled = torch.compile(self.model, mode=self.options.compile_mode, dynamic=False)
         self.shapes: set[tuple[int, ...]] = set()  # input shapes checked to have compiled
 
@@ -92,7 +92,7 @@ class CompileBackend(TorchBackend):
         first = shape not in self.shapes
         before = compiled_graphs() if first else 0
         try:
-            with _fail_on_recompile_limit(), torch.inference_mode():
+            with torch.inference_mode():
                 out = self.compiled(inputs)  # (B, K)
         except Exception as e:
             if first and "recompile" in f"{type(e).__name__} {e}".lower():
