@@ -201,7 +201,7 @@ def add_suite(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_suite(args) -> int:
-    from bench.suite import cmd_suite  # pandas, models and allocators load only when a suite runs
+    from bench.studies.paper_claims.suite import cmd_suite  # pandas, models and allocators load only when a suite runs
 
     return cmd_suite(args)
 

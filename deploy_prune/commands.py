@@ -149,7 +149,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from deploy_prune.ablate import STUDIES, ablate
+    from bench.studies.ablation import STUDIES, ablate
 
     studies = tuple(args.only.split(",")) if args.only else STUDIES
     bad = [s for s in studies if s not in STUDIES]

@@ -3,7 +3,7 @@
 import pandas as pd
 
 from conftest import digits_cfg
-from deploy_prune.ablate import ablate, variants
+from bench.studies.ablation import ablate, variants
 
 
 def test_variants_cover_the_paper_studies():
