@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from conftest import digits_cfg
 from bench.studies.ablation import ablate, variants
+from conftest import digits_cfg
 
 
 def test_variants_cover_the_paper_studies():
