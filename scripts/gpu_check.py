@@ -194,7 +194,7 @@ def _pair_page(df: pd.DataFrame, path: Path, environment: dict[str, Any]) -> Non
 
 
 def _paper_config(dry_run: bool, stages: list[dict[str, Any]]) -> Any:
-    from bench.suite_config import RESNET50_CRUCIAL, SuiteConfig
+    from bench.studies.paper_claims.config import RESNET50_CRUCIAL, SuiteConfig
     from deploy_prune.config import from_dict
 
     timing = ({k: v for k, v in DRY_TIMING.__dict__.items()} if dry_run else
@@ -220,8 +220,8 @@ def paper_stages(dry_run: bool) -> list[dict[str, Any]]:
 
 def step_paper(out: Path, *, dry_run: bool) -> int:
     """``resnet50.csv`` and ``resnet50.md``: the paper point, stage by stage (eager first)."""
-    from bench.suite import run_suite
-    from bench.suite_report import write_results
+    from bench.studies.paper_claims.report import write_results
+    from bench.studies.paper_claims.suite import run_suite
 
     stages = paper_stages(dry_run)
     work = WORK / "paper"

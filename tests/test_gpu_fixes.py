@@ -14,12 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import report, suite_report, sweep
+from bench import report, sweep
 from bench.backends import BACKENDS, BackendOptions
 from bench.backends import torch_compile as tc
 from bench.backends._base import Artifact
-from bench.suite import stage_config
-from bench.suite_config import StageConfig, SuiteConfig, load_suite
+from bench.studies.paper_claims import report as suite_report
+from bench.studies.paper_claims.config import StageConfig, SuiteConfig, load_suite
+from bench.studies.paper_claims.suite import stage_config
 from bench.sweep import BenchConfig
 from bench.timing import TimingConfig
 from deploy_prune.artifacts import ModelPlan
