@@ -69,7 +69,7 @@ def plan_units(cfg: SuiteConfig) -> list[Unit]:
 
 def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> BenchConfig:
     """The bench sweep config of one stage; CUDA stages use the wall clock (CPU time is no latency there)."""
-    timing = (stage.timing or cfg.timing).to_timing()
+    timing = stage.timing or cfg.timing
     if "cuda" in stage.devices and timing.clock == "cpu":
         timing = replace(timing, clock="wall")
     return BenchConfig(backends=tuple(stage.backends), devices=tuple(stage.devices),
