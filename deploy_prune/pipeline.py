@@ -33,6 +33,7 @@ from deploy_prune.data import DataBundle
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.nodes import Node, discover
+from deploy_prune.precision import check_precision
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import evaluate, resolve_device, train_baseline
@@ -203,6 +204,7 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         return decided(model, nodes, scores, example, decision)
     crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
+        check_precision(cfg.allocation.precision, key="allocation.precision")
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP
         # needs identical shapes on every rank)
         return distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(

@@ -11,11 +11,11 @@ from bench.backends._base import (
     BACKENDS,
     DEVICES,
     DTYPES,
-    PRECISIONS,
     Artifact,
     Backend,
     BackendOptions,
     register,
 )
+from deploy_prune.precision import PRECISIONS  # the one vocabulary, shared with export
 
 __all__ = ["BACKENDS", "DEVICES", "DTYPES", "PRECISIONS", "Artifact", "Backend", "BackendOptions", "register"]
