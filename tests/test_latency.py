@@ -11,7 +11,7 @@ import pytest
 
 from bench.latency import probe as probe_mod
 from bench.latency.solver import Option, importance_options, solve
-from bench.latency.table import (
+from bench.latency.latency_table import (
     LatencyTable,
     StaleTableError,
     cached_table,
