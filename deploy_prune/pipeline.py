@@ -6,7 +6,6 @@ The CLI commands and the end-to-end ``run`` are thin layers over these.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -229,6 +228,3 @@ def width_table(nodes: list[Node], base: dict[str, int], slim: dict[str, int], c
         lines.append(f"{n.name:<32} {b:>6} {s:>6} {100 * s / b:>6.1f}%  {note}".rstrip())
     return "\n".join(lines)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

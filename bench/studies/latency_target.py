@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.latency.probe import CHECK, Probe
 from bench.latency.latency_table import cached_table
+from bench.latency.probe import CHECK, Probe
 from deploy_prune import pipeline
 from deploy_prune.allocation import allocate, prunable_nodes
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, read_plan

@@ -135,7 +135,7 @@ def uses_onnx(stage: StageConfig) -> bool:
 
 def prime(artifact: Artifact, model_dir: Path) -> None:
     """Hand the artifact the ONNX file built ahead of time, so the ``ort`` backend does not export again."""
-    from bench.backends.ort import seed_onnx
+    from bench.backends.onnx_cache import seed_onnx
 
     if (model_dir / ONNX_FILE).is_file():
         seed_onnx(artifact, model_dir / ONNX_FILE)
