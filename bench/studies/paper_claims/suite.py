@@ -72,7 +72,7 @@ def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> Be
     ``gpu_timing`` (its own time-based warm-up and sample counts) unless it sets its own timing,
     and always the wall clock (CPU time is no latency there)."""
     gpu = "cuda" in stage.devices
-    timing = (stage.timing or (cfg.gpu_timing if gpu else cfg.timing)).to_timing()
+    timing = stage.timing or (cfg.gpu_timing if gpu else cfg.timing)
     if gpu and timing.clock == "cpu":
         timing = replace(timing, clock="wall")
     return BenchConfig(backends=tuple(stage.backends), devices=tuple(stage.devices),
@@ -138,7 +138,7 @@ def uses_onnx(stage: StageConfig) -> bool:
 
 def prime(artifact: Artifact, model_dir: Path) -> None:
     """Hand the artifact the ONNX file built ahead of time, so the ``ort`` backend does not export again."""
-    from bench.backends.ort import seed_onnx
+    from bench.backends.onnx_cache import seed_onnx
 
     if (model_dir / ONNX_FILE).is_file():
         seed_onnx(artifact, model_dir / ONNX_FILE)
