@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +58,62 @@ def cmd_train(args) -> int:
 def _scores(args, model, plan, cfg, device):
     data = load_data(cfg.data, seed=cfg.seed) if SCORERS.get(args.scorer or cfg.scoring.method).needs_data else None
     return pipeline.score(model, plan, cfg, data, device, method=args.scorer)
+
+
+DATASETS = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mnist", "digits": "digits",
+            "cifar10": "cifar10"}
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers (e.g. 0.485,0.456,0.406), got {text!r}") from None
+
+
+def import_settings(args) -> list[str]:
+    """The import options as config overrides: dataset, model and the model's preprocessing."""
+    if args.data in DATASETS:
+        over = [f"data.name={DATASETS[args.data]}"]
+    else:
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"--data: {args.data} is neither a folder (ImageFolder with train/ and val/) "
+                                    f"nor a dataset name ({', '.join(DATASETS)})")
+        over = ["data.name=imagefolder", f"data.root={Path(args.data).resolve()}"]
+    over += [f"model.arch={args.arch}", f"model.weights={args.weights}", "train.epochs=0"]
+    for flag, key in (("input_size", "image_size"), ("resize", "resize"), ("channels", "channels")):
+        if getattr(args, flag) is not None:
+            over.append(f"data.{key}={getattr(args, flag)}")
+    for flag in ("mean", "std"):
+        if getattr(args, flag) is not None:
+            over.append(f"data.{flag}={_floats(getattr(args, flag), '--' + flag)}")
+    return over
+
+
+def cmd_import(args) -> int:
+    check_output(args.out, force=args.force)
+    over = _overrides(args) + import_settings(args)
+    cfg = load_config(args.config, over)
+    cfg = load_config(args.config, pipeline.import_overrides(cfg.model.arch, cfg.data) + over)
+    device = pipeline.setup(cfg)
+    data = load_data(cfg.data, seed=cfg.seed)
+    model, plan, metrics = pipeline.import_base(cfg, data, device, weights=args.weights,
+                                                num_classes=args.num_classes)
+    if not distributed.is_main():
+        return 0
+    save_model_dir(model, plan, args.out, force=args.force)
+    p = plan.info["preprocess"]
+    resize = f"resize {p['resize']}, crop {p['crop']}" if p["resize"] else f"resize to {p['input_size']}"
+    print(f"imported {plan.arch} from {args.weights}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% "
+          f"on {metrics['samples']} {data.name} test images; {plan.info['flops'] / 1e6:.2f} MFLOPs  "
+          f"{plan.info['params'] / 1e6:.3f} M params -> {args.out}")
+    print(f"preprocessing: {p['channels']}x{p['input_size']}x{p['input_size']}, {resize}, "
+          f"mean {_fmt(p['mean'])}, std {_fmt(p['std'])}")
+    return 0
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def cmd_score(args) -> int:
@@ -186,6 +243,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     job_args(p)
     p.add_argument("--base", metavar="BASE_DIR", help="use this trained model directory instead of training")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("import", help="turn your own trained model (architecture + weights) into a base directory",
+                       description="Build ARCH, load your weights file (.safetensors, a .pth/.pt "
+                       "state_dict, a checkpoint dict; module./_orig_mod. prefixes are stripped), "
+                       "evaluate it on DATA with the model's own preprocessing and write a base model "
+                       "directory (plan.json + model.safetensors) for run/score/prune/export/bench. "
+                       "The preprocessing is stored with the model and used by every later stage.")
+    common(p)
+    p.add_argument("--arch", required=True, help="registered name (small_vgg, resnet20, ...) or tv.NAME for "
+                   "any torchvision classifier (tv.resnet18, tv.mobilenet_v2)")
+    p.add_argument("--weights", required=True, metavar="FILE", help="the trained weights")
+    p.add_argument("--data", required=True, metavar="DIR|NAME", help="ImageFolder root with train/ and val/ "
+                   f"class folders, or one of: {', '.join(DATASETS)}")
+    p.add_argument("--out", required=True, metavar="BASE_DIR", help="model directory to write")
+    p.add_argument("--num-classes", type=int, metavar="N", help="classifier outputs (default: the data's classes)")
+    g = p.add_argument_group("the model's preprocessing (default: torchvision's ImageNet recipe for tv.* "
+                             "models, the dataset's own otherwise)")
+    g.add_argument("--input-size", type=int, metavar="S", help="side of the square input (crop size)")
+    g.add_argument("--resize", type=int, metavar="R", help="shorter side before the centre crop "
+                   "(tv.* default: S*256/224)")
+    g.add_argument("--mean", metavar="M[,M,M]", help="per-channel mean on [0,1] pixels")
+    g.add_argument("--std", metavar="S[,S,S]", help="per-channel std")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="input channels (grayscale is repeated to 3)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("train", help="train a baseline and save it as a model directory",
                        description="Train a baseline per the config and write OUT/plan.json + "

@@ -5,6 +5,7 @@ The CLI commands and the end-to-end ``run`` are thin layers over these.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -27,14 +28,25 @@ from deploy_prune.allocation import (
     select_crucial,
 )
 from deploy_prune.artifacts import ModelPlan, load_model_dir, read_json_object, versions
-from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from deploy_prune.config import (
+    DataConfig,
+    RunConfig,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from deploy_prune.data import DataBundle
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
+from deploy_prune.models.tv import is_torchvision
 from deploy_prune.nodes import Node, discover
+from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import evaluate, resolve_device, train_baseline
+from deploy_prune.weights import load_weights
 
 log = logging.getLogger(__name__)
 SCORES_FORMAT = "deploy-prune/scores@1"
@@ -62,9 +74,58 @@ def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[s
     return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
 
 
-def new_base_plan(cfg: RunConfig, data: DataBundle) -> ModelPlan:
-    return ModelPlan(arch=cfg.model.arch, arch_kwargs=dict(cfg.model.kwargs), num_classes=data.num_classes,
-                     in_channels=data.in_channels, input_size=data.image_size)
+def new_base_plan(cfg: RunConfig, data: DataBundle, *, num_classes: int | None = None) -> ModelPlan:
+    plan = ModelPlan(arch=cfg.model.arch, arch_kwargs=dict(cfg.model.kwargs),
+                     num_classes=num_classes or data.num_classes, in_channels=data.in_channels,
+                     input_size=data.image_size)
+    if data.preprocess is not None:  # spelled out for people and tools; data.* in config is the source
+        plan.info["preprocess"] = data.preprocess.to_json()
+    return plan
+
+
+def import_overrides(arch: str, data_cfg: DataConfig) -> list[str]:
+    """torchvision models default to their ImageNet recipe: 224 crop of a 256 resize (scaled with
+    ``image_size``), ImageNet mean/std, 3 channels; the caller's own settings win."""
+    if not is_torchvision(arch):
+        return []
+    size = data_cfg.image_size or 224
+    out = [f"data.image_size={size}"]
+    if data_cfg.resize is None:
+        out.append(f"data.resize={round(size / CROP_RATIO)}")
+    if data_cfg.channels is None:
+        out.append("data.channels=3")
+    if data_cfg.mean is None and data_cfg.channels in (None, 3):
+        out += [f"data.mean={list(IMAGENET_MEAN)}", f"data.std={list(IMAGENET_STD)}"]
+    return out
+
+
+def import_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, weights: str | Path,
+                num_classes: int | None = None) -> tuple[nn.Module, ModelPlan, dict]:
+    """Build ``cfg.model.arch``, load the user's ``weights`` and evaluate it on ``data``'s test split."""
+    if num_classes is not None and num_classes < data.num_classes:
+        raise ValueError(f"--num-classes {num_classes}: the data has {data.num_classes} classes")
+    plan = new_base_plan(cfg, data, num_classes=num_classes)
+    model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
+    load_weights(model, weights, arch=plan.arch)
+    model.eval()
+    try:
+        cost = describe(model, plan)
+    except RuntimeError as e:
+        raise ValueError(f"{plan.arch} does not run on a {tuple(plan.example().shape)} input "
+                         f"({str(e).splitlines()[0][:160]}); try a larger --input-size") from None
+    metrics = evaluate(model, data.test, device)
+    model.cpu().eval()
+    plan.info.update(config=to_dict(cfg), metrics=metrics, imported_from=str(weights),
+                     weights_sha256=file_sha256(weights), **cost)
+    return model, plan, metrics
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def describe(model: nn.Module, plan: ModelPlan, nodes: list[Node] | None = None) -> dict[str, Any]:
@@ -161,6 +222,8 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
         base_widths=widths(nodes), versions=versions(), **alloc.extra)
+    if "preprocess" in plan.info:
+        slim_plan.info["preprocess"] = plan.info["preprocess"]
     return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
 
 
