@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from deploy_prune import distributed, pipeline
-from deploy_prune.artifacts import atomic_write_text, check_output, load_model_dir, save_model_dir
+from deploy_prune.artifacts import (
+    atomic_write_text,
+    check_output,
+    load_model_dir,
+    read_plan,
+    save_model_dir,
+)
 from deploy_prune.config import load_config
 from deploy_prune.data import load_data
 from deploy_prune.nodes import discover
@@ -25,9 +31,13 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
-def job_args(p: argparse.ArgumentParser) -> None:
+def job_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> None:
     """Options shared by the whole-job commands (run, ablate)."""
-    p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/default.yaml)")
+    if config_optional:
+        p.add_argument("config_file", metavar="CONFIG", nargs="?",
+                       help="YAML config (e.g. configs/default.yaml); optional with --base")
+    else:
+        p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/default.yaml)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
@@ -119,7 +129,7 @@ def _fmt(values: list[float]) -> str:
 def cmd_score(args) -> int:
     out = check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
-    cfg = pipeline.resolve_config(plan, args.config, _overrides(args))
+    cfg = pipeline.resolve_base_config(plan, args.config, _overrides(args))
     device = pipeline.setup(cfg)
     result = _scores(args, model, plan, cfg, device)
     if not distributed.is_main():
@@ -141,7 +151,7 @@ def cmd_prune(args) -> int:
         over += ["allocation.target=channels", f"allocation.keep_fraction={args.keep_fraction}"]
     if args.round_to is not None:
         over += [f"allocation.round_to={args.round_to}"]
-    cfg = pipeline.resolve_config(plan, args.config, over)
+    cfg = pipeline.resolve_base_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
         scores = pipeline.read_scores(args.scores, plan)
@@ -193,7 +203,15 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     from deploy_prune.run import run
 
-    cfg = load_config(args.config_file, _overrides(args))
+    if args.config_file and "=" in args.config_file and not Path(args.config_file).is_file():
+        args.overrides = [args.config_file, *args.overrides]  # ``run --base DIR key=value``: no CONFIG
+        args.config_file = None
+    if args.base:  # the base directory's own data and model settings; the config only overrides
+        cfg = pipeline.resolve_base_config(read_plan(args.base), args.config_file, _overrides(args))
+    elif not args.config_file:
+        raise ValueError("run needs a CONFIG file, or --base DIR to prune an existing model directory")
+    else:
+        cfg = load_config(args.config_file, _overrides(args))
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
     if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
         return 0
@@ -202,6 +220,40 @@ def cmd_run(args) -> int:
           f"{report['recovered']['top1']:.2f}% | slim {report['slim']['top1']:.2f}%")
     print(f"stage seconds: {report['seconds']}")
     print(f"report: {args.out}/report.md, slim model: {args.out}/slim")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    from deploy_prune.recovery.mimic import finetune
+    from deploy_prune.run import recover_slim
+    from deploy_prune.train import evaluate
+
+    check_output(args.out, force=args.force)
+    teacher, base_plan = load_model_dir(args.base)
+    student, plan = load_model_dir(args.slim)
+    if not plan.kept:
+        raise ValueError(f"{args.slim}: not a pruned model directory (its plan keeps every channel)")
+    if plan.info.get("base_sha256", base_plan.digest()) != base_plan.digest():
+        raise ValueError(f"{args.slim} was not pruned from {args.base} (base hash differs)")
+    cfg = pipeline.resolve_base_config(plan, args.config, _overrides(args))
+    device = pipeline.setup(cfg)
+    data = load_data(cfg.data, seed=cfg.seed)
+    before = evaluate(student, data.test, device)
+    loader = data.train
+    if cfg.recovery.batch_size and hasattr(loader, "with_options"):
+        loader = loader.with_options(batch_size=cfg.recovery.batch_size)
+    student, info = recover_slim(teacher, student, plan, cfg, loader, device)
+    if args.finetune and cfg.finetune.epochs > 0:
+        finetune(student, loader=data.train, cfg=cfg.finetune, device=device)
+        student.cpu().eval()
+    after = evaluate(student, data.test, device)
+    student.cpu()
+    if not distributed.is_main():
+        return 0
+    plan.info.update(recovery=info, metrics=after, finetuned=bool(args.finetune and cfg.finetune.epochs > 0))
+    save_model_dir(student, plan, args.out, force=args.force)
+    print(f"recovered {plan.arch} ({info['mode']}, {info['loss']}): top-1 {before['top1']:.2f}% -> "
+          f"{after['top1']:.2f}% on {after['samples']} {data.name} test images -> {args.out}")
     return 0
 
 
@@ -240,8 +292,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "crucial nodes, prune globally to the target, cut channels out, recover in one "
                        "step by mimicking the crucial feature maps, fine-tune and evaluate. Writes "
                        "DIR/base, DIR/slim, DIR/report.json and DIR/report.md.")
-    job_args(p)
-    p.add_argument("--base", metavar="BASE_DIR", help="use this trained model directory instead of training")
+    job_args(p, config_optional=True)
+    p.add_argument("--base", metavar="BASE_DIR", help="use this trained (or imported) model directory instead "
+                   "of training; its data and preprocessing are used, CONFIG is optional and only overrides")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("import", help="turn your own trained model (architecture + weights) into a base directory",
@@ -267,6 +320,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--std", metavar="S[,S,S]", help="per-channel std")
     g.add_argument("--channels", type=int, choices=(1, 3), help="input channels (grayscale is repeated to 3)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("recover", help="recover an existing slim directory against its base",
+                       description="Mimic the base model's crucial feature maps (recovery.* settings, "
+                       "default: one-step KL) on the slim model's training data and write the recovered "
+                       "slim directory. Data and preprocessing come from the slim directory's plan.")
+    p.add_argument("slim", metavar="SLIM_DIR", help="a pruned model directory (from prune or run)")
+    common(p)
+    p.add_argument("--base", required=True, metavar="BASE_DIR", help="the model it was pruned from (the teacher)")
+    p.add_argument("--out", required=True, metavar="DIR", help="recovered model directory to write")
+    p.add_argument("--finetune", action="store_true", help="then fine-tune with cross-entropy (finetune.*)")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("train", help="train a baseline and save it as a model directory",
                        description="Train a baseline per the config and write OUT/plan.json + "

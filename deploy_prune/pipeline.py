@@ -74,6 +74,32 @@ def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[s
     return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
 
 
+# What a base directory fixes about its model: a config file given to a later stage does not
+# change these (the dataset it was evaluated on and its preprocessing); key=value overrides do.
+BASE_KEYS = {"model": ("arch", "kwargs", "weights"),
+             "data": ("name", "root", "image_size", "resize", "mean", "std", "channels")}
+
+
+def resolve_base_config(base: ModelPlan, config: str | None, overrides: list[str] | None) -> RunConfig:
+    """Config for a stage working on a base directory: the base's own config <- ``config`` <-
+    ``overrides``, except that the model and its data/preprocessing (:data:`BASE_KEYS`) stay the
+    base's unless an override names them."""
+    data: dict[str, Any] = dict(base.info.get("config", {}))
+    data = merge(data, {"model": {"arch": base.arch, "kwargs": dict(base.arch_kwargs)}})
+    if config:
+        given = read_yaml(config)
+        for section, keys in BASE_KEYS.items():
+            mine = given.get(section)
+            if isinstance(mine, dict):
+                dropped = [k for k in keys if k in mine and mine[k] != data.get(section, {}).get(k)]
+                if dropped:
+                    log.info("%s: %s from the base directory, not the config file", section,
+                             ", ".join(dropped))
+                given[section] = {k: v for k, v in mine.items() if k not in keys}
+        data = merge(data, given)
+    return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
+
+
 def new_base_plan(cfg: RunConfig, data: DataBundle, *, num_classes: int | None = None) -> ModelPlan:
     plan = ModelPlan(arch=cfg.model.arch, arch_kwargs=dict(cfg.model.kwargs),
                      num_classes=num_classes or data.num_classes, in_channels=data.in_channels,
