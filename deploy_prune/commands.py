@@ -21,6 +21,7 @@ from deploy_prune.config import load_config
 from deploy_prune.data import load_data
 from deploy_prune.nodes import discover
 from deploy_prune.scoring import SCORERS
+from deploy_prune.weights import read_state_dict
 
 
 def common(p: argparse.ArgumentParser) -> None:
@@ -106,8 +107,9 @@ def cmd_import(args) -> int:
     cfg = load_config(args.config, over)
     cfg = load_config(args.config, pipeline.import_overrides(cfg.model.arch, cfg.data) + over)
     device = pipeline.setup(cfg)
+    state = read_state_dict(args.weights)  # a bad file fails before the data is read
     data = load_data(cfg.data, seed=cfg.seed)
-    model, plan, metrics = pipeline.import_base(cfg, data, device, weights=args.weights,
+    model, plan, metrics = pipeline.import_base(cfg, data, device, weights=args.weights, state=state,
                                                 num_classes=args.num_classes)
     if not distributed.is_main():
         return 0

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import evaluate, resolve_device, train_baseline
-from deploy_prune.weights import load_weights
+from deploy_prune.weights import load_into, read_state_dict
 
 log = logging.getLogger(__name__)
 SCORES_FORMAT = "deploy-prune/scores@1"
@@ -126,13 +127,15 @@ def import_overrides(arch: str, data_cfg: DataConfig) -> list[str]:
 
 
 def import_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, weights: str | Path,
+                state: Mapping[str, torch.Tensor] | None = None,
                 num_classes: int | None = None) -> tuple[nn.Module, ModelPlan, dict]:
-    """Build ``cfg.model.arch``, load the user's ``weights`` and evaluate it on ``data``'s test split."""
+    """Build ``cfg.model.arch``, load the user's ``weights`` file (or its already read ``state``)
+    and evaluate it on ``data``'s test split."""
     if num_classes is not None and num_classes < data.num_classes:
         raise ValueError(f"--num-classes {num_classes}: the data has {data.num_classes} classes")
     plan = new_base_plan(cfg, data, num_classes=num_classes)
     model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
-    load_weights(model, weights, arch=plan.arch)
+    load_into(model, state if state is not None else read_state_dict(weights), source=weights, arch=plan.arch)
     model.eval()
     try:
         cost = describe(model, plan)

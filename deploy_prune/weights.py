@@ -84,10 +84,10 @@ def _refused(path: Path, message: str) -> str:
         what = f"a whole pickled model ({m.group(1)}), saved with torch.save(model)"
     elif m:
         what = f"a pickle holding {m.group(1)}, which weights_only loading does not read"
-    elif "invalid load key" in message or "could not find MARK" in message:
-        return f"{path}: not a PyTorch or safetensors weights file (unreadable pickle); {HOW_TO_SAVE}"
-    else:
-        what = "a pickle that weights_only loading refuses"
+    else:  # not a pickle weights_only can parse at all: damaged or not a checkpoint
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+        reason = detail.group(1).strip()[:120] if detail else _first_line(Exception(message))
+        return f"{path}: not a PyTorch or safetensors weights file (unreadable pickle: {reason}); {HOW_TO_SAVE}"
     return f"{path}: {what}, not a state_dict; {HOW_TO_SAVE}"
 
 
