@@ -196,6 +196,10 @@ def cmd_inspect(args) -> int:
     print(f"{args.dir}: {plan.arch} ({'slim' if plan.kept else 'base'}), input "
           f"{plan.in_channels}x{plan.input_size}x{plan.input_size}, {d['flops'] / 1e6:.2f} MFLOPs, "
           f"{d['params'] / 1e6:.3f} M params")
+    if plan.info.get("preprocess"):
+        p = plan.info["preprocess"]
+        resize = f"resize {p['resize']}, crop {p['crop']}" if p["resize"] else f"resize to {p['input_size']}"
+        print(f"preprocessing: {resize}, {p['channels']} channels, mean {_fmt(p['mean'])}, std {_fmt(p['std'])}")
     print(f"{'node':<32} {'channels':>8} {'MFLOPs':>9} {'params':>9}")
     for r in rows:
         print(f"{r['node']:<32} {r['channels']:>8} {r['flops'] / 1e6:>9.3f} {r['params']:>9}")

@@ -138,10 +138,12 @@ def import_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, weigh
     load_into(model, state if state is not None else read_state_dict(weights), source=weights, arch=plan.arch)
     model.eval()
     try:
-        cost = describe(model, plan)
+        with torch.no_grad():
+            model(plan.example())
     except RuntimeError as e:
         raise ValueError(f"{plan.arch} does not run on a {tuple(plan.example().shape)} input "
                          f"({str(e).splitlines()[0][:160]}); try a larger --input-size") from None
+    cost = describe(model, plan)
     metrics = evaluate(model, data.test, device)
     model.cpu().eval()
     plan.info.update(config=to_dict(cfg), metrics=metrics, imported_from=str(weights),

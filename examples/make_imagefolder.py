@@ -3,7 +3,9 @@
 No downloads: the images come from the Fashion-MNIST IDX files on this machine
 (/usr/share/datasets/fashion-mnist) or from scikit-learn's bundled digits. The PNGs are
 grayscale at their native size (28x28, or 8x8 for digits); ImageFolder reads them as RGB and
-the model's own preprocessing resizes them::
+the model's own preprocessing resizes them. Class folders are numbered (``0_tshirt``, ...) so
+ImageFolder's class index equals the dataset's label, and a model trained on the tree can also be
+evaluated with ``--data fashion-mnist``::
 
     python examples/make_imagefolder.py --source fashion-mnist --train 100 --val 40 --out data/fmnist-if
 """
@@ -50,7 +52,7 @@ def build(out: str | Path, *, source: str = "fashion-mnist", train: int = 100, v
         x, y, classes = load(src)
         for c, name in enumerate(classes):
             idx = rng.permutation(np.flatnonzero(y == c))[:per_class]
-            folder = out / split / name
+            folder = out / split / f"{c}_{name}"  # sorted like the labels: ImageFolder's index == label
             folder.mkdir(parents=True, exist_ok=True)
             for i in idx:
                 Image.fromarray(x[i], mode="L").save(folder / f"{i:05d}.png")
