@@ -28,7 +28,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -120,8 +119,8 @@ def prune(
     base = _base_plan(model, example_inputs, arch, arch_kwargs)
     data = SimpleNamespace(train=loader) if loader is not None else None
     result = pipeline.score(model, base, cfg, data, torch.device(device), method=method)
-    scores = {k: np.asarray(v, dtype=np.float64) for k, v in result["channel_scores"].items()}
-    res = pipeline.prune(model, base, cfg, scores)
+    scores, decision = pipeline.scored(result, base, source=f"scorer {method}")
+    res = pipeline.prune(model, base, cfg, scores, decision=decision)
     res.plan.info["scorer"] = method
     return res.slim, res.plan
 
