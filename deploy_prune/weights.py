@@ -41,7 +41,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    obj = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" or _is_safetensors(path) else _read_torch(path)
     return strip_prefixes(_unwrap(obj, path))
 
 
@@ -66,6 +66,15 @@ def _read_torch(path: Path) -> object:
     except Exception as e:  # a damaged or foreign file fails in many ways (KeyError, EOFError, ...)
         raise WeightsError(f"{path}: not a PyTorch or safetensors weights file ({type(e).__name__}: {_first_line(e)}); "
                            f"{HOW_TO_SAVE}") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file whatever its name: an 8-byte header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _is_torchscript(path: Path) -> bool:

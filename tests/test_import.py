@@ -39,10 +39,10 @@ def _small_vgg(in_channels: int = 1) -> nn.Module:
 def _save(fmt: str, model: nn.Module, path: Path) -> Path:
     """``model``'s weights in one of the formats users bring."""
     sd = model.state_dict()
-    if fmt == "safetensors":
+    if fmt.startswith("safetensors"):
         from safetensors.torch import save_file
 
-        path = path.with_suffix(".safetensors")
+        path = path if fmt == "safetensors_named_pth" else path.with_suffix(".safetensors")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
         return path
     obj = {
@@ -60,7 +60,7 @@ def _save(fmt: str, model: nn.Module, path: Path) -> Path:
     return path
 
 
-FORMATS = ["safetensors", "state_dict", "ckpt_state_dict", "ckpt_model", "ckpt_model_state_dict", "ckpt_ema",
+FORMATS = ["safetensors", "safetensors_named_pth", "state_dict", "ckpt_state_dict", "ckpt_model", "ckpt_model_state_dict", "ckpt_ema",
            "dataparallel", "compiled", "ddp_compiled_in_ckpt"]
 
 
