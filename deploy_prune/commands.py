@@ -90,7 +90,8 @@ def import_settings(args) -> list[str]:
                                     f"nor a dataset name ({', '.join(DATASETS)})")
         over = ["data.name=imagefolder", f"data.root={Path(args.data).resolve()}"]
     over += [f"model.arch={args.arch}", f"model.weights={args.weights}", "train.epochs=0"]
-    for flag, key in (("input_size", "image_size"), ("resize", "resize"), ("channels", "channels")):
+    for flag, key in (("input_size", "image_size"), ("resize", "resize"), ("channels", "channels"),
+                      ("interpolation", "interpolation")):
         if getattr(args, flag) is not None:
             over.append(f"data.{key}={getattr(args, flag)}")
     for flag in ("mean", "std"):
@@ -289,7 +290,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "models, the dataset's own otherwise)")
     g.add_argument("--input-size", type=int, metavar="S", help="side of the square input (crop size)")
     g.add_argument("--resize", type=int, metavar="R", help="shorter side before the centre crop "
-                   "(tv.* default: S*256/224)")
+                   "(tv.* default: S*256/224); 0: resize the whole image to SxS, no crop")
+    g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize filter "
+                   "(default bilinear)")
     g.add_argument("--mean", metavar="M[,M,M]", help="per-channel mean on [0,1] pixels")
     g.add_argument("--std", metavar="S[,S,S]", help="per-channel std")
     g.add_argument("--channels", type=int, choices=(1, 3), help="input channels (grayscale is repeated to 3)")

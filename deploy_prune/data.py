@@ -276,6 +276,10 @@ def load_imagefolder(cfg: DataConfig, *, seed: int) -> DataBundle:
     train_tf = _augmented(pre) if cfg.augment else eval_tf
     train = ImageFolder(str(root / "train"), transform=train_tf)
     val = ImageFolder(str(root / "val"), transform=eval_tf)
+    if val.classes != train.classes:  # class indices come from the sorted folder names of each split
+        odd = sorted(set(train.classes) ^ set(val.classes))
+        raise ValueError(f"{root}: train/ and val/ have different class folders ({', '.join(odd[:5])}); "
+                         "labels would not line up")
     g = torch.Generator().manual_seed(seed)
     kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
     return DataBundle(

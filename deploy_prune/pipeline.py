@@ -79,7 +79,7 @@ def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[s
 # What a base directory fixes about its model: a config file given to a later stage does not
 # change these (the dataset it was evaluated on and its preprocessing); key=value overrides do.
 BASE_KEYS = {"model": ("arch", "kwargs", "weights"),
-             "data": ("name", "root", "image_size", "resize", "mean", "std", "channels")}
+             "data": ("name", "root", "image_size", "resize", "interpolation", "mean", "std", "channels")}
 
 
 def resolve_base_config(base: ModelPlan, config: str | None, overrides: list[str] | None) -> RunConfig:

@@ -31,18 +31,20 @@ class Preprocess:
     channels: int  # 1 or 3
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"
 
     def to_json(self) -> dict[str, Any]:
         return {"input_size": self.input_size, "resize": self.resize, "crop": self.input_size,
                 "channels": self.channels, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": "bilinear"}
+                "interpolation": self.interpolation}
 
     def pil_transform(self):
         """The torchvision transform for PIL images (ImageFolder), evaluation and plain training."""
         import torchvision.transforms as T
 
-        steps = [T.Resize(self.resize), T.CenterCrop(self.input_size)] if self.resize else \
-            [T.Resize((self.input_size, self.input_size))]
+        mode = T.InterpolationMode(self.interpolation)
+        steps = [T.Resize(self.resize, interpolation=mode), T.CenterCrop(self.input_size)] if self.resize else \
+            [T.Resize((self.input_size, self.input_size), interpolation=mode)]
         if self.channels == 1:
             steps.append(T.Grayscale(1))
         return T.Compose([*steps, T.ToTensor(), T.Normalize(list(self.mean), list(self.std))])
@@ -53,23 +55,28 @@ class Preprocess:
         std = torch.tensor(self.std).view(1, -1, 1, 1)
 
         def apply(x: torch.Tensor) -> torch.Tensor:
-            x = _resize_crop(x, self.resize, self.input_size)  # (B, C, S, S)
+            x = _resize_crop(x, self.resize, self.input_size, self.interpolation)  # (B, C, S, S)
             x = _to_channels(x, self.channels)
             return (x - mean) / std
 
         return apply
 
 
-def _resize_crop(x: torch.Tensor, resize: int | None, size: int) -> torch.Tensor:
+def _interpolate(x: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
+    if mode == "nearest":
+        return torch.nn.functional.interpolate(x, size=hw, mode="nearest")
+    return torch.nn.functional.interpolate(x, size=hw, mode=mode, antialias=True, align_corners=False)
+
+
+def _resize_crop(x: torch.Tensor, resize: int | None, size: int, mode: str = "bilinear") -> torch.Tensor:
     if resize is None:
         if x.shape[-1] == size and x.shape[-2] == size:
             return x
-        return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                               align_corners=False)
+        return _interpolate(x, (size, size), mode)
     h, w = x.shape[-2:]
     scale = resize / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    x = _interpolate(x, (nh, nw), mode)
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[..., top:top + size, left:left + size]
 
@@ -96,14 +103,21 @@ def resolve(cfg: DataConfig, *, size: int, channels: int, mean: Sequence[float],
         raise ValueError(f"data.channels: expected 1 or 3, got {cfg.channels}")
     out_c = cfg.channels or channels
     side = cfg.image_size or size
-    if side < 1 or (cfg.resize is not None and cfg.resize < side):
-        raise ValueError(f"data.resize ({cfg.resize}) must be at least data.image_size ({side}) and both positive")
-    resize = cfg.resize if cfg.resize else (round(side / CROP_RATIO) if crop else None)
+    if side < 1 or (cfg.resize and cfg.resize < side) or (cfg.resize or 0) < 0:
+        raise ValueError(f"data.resize ({cfg.resize}) must be 0 (no crop) or at least data.image_size ({side}), "
+                         "and image_size positive")
+    if cfg.interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise ValueError(f"data.interpolation: expected bilinear, bicubic or nearest, got {cfg.interpolation!r}")
+    if cfg.resize == 0:  # a plain resize of the whole image to image_size, no crop
+        resize = None
+    else:
+        resize = cfg.resize if cfg.resize else (round(side / CROP_RATIO) if crop else None)
     m = _per_channel(cfg.mean, mean, out_c, "data.mean")
     s = _per_channel(cfg.std, std, out_c, "data.std")
     if any(v <= 0 for v in s):
         raise ValueError(f"data.std: every value must be positive, got {list(s)}")
-    return Preprocess(input_size=side, resize=resize, channels=out_c, mean=m, std=s)
+    return Preprocess(input_size=side, resize=resize, channels=out_c, mean=m, std=s,
+                      interpolation=cfg.interpolation)
 
 
 def _per_channel(given: Sequence[float] | None, default: Sequence[float], channels: int,

@@ -259,3 +259,27 @@ def test_api_custom_model_needs_its_constructor_to_load(tmp_path):
     torch.testing.assert_close(again(x), slim(x), rtol=0, atol=0)
     with pytest.raises(WeightsError):
         load_weights(_small_vgg(), tmp_path / "slim" / "model.safetensors")
+
+
+@pytest.mark.parametrize("settings,theirs", [
+    ({"image_size": 32, "resize": 37}, "Resize(37) CenterCrop(32) imagenet"),
+    ({"image_size": 24, "resize": 0, "interpolation": "bicubic"}, "Resize((24, 24), bicubic) imagenet"),
+    ({"image_size": 16, "channels": 1, "mean": [0.5], "std": [0.25]}, "Resize(18) CenterCrop(16) gray"),
+])
+def test_stored_transform_gives_the_users_tensors(tree, settings, theirs):
+    """Each preprocessing option reproduces the torchvision transform a user would have written."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    user = {
+        "Resize(37) CenterCrop(32) imagenet": T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(), norm]),
+        "Resize((24, 24), bicubic) imagenet": T.Compose([
+            T.Resize((24, 24), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), norm]),
+        "Resize(18) CenterCrop(16) gray": T.Compose([T.Resize(18), T.CenterCrop(16), T.Grayscale(1), T.ToTensor(),
+                                                    T.Normalize([0.5], [0.25])]),
+    }[theirs]
+    data = load_data(DataConfig(name="imagefolder", root=str(tree), **settings), seed=0)
+    ours = torch.cat([x for x, _ in data.test])
+    ref = ImageFolder(str(tree / "val"), transform=user)
+    torch.testing.assert_close(ours, torch.stack([ref[i][0] for i in range(len(ref))]), rtol=0, atol=0)
