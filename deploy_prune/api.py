@@ -98,7 +98,10 @@ def prune(
         arch, arch_kwargs: the registered architecture name of ``model``, when it is one, so the
             saved plan rebuilds without your constructor.
         config: further settings as a nested dict (``{"scoring": {"epochs": 1}}``) or dotted
-            ``key=value`` strings, as in the YAML configs.
+            ``key=value`` strings, as in the YAML configs. They are recorded in the plan; give the
+            ``data`` section (``{"data": {"name": "imagefolder", "root": DIR, "image_size": 32}}``)
+            when CLI stages (``bench --accuracy``, ``recover``) should evaluate the saved model on
+            your data with its preprocessing (the default is the built-in Fashion-MNIST).
         device: where scoring runs.
 
     Returns:
