@@ -89,7 +89,7 @@ def import_settings(args) -> list[str]:
             raise FileNotFoundError(f"--data: {args.data} is neither a folder (ImageFolder with train/ and val/) "
                                     f"nor a dataset name ({', '.join(DATASETS)})")
         over = ["data.name=imagefolder", f"data.root={Path(args.data).resolve()}"]
-    over += [f"model.arch={args.arch}", f"model.weights={args.weights}", "train.epochs=0"]
+    over += [f"model.arch={args.arch}", f"model.weights={Path(args.weights).resolve()}", "train.epochs=0"]
     for flag, key in (("input_size", "image_size"), ("resize", "resize"), ("channels", "channels"),
                       ("interpolation", "interpolation")):
         if getattr(args, flag) is not None:
