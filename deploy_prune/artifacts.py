@@ -93,6 +93,9 @@ def versions() -> dict[str, str]:
 
 def build_from_plan(plan: ModelPlan) -> nn.Module:
     """Build the base architecture and cut it with the plan (random weights)."""
+    if plan.arch.startswith("custom:"):
+        raise ArtifactError(f"architecture {plan.arch[7:]} is your own class, not a registered one; rebuild it "
+                            "in Python with deploy_prune.load(DIR, model=YourModel(...))")
     model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels,
                         **plan.arch_kwargs)
     if plan.kept:
