@@ -39,6 +39,32 @@ def _overrides(args) -> list[str]:
     return list(args.overrides) + extra
 
 
+def _allocation_flags(args) -> list[str]:
+    """Overrides from the allocation flags shared by prune and run."""
+    over = []
+    if getattr(args, "target_flops", None) is not None:
+        over += ["allocation.target=flops", f"allocation.flops_reduction={args.target_flops}"]
+    if getattr(args, "keep_fraction", None) is not None:
+        over += ["allocation.target=channels", f"allocation.keep_fraction={args.keep_fraction}"]
+    if getattr(args, "target_speedup", None) is not None:
+        over += ["allocation.target=speedup", f"allocation.speedup={args.target_speedup}"]
+    if getattr(args, "round_to", None) is not None:
+        over += [f"allocation.round_to={args.round_to}"]
+    return over
+
+
+def allocation_args(p: argparse.ArgumentParser, *, channels: bool = True) -> None:
+    p.add_argument("--target-flops", type=float, metavar="X", help="X times fewer FLOPs (e.g. 3.0)")
+    if channels:
+        p.add_argument("--keep-fraction", type=float, metavar="F", help="keep this fraction of prunable channels")
+    p.add_argument("--target-speedup", type=float, metavar="X",
+                   help="X times faster, measured on allocation.backend/device/batch (default ORT CPU "
+                   "batch 1); slower to prune than a FLOPs target, but the widths fit the hardware")
+    p.add_argument("--round-to", type=int, metavar="M",
+                   help="kept counts rounded to a multiple of M (default 8, measured faster on ORT CPU "
+                   "and tensor cores; 1 = exact widths)")
+
+
 def cmd_train(args) -> int:
     check_output(args.out, force=args.force)
     cfg = load_config(args.config, _overrides(args))
@@ -77,13 +103,7 @@ def cmd_score(args) -> int:
 def cmd_prune(args) -> int:
     check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
-    over = _overrides(args)
-    if args.target_flops is not None:
-        over += ["allocation.target=flops", f"allocation.flops_reduction={args.target_flops}"]
-    if args.keep_fraction is not None:
-        over += ["allocation.target=channels", f"allocation.keep_fraction={args.keep_fraction}"]
-    if args.round_to is not None:
-        over += [f"allocation.round_to={args.round_to}"]
+    over = _overrides(args) + _allocation_flags(args)
     cfg = pipeline.resolve_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
@@ -136,7 +156,7 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     from deploy_prune.run import run
 
-    cfg = load_config(args.config_file, _overrides(args))
+    cfg = load_config(args.config_file, _overrides(args) + _allocation_flags(args))
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
     if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
         return 0
@@ -185,6 +205,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "DIR/base, DIR/slim, DIR/report.json and DIR/report.md.")
     job_args(p)
     p.add_argument("--base", metavar="BASE_DIR", help="use this trained model directory instead of training")
+    allocation_args(p, channels=False)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train a baseline and save it as a model directory",
@@ -210,9 +231,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base", metavar="BASE_DIR")
     common(p)
     p.add_argument("--out", required=True, metavar="SLIM_DIR")
-    p.add_argument("--target-flops", type=float, metavar="X", help="X times fewer FLOPs (e.g. 3.0)")
-    p.add_argument("--keep-fraction", type=float, metavar="F", help="keep this fraction of prunable channels")
-    p.add_argument("--round-to", type=int, metavar="M", help="round kept counts to a multiple (8 for tensor cores)")
+    allocation_args(p)
     p.add_argument("--scores", metavar="SCORES.json", help="precomputed scores (default: score first)")
     p.add_argument("--scorer", choices=SCORERS.names(), help="scorer when no --scores are given")
     p.set_defaults(func=cmd_prune)

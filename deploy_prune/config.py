@@ -98,7 +98,9 @@ class AllocationConfig:
     tolerance: float = 0.03  # relative tolerance on the FLOPs target
     min_channels: int = 1
     min_fraction: float = 0.05  # per-node minimum kept fraction
-    round_to: int = 1  # kept counts rounded to a multiple (8 for tensor cores)
+    # kept counts rounded to a multiple; 8 by default: measured faster per FLOP on ORT CPU
+    # (docs/results/paper_claims.md rounding study) and the tensor-core multiple on GPUs; 1 = exact
+    round_to: int = 8
     # latency-aware allocation (target=speedup|latency)
     speedup: float = 2.0
     latency_ms: float | None = None

@@ -24,6 +24,7 @@ from deploy_prune.allocation import (
     allocate,
     cut,
     load_allocator,
+    rounding_note,
     select_crucial,
 )
 from deploy_prune.artifacts import ModelPlan, load_model_dir, read_json_object, versions
@@ -160,7 +161,8 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         config=to_dict(cfg), base_sha256=plan.digest(), crucial_nodes=crucial,
         flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
-        base_widths=widths(nodes), versions=versions(), **alloc.extra)
+        base_widths=widths(nodes), rounding=rounding_note(cfg.allocation, alloc.extra.pop("round_to", None)),
+        versions=versions(), **alloc.extra)
     return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
 
 
