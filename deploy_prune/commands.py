@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from deploy_prune import distributed, pipeline
+from deploy_prune import distributed, pipeline, speed
 from deploy_prune.artifacts import atomic_write_text, check_output, load_model_dir, save_model_dir
 from deploy_prune.config import load_config
 from deploy_prune.data import load_data
@@ -50,6 +50,10 @@ def _allocation_flags(args) -> list[str]:
         over += ["allocation.target=speedup", f"allocation.speedup={args.target_speedup}"]
     if getattr(args, "round_to", None) is not None:
         over += [f"allocation.round_to={args.round_to}"]
+    if getattr(args, "require_speedup", None) is not None:
+        over += [f"speed_check.require_speedup={args.require_speedup}"]
+    if getattr(args, "no_speed_check", False):
+        over += ["speed_check.enabled=false"]
     return over
 
 
@@ -63,6 +67,11 @@ def allocation_args(p: argparse.ArgumentParser, *, channels: bool = True) -> Non
     p.add_argument("--round-to", type=int, metavar="M",
                    help="kept counts rounded to a multiple of M (default 8, measured faster on ORT CPU "
                    "and tensor cores; 1 = exact widths)")
+    p.add_argument("--require-speedup", type=float, metavar="X",
+                   help="fail (exit 2) when the slim model measures less than X times faster than "
+                   "its base (the slowdown guard; ORT CPU batch 1 by default)")
+    p.add_argument("--no-speed-check", action="store_true",
+                   help="skip the few-second speed measurement after pruning (speed_check.enabled=false)")
 
 
 def cmd_train(args) -> int:
@@ -114,12 +123,17 @@ def cmd_prune(args) -> int:
     res = pipeline.prune(model, plan, cfg, scores)
     if not distributed.is_main():
         return 0
+    check = speed.speed_check(model, plan, res.slim, res.plan, cfg)
+    if check is not None:
+        res.plan.info["speed_check"] = check
     save_model_dir(res.slim, res.plan, args.out, force=args.force)
     info = res.plan.info
     print(pipeline.width_table(res.nodes, info["base_widths"], info["widths"], info["crucial_nodes"]))
     print(f"FLOPs {info['base_flops'] / 1e6:.2f}M -> {info['flops'] / 1e6:.2f}M "
           f"({info['flops_reduction']:.3f}x fewer), params {info['base_params'] / 1e6:.3f}M -> "
           f"{info['params'] / 1e6:.3f}M -> {args.out}")
+    print(speed.summary_line(check))
+    speed.enforce(check, cfg, where=str(args.out))
     return 0
 
 
@@ -163,8 +177,10 @@ def cmd_run(args) -> int:
     print(f"{report['base']['arch']}: {report['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
           f"{report['base']['top1']:.2f}% | pruned {report['pruned']['top1']:.2f}% | recovered "
           f"{report['recovered']['top1']:.2f}% | slim {report['slim']['top1']:.2f}%")
+    print(speed.summary_line(report.get("speed_check")))
     print(f"stage seconds: {report['seconds']}")
     print(f"report: {args.out}/report.md, slim model: {args.out}/slim")
+    speed.enforce(report.get("speed_check"), cfg, where=f"{args.out}/slim")
     return 0
 
 

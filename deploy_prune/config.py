@@ -135,6 +135,14 @@ class FinetuneConfig:
 
 
 @dataclass
+class SpeedCheckConfig:
+    """The slowdown guard after prune and run (deploy_prune/speed.py)."""
+
+    enabled: bool = True  # time slim vs base on allocation.backend/device/precision/batch (seconds)
+    require_speedup: float | None = None  # below this measured speedup: an error (exit 2)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -147,6 +155,7 @@ class RunConfig:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    speed_check: SpeedCheckConfig = field(default_factory=SpeedCheckConfig)
 
 
 # ---------------------------------------------------------------------------------------------

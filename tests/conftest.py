@@ -32,6 +32,7 @@ def digits_cfg(**over) -> RunConfig:
         "recovery": {"epochs": 1, "lr": 0.001},
         "finetune": {"epochs": 1, "lr": 0.001},
         "threads": 2,
+        "speed_check": {"enabled": False},  # tests/test_speed.py covers the guard
     }
     for k, v in over.items():
         section, key = k.split("__")
