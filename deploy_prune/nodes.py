@@ -46,8 +46,19 @@ class Node:
         return bool(self.junctions)
 
 
+def refuse_unsupported(model: nn.Module) -> None:
+    """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to heads)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention")):
+            raise ValueError(
+                f"cannot prune {type(model).__name__}: it is a transformer ({type(m).__name__} at "
+                f"{name or 'the top'} ties channels to attention heads and token embeddings); only "
+                "convolutional networks are supported")
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of ``model`` traced on ``example``."""
+    refuse_unsupported(model)
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
