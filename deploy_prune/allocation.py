@@ -55,16 +55,33 @@ def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list
     return sorted(chosen, key=order.__getitem__)
 
 
-def keep_top(scores: Scores, counts: Mapping[str, int]) -> Plan:
-    """Plan keeping, in each node, the ``counts[node]`` highest-scoring channels."""
+def keep_top(scores: Scores, counts: Mapping[str, int], groups: Mapping[str, int] | None = None) -> Plan:
+    """Plan keeping, in each node, the ``counts[node]`` highest-scoring channels.
+
+    A node tied to a grouped conv (``groups[node] = G > 1``) keeps ``k / G`` positions (``k``
+    rounded to a multiple of G) in each of its G channel blocks, the same positions in every
+    block, chosen by their score summed over the blocks; the conv keeps its G groups."""
     plan = {}
     for name, k in counts.items():
         s = np.asarray(scores[name])
+        g = (groups or {}).get(name, 1)
+        if g > 1:
+            k = min(len(s), max(g, int(round(k / g)) * g))
         if k >= len(s):
+            continue
+        if g > 1:
+            width = len(s) // g
+            pos = np.argsort(-s.reshape(g, width).sum(0), kind="stable")[:k // g]
+            plan[name] = sorted(int(p + b * width) for b in range(g) for p in pos)
             continue
         idx = np.argsort(-s, kind="stable")[:k]
         plan[name] = sorted(int(i) for i in idx)
     return plan
+
+
+def group_counts(nodes: list[Node]) -> dict[str, int]:
+    """Node name -> channel groups, for the nodes tied to grouped convs."""
+    return {n.name: n.groups for n in nodes if n.groups > 1}
 
 
 @dataclass
@@ -110,7 +127,8 @@ class _Ranking:
         out = {}
         for i, n in enumerate(self.nodes):
             kept = max(n.channels - int(removed[i]), self.min_keep(n.channels))
-            out[n.name] = round_width(kept, n.channels, self.cfg.round_to)
+            # grouped: whole positions of every group (widths stay multiples of the group count)
+            out[n.name] = round_width(kept, n.channels, n.groups if n.groups > 1 else self.cfg.round_to)
         return out
 
 
@@ -194,7 +212,7 @@ def finish_allocation(model: nn.Module, nodes: list[Node], pick: Scores, counts:
                       **fields: Any) -> Allocation:
     """The :class:`Allocation` that keeps ``counts`` channels (by ``pick``) of the prunable nodes;
     ``fields`` fills the rest (``history``, ``extra``)."""
-    plan = keep_top(pick, counts)
+    plan = keep_top(pick, counts, group_counts(nodes))
     base = base or count(model, example)
     slim = count(cut(model, plan, example), example)
     return Allocation(counts={**{n.name: n.channels for n in nodes}, **counts}, plan=plan, crucial=crucial,
@@ -248,13 +266,14 @@ def _allocate(
     base = count(model, example)
     ranking = _Ranking(prunable, scores, cfg)
     pick = selection or scores
+    groups = group_counts(nodes)
     cache: dict[tuple, int] = {}
 
     def flops_at(k: int) -> tuple[int, dict[str, int]]:
         counts = ranking.counts(k)
         key = tuple(sorted(counts.items()))
         if key not in cache:
-            cache[key] = count(cut(model, keep_top(pick, counts), example), example).flops
+            cache[key] = count(cut(model, keep_top(pick, counts, groups), example), example).flops
         return cache[key], counts
 
     history: list[tuple[int, float]] = []

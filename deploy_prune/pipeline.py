@@ -161,9 +161,17 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         config=to_dict(cfg), base_sha256=plan.digest(), crucial_nodes=crucial,
         flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
-        base_widths=widths(nodes), rounding=rounding_note(cfg.allocation, alloc.extra.pop("round_to", None)),
+        base_widths=widths(nodes), **_notes(plan), rounding=rounding_note(cfg.allocation, alloc.extra.pop("round_to", None)),
         versions=versions(), **alloc.extra)
     return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
+
+
+def _notes(plan: ModelPlan) -> dict[str, Any]:
+    """Facts about how the model was built that matter for deployment (aux heads dropped)."""
+    from deploy_prune.models.tv import aux_note
+
+    note = aux_note(plan.arch, plan.arch_kwargs)
+    return {"aux_heads": note} if note else {}
 
 
 def load_base(path: str | Path) -> tuple[nn.Module, ModelPlan]:

@@ -44,6 +44,11 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    if getattr(model, "aux_logits", True) is False:  # auxiliary heads dropped (models/tv.py)
+        from deploy_prune.models.tv import AUX_HEADS
+
+        prefixes = tuple(p for ps in AUX_HEADS.values() for p in ps)
+        state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
