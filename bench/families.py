@@ -43,7 +43,7 @@ def models() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def prune_one(name: str, *, flops: float = 2.0, seed: int = 0):
+def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None = None):
     """(base, base_plan, PruneResult) for torchvision ``name`` at ``flops``x, L1 scores."""
     from deploy_prune import pipeline
     from deploy_prune.artifacts import ModelPlan
@@ -51,7 +51,7 @@ def prune_one(name: str, *, flops: float = 2.0, seed: int = 0):
     from deploy_prune.models import build_model
 
     torch.manual_seed(seed)
-    size = INPUT_SIZE.get(name, 64)
+    size = size or INPUT_SIZE.get(name, 64)
     plan = ModelPlan(f"tv.{name}", 10, 3, size)
     model = build_model(plan.arch, num_classes=10, in_channels=3).eval()
     cfg = from_dict(RunConfig, {"scoring": {"method": "l1"}, "allocation": {"flops_reduction": flops},
@@ -61,15 +61,17 @@ def prune_one(name: str, *, flops: float = 2.0, seed: int = 0):
     return model, plan, pipeline.prune(model, plan, cfg, scores)
 
 
-def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float = 2.0) -> dict[str, Any]:
+def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float = 2.0,
+              size: int | None = None) -> dict[str, Any]:
     """One matrix row: prune -> forward eval+train -> ONNX export with parity -> paired timing."""
     from bench.guard import measure
     from export.to_onnx import export_onnx, verify_onnx
 
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"model": name, "flops_asked": flops, "input": f"3x{INPUT_SIZE.get(name, 64)}"}
+    size = size or INPUT_SIZE.get(name, 64)
+    row: dict[str, Any] = {"model": name, "flops_asked": flops, "input": f"3x{size}"}
     try:
-        base, plan, res = prune_one(name, flops=flops)
+        base, plan, res = prune_one(name, flops=flops, size=size)
     except ValueError as e:  # the one-line refusal (transformers, untraceable graphs)
         row.update(status="refused", detail=str(e).splitlines()[0], seconds=time.perf_counter() - t0)
         return row

@@ -203,7 +203,11 @@ def prunable_nodes(nodes: list[Node], crucial: list[str]) -> list[Node]:
     """The nodes an allocator may narrow; an error when the crucial set leaves none."""
     prunable = [n for n in nodes if n.name not in crucial and n.prunable]
     if not prunable:
-        raise AllocationError("no prunable node is left outside the crucial set")
+        fixed = [n for n in nodes if not n.prunable]
+        why = (f"; {len(fixed)} of {len(nodes)} nodes are tied to grouped convolutions whose groups do "
+               f"not divide their channels (e.g. {fixed[0].name}: {fixed[0].channels} channels, "
+               f"{fixed[0].groups} groups)") if fixed else ""
+        raise AllocationError(f"no prunable node is left outside the crucial set {crucial}{why}")
     return prunable
 
 

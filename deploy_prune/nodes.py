@@ -52,11 +52,15 @@ class Node:
         return bool(self.junctions)
 
 
+class UnsupportedModel(ValueError):
+    """A model that cannot be channel-pruned; the message is one line naming the cause."""
+
+
 def refuse_unsupported(model: nn.Module) -> None:
     """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to heads)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention")):
-            raise ValueError(
+            raise UnsupportedModel(
                 f"cannot prune {type(model).__name__}: it is a transformer ({type(m).__name__} at "
                 f"{name or 'the top'} ties channels to attention heads and token embeddings); only "
                 "convolutional networks are supported")
@@ -71,13 +75,13 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
         shuffles = [n for n, m in model.named_modules() if n and "shuffle" in type(m).__name__.lower()
                     or n and "InvertedResidual" in type(m).__name__]
-        raise ValueError(
+        raise UnsupportedModel(
             f"cannot prune {type(model).__name__}: a reshape moves channels between groups (channel "
             f"shuffle: view -> transpose -> view{', e.g. in ' + shuffles[0] if shuffles else ''}), which "
             f"ties every branch's channels to the other's through a permutation that the dependency "
             f"tracer cannot map ({e})") from e
     except Exception as e:  # tracing failures come from deep inside torch-pruning
-        raise ValueError(
+        raise UnsupportedModel(
             f"cannot trace the channel dependencies of {type(model).__name__} "
             f"({type(e).__name__}: {e}); this architecture is not supported for pruning"
         ) from e
@@ -159,6 +163,10 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
             node = dataclasses.replace(node, groups=g, prunable=node.channels % g == 0 and g < node.channels)
         nodes.append(node)
     model.train(was_training)
+    if not nodes:
+        raise UnsupportedModel(
+            f"cannot prune {type(model).__name__}: no prunable channels found (no Conv2d, nor a Linear "
+            "on (B, H, W, C) maps, whose output channels are not tied to the classifier)")
     nodes.sort(key=lambda n: n.order)
     return nodes
 
@@ -183,7 +191,7 @@ def _refuse_train_only(model: nn.Module, example: torch.Tensor, order: dict[str,
             h.remove()
     train_only = sorted({n.split(".")[0] for n in seen})
     if train_only:
-        raise ValueError(
+        raise UnsupportedModel(
             f"cannot prune {type(model).__name__}: modules {', '.join(train_only)} run only in train "
             "mode (auxiliary heads), so channels cut from the layers feeding them would break "
             "training; build the model without them (torchvision: model.kwargs.aux_logits=false)")

@@ -229,3 +229,30 @@ def test_default_rounding_falls_back_only_when_target_is_out_of_reach(example_no
     assert note["requested"] == 8 and "fell back" in note["reason"]
     with pytest.raises(AllocationError, match="out of reach"):  # asked for 16 explicitly: no fallback
         allocate(model, nodes, scores, x, crucial=crucial, cfg=dataclasses.replace(cfg, round_to=16))
+
+
+def _grouped_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def test_grouped_conv_nodes_are_cut_group_consistently():
+    """A node feeding or leaving a grouped conv keeps the same positions in every group, so the
+    conv keeps its group count; a plan that breaks the groups is refused by name."""
+    from deploy_prune.allocation import keep_top
+
+    model, x = _grouped_net(), torch.randn(2, 3, 8, 8)
+    nodes = {n.name: n for n in discover(model, x[:1])}
+    assert nodes["0"].groups == 4 and nodes["3"].groups == 4 and nodes["0"].prunable
+    scores = {"0": np.arange(16.0), "3": np.arange(16.0)[::-1].copy()}
+    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4})  # 9 -> 8: whole positions per group
+    assert plan["0"] == [2, 3, 6, 7, 10, 11, 14, 15] and plan["3"] == [0, 1, 4, 5, 8, 9, 12, 13]
+    slim = cut(model, plan, x[:1])
+    assert slim[3].groups == 4 and slim[3].in_channels == 8 and slim[3].out_channels == 8
+    slim.train()
+    assert slim(x).shape == (2, 10)
+    with pytest.raises(PlanError, match="same positions"):
+        apply_plan(_grouped_net(), {"0": list(range(8))}, x[:1])
