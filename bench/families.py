@@ -149,6 +149,8 @@ def _fmt(v: Any) -> Any:
 def render(csv_path: Path, out: Path, command: str) -> Path:
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
+    seen = {r["model"] for r in rows}
+    missing = [m for m in models() if m not in seen]  # the time box ran out before them
     ok = [r for r in rows if r["status"] == "ok"]
     eff = sorted(float(r["efficiency"]) for r in ok)
     slower = [r["model"] for r in ok if float(r["speedup_low"]) <= 1.0]
@@ -163,7 +165,9 @@ def render(csv_path: Path, out: Path, command: str) -> Path:
              f"{len(rows)} models: {len(ok)} pruned and measured, "
              f"{sum(r['status'] == 'refused' for r in rows)} refused with one line, "
              f"{sum(r['status'] == 'error' for r in rows)} errors, "
-             f"{sum(r['status'] == 'timeout' for r in rows)} over the time box. "
+             f"{sum(r['status'] == 'timeout' for r in rows)} over the per-model time box"
+             + (f"; {len(missing)} not reached before the run's deadline: {', '.join(missing)}. "
+                if missing else ". ")
              + (f"Median efficiency {np.median(eff):.2f} (min {eff[0]:.2f}, max {eff[-1]:.2f}). " if eff else "")
              + (f"Not measurably faster than base (the slowdown guard warns): {', '.join(slower)}." if slower
                 else "Every measured slim model is faster than its base."), "",
