@@ -110,3 +110,29 @@ def scaled_atol(atol: float, reference: Runner, shape: Sequence[int]) -> float:
 def batches_in_range(lo: int, hi: int, wanted: Sequence[int] = (1, 7)) -> tuple[int, ...]:
     """The wanted probe batch sizes clipped into ``[lo, hi]``, without duplicates."""
     return tuple(sorted({max(lo, min(hi, b)) for b in wanted}))
+
+
+def top1_agreement(run: Runner, reference: Runner, batches, *, max_samples: int = 512,
+                   minimum: float = 0.99, what: str) -> tuple[float, int]:
+    """Fraction of real inputs on which ``run`` and ``reference`` pick the same class.
+
+    ``batches`` yields (inputs, labels) or inputs; at most ``max_samples`` are used. Random
+    probes check the numbers; this checks the decision on the data the model was made for.
+    Raises ParityError below ``minimum``; returns (agreement, samples)."""
+    agree = n = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        x = x[: max_samples - n].float()
+        with torch.no_grad():
+            a, b = run(x).argmax(1), reference(x).argmax(1)
+        agree += int((a == b).sum())
+        n += x.shape[0]
+        if n >= max_samples:
+            break
+    if n == 0:
+        raise ParityError(f"{what}: no real inputs to compare top-1 on")
+    frac = agree / n
+    if frac < minimum:
+        raise ParityError(f"{what}: top-1 agrees with PyTorch on only {100 * frac:.1f}% of {n} real "
+                          f"inputs (at least {100 * minimum:.0f}% required)")
+    return frac, n

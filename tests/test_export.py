@@ -689,3 +689,16 @@ def test_parity_is_relative_to_the_output_scale():
         check_close(near_zero + 5e-4, near_zero, rtol=1e-6, atol=1e-4, what="t")
     with pytest.raises(ParityError, match="NaN"):
         check_close(torch.full((2,), float("nan")), torch.ones(2), rtol=1, atol=1, what="t")
+
+
+def test_top1_agreement_on_real_inputs_fails_when_decisions_differ():
+    from export.parity import top1_agreement
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, generator=g), None) for _ in range(4)]
+    ref = lambda x: x  # noqa: E731  (class = argmax of the input)
+    frac, n = top1_agreement(lambda x: x * 1.0001, ref, batches, what="t")
+    assert (frac, n) == (1.0, 32)
+    with pytest.raises(ParityError, match="top-1 agrees"):
+        top1_agreement(lambda x: -x, ref, batches, what="t")
+    assert top1_agreement(lambda x: x, ref, batches, max_samples=10, what="t")[1] == 10
