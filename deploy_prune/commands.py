@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from deploy_prune import distributed, pipeline
+from deploy_prune import distributed, pipeline, speed
 from deploy_prune.artifacts import (
     atomic_write_text,
     check_output,
@@ -47,6 +47,41 @@ def job_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> No
 def overrides(args) -> list[str]:
     extra = [f"data.root={args.data_root}"] if getattr(args, "data_root", None) else []
     return list(args.overrides) + extra
+
+
+def _allocation_flags(args) -> list[str]:
+    """Overrides from the allocation flags shared by prune and run."""
+    over = []
+    if getattr(args, "target_flops", None) is not None:
+        over += ["allocation.target=flops", f"allocation.flops_reduction={args.target_flops}"]
+    if getattr(args, "keep_fraction", None) is not None:
+        over += ["allocation.target=channels", f"allocation.keep_fraction={args.keep_fraction}"]
+    if getattr(args, "target_speedup", None) is not None:
+        over += ["allocation.target=speedup", f"allocation.speedup={args.target_speedup}"]
+    if getattr(args, "round_to", None) is not None:
+        over += [f"allocation.round_to={args.round_to}"]
+    if getattr(args, "require_speedup", None) is not None:
+        over += [f"speed_check.require_speedup={args.require_speedup}"]
+    if getattr(args, "no_speed_check", False):
+        over += ["speed_check.enabled=false"]
+    return over
+
+
+def allocation_args(p: argparse.ArgumentParser, *, channels: bool = True) -> None:
+    p.add_argument("--target-flops", type=float, metavar="X", help="X times fewer FLOPs (e.g. 3.0)")
+    if channels:
+        p.add_argument("--keep-fraction", type=float, metavar="F", help="keep this fraction of prunable channels")
+    p.add_argument("--target-speedup", type=float, metavar="X",
+                   help="X times faster, measured on allocation.backend/device/batch (default ORT CPU "
+                   "batch 1); slower to prune than a FLOPs target, but the widths fit the hardware")
+    p.add_argument("--round-to", type=int, metavar="M",
+                   help="kept counts rounded to a multiple of M (default 8, measured faster on ORT CPU "
+                   "and tensor cores; 1 = exact widths)")
+    p.add_argument("--require-speedup", type=float, metavar="X",
+                   help="fail (exit 2) when the slim model measures less than X times faster than "
+                   "its base (the slowdown guard; ORT CPU batch 1 by default)")
+    p.add_argument("--no-speed-check", action="store_true",
+                   help="skip the few-second speed measurement after pruning (speed_check.enabled=false)")
 
 
 def cmd_train(args) -> int:
@@ -145,13 +180,7 @@ def cmd_score(args) -> int:
 def cmd_prune(args) -> int:
     check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
-    over = overrides(args)
-    if args.target_flops is not None:
-        over += ["allocation.target=flops", f"allocation.flops_reduction={args.target_flops}"]
-    if args.keep_fraction is not None:
-        over += ["allocation.target=channels", f"allocation.keep_fraction={args.keep_fraction}"]
-    if args.round_to is not None:
-        over += [f"allocation.round_to={args.round_to}"]
+    over = overrides(args) + _allocation_flags(args)
     cfg = pipeline.resolve_base_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
@@ -161,12 +190,17 @@ def cmd_prune(args) -> int:
     res = pipeline.prune(model, plan, cfg, scores, decision=decision)
     if not distributed.is_main():
         return 0
+    check = speed.speed_check(model, plan, res.slim, res.plan, cfg)
+    if check is not None:
+        res.plan.info["speed_check"] = check
     save_model_dir(res.slim, res.plan, args.out, force=args.force)
     info = res.plan.info
     print(pipeline.width_table(res.nodes, info["base_widths"], info["widths"], info["crucial_nodes"]))
     print(f"FLOPs {info['base_flops'] / 1e6:.2f}M -> {info['flops'] / 1e6:.2f}M "
           f"({info['flops_reduction']:.3f}x fewer), params {info['base_params'] / 1e6:.3f}M -> "
           f"{info['params'] / 1e6:.3f}M -> {args.out}")
+    print(speed.summary_line(check))
+    speed.enforce(check, cfg, where=str(args.out))
     return 0
 
 
@@ -211,19 +245,21 @@ def cmd_run(args) -> int:
         args.overrides = [args.config_file, *args.overrides]  # ``run --base DIR key=value``: no CONFIG
         args.config_file = None
     if args.base:  # the base directory's own data and model settings; the config only overrides
-        cfg = pipeline.resolve_base_config(read_plan(args.base), args.config_file, overrides(args))
+        cfg = pipeline.resolve_base_config(read_plan(args.base), args.config_file, overrides(args) + _allocation_flags(args))
     elif not args.config_file:
         raise ValueError("run needs a CONFIG file, or --base DIR to prune an existing model directory")
     else:
-        cfg = load_config(args.config_file, overrides(args))
+        cfg = load_config(args.config_file, overrides(args) + _allocation_flags(args))
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
     if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
         return 0
     print(f"{report['base']['arch']}: {report['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
           f"{report['base']['top1']:.2f}% | pruned {report['pruned']['top1']:.2f}% | recovered "
           f"{report['recovered']['top1']:.2f}% | slim {report['slim']['top1']:.2f}%")
+    print(speed.summary_line(report.get("speed_check")))
     print(f"stage seconds: {report['seconds']}")
     print(f"report: {args.out}/report.md, slim model: {args.out}/slim")
+    speed.enforce(report.get("speed_check"), cfg, where=f"{args.out}/slim")
     return 0
 
 
@@ -270,6 +306,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     job_args(p, config_optional=True)
     p.add_argument("--base", metavar="BASE_DIR", help="use this trained (or imported) model directory instead "
                    "of training; its data and preprocessing are used, CONFIG is optional and only overrides")
+    allocation_args(p, channels=False)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("import", help="turn your own trained model (architecture + weights) into a base directory",
@@ -332,9 +369,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("base", metavar="BASE_DIR")
     common(p)
     p.add_argument("--out", required=True, metavar="SLIM_DIR")
-    p.add_argument("--target-flops", type=float, metavar="X", help="X times fewer FLOPs (e.g. 3.0)")
-    p.add_argument("--keep-fraction", type=float, metavar="F", help="keep this fraction of prunable channels")
-    p.add_argument("--round-to", type=int, metavar="M", help="round kept counts to a multiple (8 for tensor cores)")
+    allocation_args(p)
     p.add_argument("--scores", metavar="SCORES.json", help="precomputed scores (default: score first)")
     p.add_argument("--scorer", choices=SCORERS.names(), help="scorer when no --scores are given")
     p.set_defaults(func=cmd_prune)

@@ -105,7 +105,9 @@ class AllocationConfig:
     tolerance: float = 0.03  # relative tolerance on the FLOPs target
     min_channels: int = 1
     min_fraction: float = 0.05  # per-node minimum kept fraction
-    round_to: int = 1  # kept counts rounded to a multiple (8 for tensor cores)
+    # kept counts rounded to a multiple; 8 by default: measured faster per FLOP on ORT CPU
+    # (docs/results/paper_claims.md rounding study) and the tensor-core multiple on GPUs; 1 = exact
+    round_to: int = 8
     # latency-aware allocation (target=speedup|latency)
     speedup: float = 2.0
     latency_ms: float | None = None
@@ -140,6 +142,14 @@ class FinetuneConfig:
 
 
 @dataclass
+class SpeedCheckConfig:
+    """The slowdown guard after prune and run (deploy_prune/speed.py)."""
+
+    enabled: bool = True  # time slim vs base on allocation.backend/device/precision/batch (seconds)
+    require_speedup: float | None = None  # below this measured speedup: an error (exit 2)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -152,6 +162,7 @@ class RunConfig:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    speed_check: SpeedCheckConfig = field(default_factory=SpeedCheckConfig)
 
 
 # ---------------------------------------------------------------------------------------------

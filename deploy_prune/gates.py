@@ -30,12 +30,17 @@ class ChannelGates:
         modules = dict(self.model.named_modules())
         for node in self.nodes:
             for gate in node.gates:
-                self._handles.append(modules[gate].register_forward_hook(self._hook(node.name)))
+                m = modules[gate]
+                # Linear and plain LayerNorm work channels-last ((B, H, W, C): ConvNeXt's MLP)
+                last = isinstance(m, nn.Linear) or type(m) is nn.LayerNorm
+                self._handles.append(m.register_forward_hook(self._hook(node.name, last)))
         return self
 
-    def _hook(self, name: str):
-        def hook(mod, inp, out):  # out: (B, C, H, W)
+    def _hook(self, name: str, channels_last: bool = False):
+        def hook(mod, inp, out):  # out: (B, C, H, W), or (B, H, W, C) when channels_last
             f = self.factor(name).to(out.dtype)
+            if channels_last:
+                return out * f
             return out * f.view(1, -1, *([1] * (out.dim() - 2)))
 
         return hook

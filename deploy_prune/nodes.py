@@ -13,8 +13,10 @@ post-activation output) for a residual node, e.g. torchvision ResNet-50 ``layer2
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,27 +41,56 @@ class Node:
     channels: int
     order: int  # position of the capture in execution order
     junctions: tuple[str, ...] = ()
-    prunable: bool = True  # False when tied to a grouped (non-depthwise) conv: kept whole
+    prunable: bool = True  # False when its channel groups cannot be kept consistently
+    # > 1 when tied to a grouped (non-depthwise) conv with this many groups: the node's channels
+    # are ``groups`` equal blocks, and a cut keeps the same positions in every block (the group
+    # count stays, each group gets narrower), as torch-pruning's grouped-conv pruning does
+    groups: int = 1
 
     @property
     def is_junction(self) -> bool:
         return bool(self.junctions)
 
 
+class UnsupportedModel(ValueError):
+    """A model that cannot be channel-pruned; the message is one line naming the cause."""
+
+
+def refuse_unsupported(model: nn.Module) -> None:
+    """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to heads)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention")):
+            raise UnsupportedModel(
+                f"cannot prune {type(model).__name__}: it is a transformer ({type(m).__name__} at "
+                f"{name or 'the top'} ties channels to attention heads and token embeddings); only "
+                "convolutional networks are supported")
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of ``model`` traced on ``example``."""
+    refuse_unsupported(model)
     try:
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
+        shuffles = [n for n, m in model.named_modules() if n and "shuffle" in type(m).__name__.lower()
+                    or n and "InvertedResidual" in type(m).__name__]
+        raise UnsupportedModel(
+            f"cannot prune {type(model).__name__}: a reshape moves channels between groups (channel "
+            f"shuffle: view -> transpose -> view{', e.g. in ' + shuffles[0] if shuffles else ''}), which "
+            f"ties every branch's channels to the other's through a permutation that the dependency "
+            f"tracer cannot map ({e})") from e
     except Exception as e:  # tracing failures come from deep inside torch-pruning
-        raise ValueError(
+        raise UnsupportedModel(
             f"cannot trace the channel dependencies of {type(model).__name__} "
             f"({type(e).__name__}: {e}); this architecture is not supported for pruning"
         ) from e
 
 
-def _exec_order(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
-    """Module name -> index of its forward *completion*, and -> its output channel count."""
+def _exec_order(model: nn.Module, example: torch.Tensor,
+                in_dims: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """Module name -> index of its forward *completion*, and -> its output channel count;
+    ``in_dims`` (if given) receives each module's first input's number of dimensions."""
     order: dict[str, int] = {}
     chans: dict[str, int] = {}
     hooks = []
@@ -69,6 +100,8 @@ def _exec_order(model: nn.Module, example: torch.Tensor) -> tuple[dict[str, int]
                 order[name] = len(order)
                 if isinstance(out, torch.Tensor) and out.dim() >= 2:
                     chans[name] = out.shape[1]
+                if in_dims is not None and inp and isinstance(inp[0], torch.Tensor):
+                    in_dims[name] = inp[0].dim()
         hooks.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -109,29 +142,66 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     dg = dg or build_graph(model, example)
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    order, chans = _exec_order(model, example)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    in_dims: dict[str, int] = {}
+    order, chans = _exec_order(model, example, in_dims)
+    _refuse_train_only(model, example, order)
+    # Linears on flattened (B, F) features are classifier heads: never pruned. Linears on
+    # (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's MLP): they produce nodes.
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2]
     nodes = []
-    for group in dg.get_all_groups(ignored_layers=linears, root_module_types=(nn.Conv2d,)):
+    for group in dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)):
         convs = [dep.target.module for dep, _ in group
-                 if isinstance(dep.target.module, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler)]
+                 if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
+                 and dg.is_out_channel_pruning_fn(dep.handler)]
         convs = sorted(set(convs), key=lambda m: order.get(names[m], 1 << 30))
         if not convs:
             continue
         node = _make_node(dg, convs, names, modules, order, chans)
-        if any(_is_grouped(dep.target.module) for dep, _ in group):
-            node = dataclasses.replace(node, prunable=False)
+        tied = {dep.target.module.groups for dep, _ in group if _is_grouped(dep.target.module)}
+        if tied:
+            g = math.lcm(*tied)
+            node = dataclasses.replace(node, groups=g, prunable=node.channels % g == 0 and g < node.channels)
         nodes.append(node)
     model.train(was_training)
+    if not nodes:
+        raise UnsupportedModel(
+            f"cannot prune {type(model).__name__}: no prunable channels found (no Conv2d, nor a Linear "
+            "on (B, H, W, C) maps, whose output channels are not tied to the classifier)")
     nodes.sort(key=lambda n: n.order)
     return nodes
 
 
+def _refuse_train_only(model: nn.Module, example: torch.Tensor, order: dict[str, int]) -> None:
+    """One line when modules run in train mode only (auxiliary heads): the graph is traced in
+    eval mode, so their inputs would not be cut and recovery (train mode) would fail."""
+    idle = [n for n, m in model.named_modules() if n not in order and next(m.parameters(False), None) is not None]
+    if not idle:
+        return
+    probe = copy.deepcopy(model).train()
+    seen: set[str] = set()
+    hooks = [m.register_forward_hook(lambda *a, n=n: seen.add(n))  # returns None: output unchanged
+             for n, m in probe.named_modules() if n in set(idle)]
+    try:
+        with torch.no_grad():
+            probe(torch.cat([example, example]))  # batch 2: BatchNorm needs > 1 value in train mode
+    except Exception as e:  # noqa: BLE001  (the modules seen before the failure still count)
+        log.debug("train-mode probe of %s failed: %s", type(model).__name__, e)
+    finally:
+        for h in hooks:
+            h.remove()
+    train_only = sorted({n.split(".")[0] for n in seen})
+    if train_only:
+        raise UnsupportedModel(
+            f"cannot prune {type(model).__name__}: modules {', '.join(train_only)} run only in train "
+            "mode (auxiliary heads), so channels cut from the layers feeding them would break "
+            "training; build the model without them (torchvision: model.kwargs.aux_logits=false)")
+
+
 def _make_node(dg, convs, names, modules, order, chans) -> Node:
-    plain = [c for c in convs if c.groups == 1 or c.groups != c.out_channels]
+    plain = [c for c in convs if getattr(c, "groups", 1) == 1 or c.groups != c.out_channels]
     root = names[(plain or convs)[0]]
     gates = tuple(names[_following_bn(dg, c) or c] for c in convs)
-    width = convs[0].out_channels
+    width = convs[0].out_channels if isinstance(convs[0], nn.Conv2d) else convs[0].out_features
     producers = tuple(names[c] for c in convs)
     junctions: tuple[str, ...] = ()
     if len(plain) > 1:  # channels tied by residual adds: read them at the block outputs

@@ -26,6 +26,7 @@ from deploy_prune.allocation import (
     cut,
     decided,
     load_allocator,
+    rounding_note,
     select_crucial,
 )
 from deploy_prune.artifacts import ModelPlan, load_model_dir, read_json_object, versions
@@ -281,10 +282,19 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         config=to_dict(cfg), base_sha256=plan.digest(), crucial_nodes=crucial,
         flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
-        base_widths=widths(nodes), versions=versions(), **alloc.extra)
+        base_widths=widths(nodes), **_notes(plan), rounding=rounding_note(cfg.allocation, alloc.extra.pop("round_to", None)),
+        versions=versions(), **alloc.extra)
     if "preprocess" in plan.info:
         slim_plan.info["preprocess"] = plan.info["preprocess"]
     return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
+
+
+def _notes(plan: ModelPlan) -> dict[str, Any]:
+    """Facts about how the model was built that matter for deployment (aux heads dropped)."""
+    from deploy_prune.models.tv import aux_note
+
+    note = aux_note(plan.arch, plan.arch_kwargs)
+    return {"aux_heads": note} if note else {}
 
 
 def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunConfig, scores: Scores, *,

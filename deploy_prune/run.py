@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deploy_prune import distributed, pipeline
+from deploy_prune import distributed, pipeline, speed
 from deploy_prune.artifacts import (
     ModelPlan,
     atomic_write_text,
@@ -175,6 +175,12 @@ class Runner:
         m = self.evaluate(student)
         return {"top1": m["top1"], "top5": m["top5"], "epochs": fc.epochs}
 
+    def speed_check(self) -> dict[str, Any] | None:
+        """The slowdown guard on base vs slim (deploy_prune.speed); None when switched off."""
+        base, base_plan = load_model_dir(self.out / "base")
+        slim, slim_plan = load_model_dir(self.out / "slim")
+        return speed.speed_check(base, base_plan, slim, slim_plan, self.cfg)
+
     def _loader(self, batch_size: int | None):
         loader = self.data.train
         if batch_size and hasattr(loader, "with_options"):
@@ -186,6 +192,9 @@ class Runner:
             self.timed(stage, getattr(self, f"stage_{stage}"))
         shutil.rmtree(self.out / "ckpt", ignore_errors=True)
         report = build_report(self.out, self.state, self.cfg, self.device)
+        check = self.speed_check() if distributed.is_main() else None
+        if check is not None:
+            report["speed_check"] = check
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         atomic_write_text(self.out / "report.md", render_report(report))
         return report
@@ -270,6 +279,11 @@ def render_report(r: dict[str, Any]) -> str:
                               ("after mimic recovery", "recovered", "recover"),
                               ("after fine-tuning (slim)", "slim", "finetune")]:
         lines.append(f"| {label} | {r[key]['top1']:.2f} | {r[key]['top5']:.2f} | {sec.get(stage, 0):.1f} |")
+    if "speed_check" in r:
+        lines += ["", f"Speed check: {speed.summary_line(r['speed_check'])}."]
+        if r["speed_check"].get("cause"):
+            lines += ["", f"**Warning: the slim model is not faster than its base.** Likely cause: "
+                      f"{r['speed_check']['cause']}."]
     lines += ["", f"Crucial nodes (never narrowed, mimicked): {', '.join(r['crucial_nodes'])}", "",
               "| node | base | slim | kept |", "|---|---:|---:|---:|"]
     for k, w in r["widths"].items():

@@ -34,8 +34,18 @@ def validate_plan(plan: Mapping[str, Sequence[int]], nodes: list[Node]) -> None:
             raise PlanError(f"plan names node {name!r}, which this model does not have "
                             f"(nodes: {', '.join(list(known)[:8])}, ...)")
         c = known[name].channels
-        if not known[name].prunable and len(kept) != c:
-            raise PlanError(f"node {name!r} is tied to a grouped convolution and must be kept whole")
+        node = known[name]
+        if not node.prunable and len(kept) != c:
+            raise PlanError(f"node {name!r} cannot be narrowed (its channels are tied to grouped "
+                            f"convolutions with {node.groups} groups that do not divide its {c} channels)")
+        if node.groups > 1 and len(kept) != c:
+            width = c // node.groups
+            blocks = [sorted(i - b * width for i in kept if b * width <= i < (b + 1) * width)
+                      for b in range(node.groups)]
+            if any(blk != blocks[0] for blk in blocks):
+                raise PlanError(f"plan for node {name!r}: it feeds a grouped convolution with "
+                                f"{node.groups} groups, so every group must keep the same positions "
+                                f"(channel i and i + {width}*g together)")
         if not kept:
             raise PlanError(f"plan keeps no channel of node {name!r}; at least one is needed")
         if len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= c:

@@ -147,7 +147,7 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
     A prefix shared by every key (``model.``, ``backbone.``) is dropped when that makes the keys fit.
     """
     expected = model.state_dict()
-    state = _fit_prefix(dict(state), expected)
+    state = _fit_prefix(_drop_aux_heads(model, dict(state)), expected)
     problems = mismatch(expected, state)
     if problems:
         raise WeightsError(f"{source}: weights do not fit {arch or type(model).__name__}: {problems}")
@@ -155,6 +155,18 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
     if bad:
         raise WeightsError(f"{source}: non-finite values (NaN/Inf) in {', '.join(bad[:3])}")
     model.load_state_dict(state, strict=True)
+
+
+def _drop_aux_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Auxiliary-head weights (GoogLeNet, Inception) when the model is built without them
+    (``aux_logits=False``, models/tv.py): training-only, so a deployed model ignores them."""
+    if getattr(model, "aux_logits", True) is not False:
+        return state
+    from deploy_prune.models.tv import AUX_HEADS
+
+    prefixes = tuple(p for ps in AUX_HEADS.values() for p in ps)
+    prefixes += tuple(f"{w}{p}" for w in ("module.", "_orig_mod.") for p in prefixes)
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
 
 
 def _fit_prefix(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

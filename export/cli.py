@@ -39,7 +39,44 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     size = out.stat().st_size / 1e6
     print(f"{args.format}: {args.model_dir} -> {out} ({size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    if args.format == "onnx" and opts.get("verify", True) is not False:
+        line = real_input_agreement(args.model_dir, out)
+        if line:
+            print(line)
     return 0
+
+
+def real_input_agreement(model_dir: str | Path, onnx_path: Path) -> str | None:
+    """Top-1 agreement of the ONNX file with PyTorch on the model's own test data, when the
+    plan names a dataset that is on this machine (None otherwise); ParityError below 99%."""
+    import logging
+
+    import torch
+
+    from deploy_prune.artifacts import load_model_dir
+    from deploy_prune.config import RunConfig, from_dict
+    from deploy_prune.data import load_data
+    from export.parity import top1_agreement
+    from export.to_onnx import open_session
+
+    model, plan = load_model_dir(model_dir)
+    config = plan.info.get("config")
+    if not config:
+        return None
+    try:
+        cfg = from_dict(RunConfig, config)
+        data = load_data(cfg.data, seed=cfg.seed)
+    except (OSError, ValueError) as e:  # the dataset is not here: random-probe parity only
+        logging.getLogger(__name__).info("no real inputs for a top-1 check (%s)", e)
+        return None
+    session = open_session(Path(onnx_path))
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    frac, n = top1_agreement(run, model.eval(), data.test, what=f"ONNX Runtime on {Path(onnx_path).name}")
+    return f"top-1 agreement with PyTorch on {n} {data.name} test images: {100 * frac:.1f}%"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -2,8 +2,10 @@
 
 Each exporter runs its artifact and the source model on the same seeded random inputs at two
 batch sizes (1 and 7 by default, so a broken dynamic batch axis shows) and raises
-:class:`ParityError` when any output element differs by more than ``atol + rtol * |reference|``,
-the rule of :func:`torch.allclose`. The maximum absolute difference per batch is returned so
+:class:`ParityError` when any output element differs by more than ``atol' + rtol * |reference|``,
+the rule of :func:`torch.allclose`, where ``atol' = atol * min(1, max|reference|)``: relative
+to the output's scale when outputs are small (so ~1e-14 outputs cannot pass vacuously), the
+absolute floor on outputs of normal size. The maximum absolute difference per batch is returned so
 that it can be logged and recorded next to the artifact.
 """
 
@@ -34,16 +36,36 @@ def probe_inputs(shape: Sequence[int], batches: Sequence[int], *, seed: int = 0)
     return [torch.randn((b, *shape), generator=g) for b in batches]  # (B, C, H, W)
 
 
+def relative_atol(atol: float, ref: torch.Tensor) -> float:
+    """``atol`` shrunk to the reference's scale when its outputs are small: ``atol * min(1, max|ref|)``.
+
+    A fixed absolute tolerance passes anything when the outputs themselves are far below it
+    (logits around 1e-14 agree with any other values around 1e-14); scaled to the output, it
+    keeps meaning "agree to a fraction ``atol`` of the output's size". On outputs of normal size
+    (max|ref| >= 1) it stays the given absolute floor (callers scale it up for large logits).
+    """
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return atol * min(1.0, scale)
+
+
 def check_close(out: torch.Tensor, ref: torch.Tensor, *, rtol: float, atol: float, what: str) -> float:
-    """Max absolute difference of ``out`` from ``ref``; raises ParityError beyond tolerance."""
+    """Max absolute difference of ``out`` from ``ref``; raises ParityError beyond tolerance.
+
+    The rule is :func:`torch.allclose`'s ``|out - ref| <= atol' + rtol * |ref|`` with
+    ``atol' = relative_atol(atol, ref)``, so tiny outputs that differ completely fail."""
     out, ref = out.detach().float().cpu(), ref.detach().float().cpu()
     if out.shape != ref.shape:
         raise ParityError(f"{what}: output shape {tuple(out.shape)} differs from PyTorch's "
                           f"{tuple(ref.shape)}")
     diff = float((out - ref).abs().max()) if out.numel() else 0.0
-    if not torch.allclose(out, ref, rtol=rtol, atol=atol):
-        raise ParityError(f"{what}: output differs from PyTorch by up to {diff:.3g} "
-                          f"(tolerance atol {atol:g} + rtol {rtol:g} * |reference|)")
+    if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+        raise ParityError(f"{what}: output has NaN/Inf where PyTorch's is finite")
+    a = relative_atol(atol, ref)
+    if not torch.allclose(out, ref, rtol=rtol, atol=a):
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        raise ParityError(f"{what}: output differs from PyTorch by up to {diff:.3g} at an output "
+                          f"scale max|ref| {scale:.3g} (tolerance atol {a:.3g} = {atol:g} * "
+                          f"min(1, max|ref|), + rtol {rtol:g} * |reference|)")
     return diff
 
 
@@ -88,3 +110,29 @@ def scaled_atol(atol: float, reference: Runner, shape: Sequence[int]) -> float:
 def batches_in_range(lo: int, hi: int, wanted: Sequence[int] = (1, 7)) -> tuple[int, ...]:
     """The wanted probe batch sizes clipped into ``[lo, hi]``, without duplicates."""
     return tuple(sorted({max(lo, min(hi, b)) for b in wanted}))
+
+
+def top1_agreement(run: Runner, reference: Runner, batches, *, max_samples: int = 512,
+                   minimum: float = 0.99, what: str) -> tuple[float, int]:
+    """Fraction of real inputs on which ``run`` and ``reference`` pick the same class.
+
+    ``batches`` yields (inputs, labels) or inputs; at most ``max_samples`` are used. Random
+    probes check the numbers; this checks the decision on the data the model was made for.
+    Raises ParityError below ``minimum``; returns (agreement, samples)."""
+    agree = n = 0
+    for batch in batches:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        x = x[: max_samples - n].float()
+        with torch.no_grad():
+            a, b = run(x).argmax(1), reference(x).argmax(1)
+        agree += int((a == b).sum())
+        n += x.shape[0]
+        if n >= max_samples:
+            break
+    if n == 0:
+        raise ParityError(f"{what}: no real inputs to compare top-1 on")
+    frac = agree / n
+    if frac < minimum:
+        raise ParityError(f"{what}: top-1 agrees with PyTorch on only {100 * frac:.1f}% of {n} real "
+                          f"inputs (at least {100 * minimum:.0f}% required)")
+    return frac, n

@@ -32,6 +32,7 @@ def digits_cfg(**over) -> RunConfig:
         "recovery": {"epochs": 1, "lr": 0.001},
         "finetune": {"epochs": 1, "lr": 0.001},
         "threads": 2,
+        "speed_check": {"enabled": False},  # tests/test_speed.py covers the guard
     }
     for k, v in over.items():
         section, key = k.split("__")
@@ -40,9 +41,17 @@ def digits_cfg(**over) -> RunConfig:
 
 
 def random_plan(nodes, *, frac: float = 0.5, seed: int = 0) -> dict[str, list[int]]:
+    """Random kept channels per prunable node; a node tied to a grouped conv keeps the same
+    random positions in every group (the only cut that keeps the groups)."""
     rng = random.Random(seed)
-    return {n.name: sorted(rng.sample(range(n.channels), max(1, int(n.channels * frac))))
-            for n in nodes if n.prunable}
+    plan = {}
+    for n in nodes:
+        if not n.prunable:
+            continue
+        width = n.channels // n.groups
+        pos = rng.sample(range(width), max(1, int(width * frac)))
+        plan[n.name] = sorted(p + b * width for b in range(n.groups) for p in pos)
+    return plan
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Pruning core: FLOPs oracle, zero gates == surgery, plan round trips, allocation, scoring."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from conftest import digits_cfg, random_plan
+from deploy_prune import allocation
 from deploy_prune.allocation import AllocationError, allocate, cut, select_crucial
 from deploy_prune.artifacts import ArtifactError, ModelPlan, load_model_dir, save_model_dir
 from deploy_prune.config import AllocationConfig
@@ -124,7 +126,7 @@ def test_global_allocation_hits_target(example_nodes):
     scores = {n.name: rng.random(n.channels) for n in nodes}
     crucial = select_crucial(nodes, scores, n=2)
     assert last_node(nodes).name in crucial and len(crucial) >= 2
-    a = allocate(model, nodes, scores, x, crucial=crucial, cfg=AllocationConfig(flops_reduction=3.0))
+    a = allocate(model, nodes, scores, x, crucial=crucial, cfg=AllocationConfig(flops_reduction=3.0, round_to=1))
     assert abs(a.flops_reduction / 3.0 - 1) <= 0.03
     slim = cut(model, a.plan, x)
     assert count(model, x).flops / count(slim, x).flops == pytest.approx(a.flops_reduction)
@@ -198,3 +200,59 @@ def test_existing_output_is_refused_before_any_work(command, tmp_path, monkeypat
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"output {out} already exists" in err and "--force" in err
+
+
+def test_default_rounding_falls_back_only_when_target_is_out_of_reach(example_nodes):
+    """Rounding to 8 keeps >= 8 channels per node; a target reachable only with finer widths
+    falls back to a finer rounding (recorded), while an explicitly coarser rounding is honoured."""
+    import re
+
+    from deploy_prune.allocation import DEFAULT_ROUND_TO, rounding_note
+
+    model, x, nodes = example_nodes
+    scores = {n.name: np.linspace(1, 0, n.channels) for n in nodes}
+    crucial = [last_node(nodes).name]
+
+    def most(round_to: int) -> float:
+        cfg = AllocationConfig(flops_reduction=1e9, round_to=round_to, min_fraction=0.0)
+        with pytest.raises(AllocationError, match="out of reach") as e:
+            allocation._allocate(model, nodes, scores, x, crucial=crucial, cfg=cfg)
+        return float(re.search(r"the most is ([0-9.]+)x", str(e.value)).group(1))
+
+    top8, top1 = most(DEFAULT_ROUND_TO), most(1)
+    assert top1 > top8 * 1.05
+    target = (top8 + top1) / 2
+    cfg = AllocationConfig(flops_reduction=target, min_fraction=0.0, tolerance=0.1)
+    a = allocate(model, nodes, scores, x, crucial=crucial, cfg=cfg)
+    assert a.flops_reduction >= target * 0.9 and a.extra["round_to"] < DEFAULT_ROUND_TO
+    note = rounding_note(cfg, a.extra["round_to"])
+    assert note["requested"] == 8 and "fell back" in note["reason"]
+    with pytest.raises(AllocationError, match="out of reach"):  # asked for 16 explicitly: no fallback
+        allocate(model, nodes, scores, x, crucial=crucial, cfg=dataclasses.replace(cfg, round_to=16))
+
+
+def _grouped_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def test_grouped_conv_nodes_are_cut_group_consistently():
+    """A node feeding or leaving a grouped conv keeps the same positions in every group, so the
+    conv keeps its group count; a plan that breaks the groups is refused by name."""
+    from deploy_prune.allocation import keep_top
+
+    model, x = _grouped_net(), torch.randn(2, 3, 8, 8)
+    nodes = {n.name: n for n in discover(model, x[:1])}
+    assert nodes["0"].groups == 4 and nodes["3"].groups == 4 and nodes["0"].prunable
+    scores = {"0": np.arange(16.0), "3": np.arange(16.0)[::-1].copy()}
+    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4})  # 9 -> 8: whole positions per group
+    assert plan["0"] == [2, 3, 6, 7, 10, 11, 14, 15] and plan["3"] == [0, 1, 4, 5, 8, 9, 12, 13]
+    slim = cut(model, plan, x[:1])
+    assert slim[3].groups == 4 and slim[3].in_channels == 8 and slim[3].out_channels == 8
+    slim.train()
+    assert slim(x).shape == (2, 10)
+    with pytest.raises(PlanError, match="same positions"):
+        apply_plan(_grouped_net(), {"0": list(range(8))}, x[:1])

@@ -671,3 +671,35 @@ def test_cli_aoti_needs_pt2_suffix(tmp_path, capsys):
     model_dir = make_model_dir(tmp_path)
     rc, _, stderr = run_cli(capsys, model_dir, "--format", "aoti", "--out", tmp_path / "m.zip")
     assert rc == 2 and ".pt2" in stderr and stderr.count("\n") == 1
+
+
+def test_parity_is_relative_to_the_output_scale():
+    """Outputs around 1e-14 that differ completely must fail (a fixed atol passed them); normal
+    outputs keep the absolute floor for tiny differences."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 10, generator=g) * 1e-14
+    other = torch.randn(2, 10, generator=g) * 1e-14  # unrelated values of the same size
+    with pytest.raises(ParityError, match="output scale"):
+        check_close(other, ref, rtol=1e-3, atol=1e-4, what="t")
+    check_close(ref * (1 + 1e-5), ref, rtol=1e-3, atol=1e-4, what="t")  # same values, rounding apart
+    normal = torch.randn(2, 10, generator=g)
+    near_zero = normal.clone()
+    near_zero[0, 0] = 0.0
+    check_close(near_zero + 5e-5, near_zero, rtol=1e-3, atol=1e-4, what="t")  # absolute floor holds
+    with pytest.raises(ParityError):
+        check_close(near_zero + 5e-4, near_zero, rtol=1e-6, atol=1e-4, what="t")
+    with pytest.raises(ParityError, match="NaN"):
+        check_close(torch.full((2,), float("nan")), torch.ones(2), rtol=1, atol=1, what="t")
+
+
+def test_top1_agreement_on_real_inputs_fails_when_decisions_differ():
+    from export.parity import top1_agreement
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, generator=g), None) for _ in range(4)]
+    ref = lambda x: x  # noqa: E731  (class = argmax of the input)
+    frac, n = top1_agreement(lambda x: x * 1.0001, ref, batches, what="t")
+    assert (frac, n) == (1.0, 32)
+    with pytest.raises(ParityError, match="top-1 agrees"):
+        top1_agreement(lambda x: -x, ref, batches, what="t")
+    assert top1_agreement(lambda x: x, ref, batches, max_samples=10, what="t")[1] == 10

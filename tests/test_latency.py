@@ -105,7 +105,7 @@ def test_grid_honours_floor_rounding_and_count():
     widths = grid_widths(64, cfg)
     assert widths[0] == 8 and widths[-1] == 64 and len(widths) == 4
     assert all(w % 8 == 0 for w in widths)
-    assert grid_widths(5, AllocationConfig(grid=8, min_channels=2, min_fraction=0.0)) == [2, 3, 4, 5]
+    assert grid_widths(5, AllocationConfig(grid=8, min_channels=2, min_fraction=0.0, round_to=1)) == [2, 3, 4, 5]
 
 
 KEY = {"backend": "ort", "device": "cpu", "device_name": "Some CPU", "precision": "fp32", "batch": 1,

@@ -31,7 +31,7 @@ def _cfg(**rbp_over) -> RunConfig:
     return from_dict(RunConfig, {
         "data": {"name": "digits", "batch_size": 64},
         "scoring": {"rbp": {"epochs_per_layer": 0.5, "probe_epochs": 0.5, **rbp_over}},
-        "allocation": {"flops_reduction": 1.8},
+        "allocation": {"flops_reduction": 1.8, "round_to": 1},  # exact widths: thresholds map 1:1
     })
 
 

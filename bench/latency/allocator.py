@@ -26,6 +26,7 @@ from deploy_prune.allocation import (
     Allocation,
     AllocationError,
     finish_allocation,
+    group_counts,
     keep_top,
     prunable_nodes,
 )
@@ -66,6 +67,7 @@ class LatencyAllocator:
                  crucial: list[str], cfg: AllocationConfig, plan: ModelPlan,
                  selection: Scores | None = None) -> Allocation:
         prunable = prunable_nodes(nodes, crucial)
+        self._groups = group_counts(nodes)  # grouped-conv nodes keep whole positions per group
         pick = selection or scores
         with Probe(model, plan, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
                    batch=cfg.batch) as probe:
@@ -89,7 +91,7 @@ class LatencyAllocator:
                 raise AllocationError(self._out_of_reach(table, scale, target))
             key = tuple(sorted(sol.widths.items()))
             if key not in measured:
-                measured[key] = probe.latency(keep_top(pick, sol.widths), timing=CHECK)
+                measured[key] = probe.latency(keep_top(pick, sol.widths, self._groups), timing=CHECK)
             cand = Candidate(budget, sol.widths, scale * (table.base_ms + sol.cost), measured[key])
             rounds.append(cand)
             log.info("latency allocation: budget %.3f ms -> predicted %.3f, measured %.3f (target %.3f)",

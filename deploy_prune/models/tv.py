@@ -24,10 +24,28 @@ def _adapt_input(model: nn.Module, in_channels: int) -> None:
             return
 
 
+# Models with auxiliary classifiers (training-only heads on inner feature maps). They are built
+# without them (``aux_logits=False``) unless asked: a deployed model never runs them, and cut
+# channels would feed them inconsistently in train mode. pipeline.prune states this in plan.json.
+AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def aux_note(arch: str, kwargs: dict) -> str | None:
+    """The plan's note when ``arch`` was built with its auxiliary heads dropped."""
+    name = arch[3:] if arch.startswith("tv.") else arch
+    if name in AUX_HEADS and not kwargs.get("aux_logits", False):
+        return (f"auxiliary heads ({', '.join(p.rstrip('.') for p in AUX_HEADS[name])}) dropped for "
+                "deployment (aux_logits=False): they are training-only; recovery trains the main head")
+    return None
+
+
 def tv_builder(name: str):
     def build(*, num_classes: int, in_channels: int, **kw) -> nn.Module:
         import torchvision
 
+        if name in AUX_HEADS:
+            kw.setdefault("aux_logits", False)
+            kw.setdefault("init_weights", True)
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
         _adapt_input(model, in_channels)
         return model

@@ -39,6 +39,7 @@ from bench.studies.paper_claims.models import (
 from bench.sweep import BenchConfig, Shared, load_artifact, make_shared, pinned_threads, sweep
 from deploy_prune.allocation import AllocationError
 from deploy_prune.artifacts import atomic_write_text
+from deploy_prune.nodes import UnsupportedModel
 from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)
@@ -251,9 +252,9 @@ def _one_unit(root: Path, cfg: SuiteConfig, unit: Unit, measurer: Measurer, t0: 
         log.info("measuring %s", unit.key)
         try:
             df = measurer.measure(unit, bcfg)
-        except AllocationError as e:  # the target is out of reach with the crucial nodes kept
+        except (AllocationError, UnsupportedModel) as e:  # target out of reach / model refused
             log.error("%s: %s", unit.key, e)
-            reason = f"AllocationError: {e}"
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             df = table.to_frame(skip_rows(unit, cfg, list(bcfg.precisions), reason, status="error"))
     df.to_csv(unit_path(root, unit), index=False)
     return df

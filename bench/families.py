@@ -1,0 +1,220 @@
+"""The torchvision family matrix: every classification model pruned at 2x fewer FLOPs, run in
+eval and train mode, exported to ONNX with parity, and timed against its base on ONNX Runtime
+CPU (batch 1, one thread, CPU clock, paired rounds).
+
+    python -m bench.families run --out runs/families [--models a,b] [--timeout 600]
+    python -m bench.families render runs/families/families.csv --out docs/results
+
+Each model runs in its own subprocess (a crash or a time-out is that model's row, not the
+end of the matrix); rows are appended to ``families.csv`` as they finish, so a rerun resumes.
+Transformers are refused by ``discover`` with one line; that is recorded as a ``refused`` row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.timing import TimingConfig
+
+FIELDS = ("model", "status", "input", "nodes", "prunable", "flops_asked", "flops_got", "base_mflops",
+          "parity", "parity_max_abs_diff", "speedup", "speedup_low", "speedup_high", "efficiency",
+          "base_ms", "slim_ms", "seconds", "detail")
+# inception_v3 needs at least 75x75 pixels; everything else runs at 64x64
+INPUT_SIZE = {"inception_v3": 96}
+MATRIX_TIMING = TimingConfig(warmup_s=0.3, warmup_iters=5, min_time_s=1.0, rounds=12, min_samples=48,
+                             min_per_round=3, clock="cpu")
+
+
+def models() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None = None):
+    """(base, base_plan, PruneResult) for torchvision ``name`` at ``flops``x, L1 scores."""
+    from deploy_prune import pipeline
+    from deploy_prune.artifacts import ModelPlan
+    from deploy_prune.config import RunConfig, from_dict
+    from deploy_prune.models import build_model
+
+    torch.manual_seed(seed)
+    size = size or INPUT_SIZE.get(name, 64)
+    plan = ModelPlan(f"tv.{name}", 10, 3, size)
+    model = build_model(plan.arch, num_classes=10, in_channels=3).eval()
+    cfg = from_dict(RunConfig, {"scoring": {"method": "l1"}, "allocation": {"flops_reduction": flops},
+                                "speed_check": {"enabled": False}})
+    result = pipeline.score(model, plan, cfg, None, torch.device("cpu"))
+    scores = {k: np.asarray(v) for k, v in result["channel_scores"].items()}
+    return model, plan, pipeline.prune(model, plan, cfg, scores)
+
+
+def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float = 2.0,
+              size: int | None = None) -> dict[str, Any]:
+    """One matrix row: prune -> forward eval+train -> ONNX export with parity -> paired timing."""
+    from bench.guard import measure
+    from export.to_onnx import export_onnx, verify_onnx
+
+    t0 = time.perf_counter()
+    size = size or INPUT_SIZE.get(name, 64)
+    row: dict[str, Any] = {"model": name, "flops_asked": flops, "input": f"3x{size}"}
+    try:
+        base, plan, res = prune_one(name, flops=flops, size=size)
+    except ValueError as e:  # the one-line refusal (transformers, untraceable graphs)
+        row.update(status="refused", detail=str(e).splitlines()[0], seconds=time.perf_counter() - t0)
+        return row
+    info = res.plan.info
+    row.update(nodes=len(res.nodes), prunable=sum(n.prunable for n in res.nodes),
+               flops_got=info["flops_reduction"], base_mflops=info["base_flops"] / 1e6)
+    slim = res.slim
+    x = plan.example(2)
+    slim.train()
+    with torch.no_grad():
+        slim(x)
+    slim.eval()
+    with torch.no_grad():
+        slim(x)
+    with tempfile.TemporaryDirectory(prefix="dp-families-") as tmp:
+        path = export_onnx(slim, plan.example(), Path(tmp) / "slim.onnx", verify=False)
+        diffs = verify_onnx(path, slim)
+    row.update(parity="pass", parity_max_abs_diff=max(diffs.values()))
+    m = measure(base, plan, slim, res.plan, timing=timing)
+    row.update(speedup=m["speedup"], speedup_low=m["low"], speedup_high=m["high"],
+               efficiency=m["speedup"] / info["flops_reduction"], base_ms=m["base_ms"], slim_ms=m["slim_ms"],
+               status="ok", seconds=time.perf_counter() - t0,
+               detail="" if m["low"] > 1.0 else "NOT FASTER than base (the guard warns)")
+    return row
+
+
+def _child(name: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    try:
+        row = check_one(name)
+    except Exception as e:  # recorded as the model's error row
+        row = {"model": name, "status": "error", "detail": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    out.write_text(json.dumps(row))
+
+
+def run(out: Path, names: list[str], timeout: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "families.csv"
+    done = set()
+    if path.is_file():
+        with path.open() as f:
+            done = {r["model"] for r in csv.DictReader(f)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name in names:
+        if name in done:
+            continue
+        tmp = out / f".{name}.json"
+        t0 = time.perf_counter()
+        try:
+            subprocess.run([sys.executable, "-m", "bench.families", "_one", name, str(tmp)], env=env,
+                           timeout=timeout, check=False)
+            row = json.loads(tmp.read_text()) if tmp.is_file() else {
+                "model": name, "status": "error", "detail": "the child process died without a row"}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "status": "timeout", "detail": f"not finished within {timeout:.0f} s "
+                   "on one shared CPU thread"}
+        row.setdefault("seconds", time.perf_counter() - t0)
+        tmp.unlink(missing_ok=True)
+        new = not path.is_file()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow({k: _fmt(row.get(k)) for k in FIELDS})
+        print(f"{name}: {row.get('status')} {row.get('speedup', '')} {row.get('detail', '')}", flush=True)
+    return path
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else v
+
+
+def render(csv_path: Path, out: Path, command: str) -> Path:
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    seen = {r["model"] for r in rows}
+    missing = [m for m in models() if m not in seen]  # the time box ran out before them
+    ok = [r for r in rows if r["status"] == "ok"]
+    eff = sorted(float(r["efficiency"]) for r in ok)
+    slower = [r["model"] for r in ok if float(r["speedup_low"]) <= 1.0]
+    lines = ["# Every torchvision classifier at 2x fewer FLOPs", "",
+             "Each model (random weights, 10 classes, the input given) is scored by L1 norm, pruned to "
+             "2x fewer FLOPs with the defaults (widths rounded to 8, 2 crucial nodes), run in eval "
+             "and train mode, exported to ONNX with parity against PyTorch (batch 1 and 7), and "
+             "timed against its base on ONNX Runtime CPU, batch 1, one thread, CPU clock, in 12 "
+             "interleaved rounds (speedup = geometric mean of paired round ratios, 95% bootstrap "
+             "interval). Efficiency = speedup / FLOPs reduction got. Machine: 2 shared CPU cores.", "",
+             "```bash", command, "```", "",
+             f"{len(rows)} models: {len(ok)} pruned and measured, "
+             f"{sum(r['status'] == 'refused' for r in rows)} refused with one line, "
+             f"{sum(r['status'] == 'error' for r in rows)} errors, "
+             f"{sum(r['status'] == 'timeout' for r in rows)} over the per-model time box"
+             + (f"; {len(missing)} not reached before the run's deadline: {', '.join(missing)}. "
+                if missing else ". ")
+             + (f"Median efficiency {np.median(eff):.2f} (min {eff[0]:.2f}, max {eff[-1]:.2f}). " if eff else "")
+             + (f"Not measurably faster than base (the slowdown guard warns): {', '.join(slower)}." if slower
+                else "Every measured slim model is faster than its base."), "",
+             "| model | status | input | nodes (prunable) | FLOPs asked / got | parity (max abs diff) "
+             "| ORT b1 speedup [95% CI] | efficiency | detail |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] == "ok":
+            lines.append(f"| {r['model']} | ok | {r['input']} | {r['nodes']} ({r['prunable']}) | "
+                         f"{float(r['flops_asked']):.1f} / {float(r['flops_got']):.2f} | pass "
+                         f"({float(r['parity_max_abs_diff']):.1e}) | {float(r['speedup']):.2f} "
+                         f"[{float(r['speedup_low']):.2f}, {float(r['speedup_high']):.2f}] | "
+                         f"{float(r['efficiency']):.2f} | {r['detail']} |")
+        else:
+            lines.append(f"| {r['model']} | {r['status']} | {r['input']} | | | | | | "
+                         f"{r['detail'].replace('|', '/')} |")
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "families.md"
+    page.write_text("\n".join(lines) + "\n")
+    if csv_path.resolve() != (out / "families.csv").resolve():
+        (out / "families.csv").write_text(csv_path.read_text())
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.families", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--models", help="comma-separated subset (default: every torchvision classifier)")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    d = sub.add_parser("render")
+    d.add_argument("csv", type=Path)
+    d.add_argument("--out", required=True, type=Path)
+    d.add_argument("--command", default="python -m bench.families run --out runs/families")
+    o = sub.add_parser("_one")
+    o.add_argument("name")
+    o.add_argument("json", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        names = args.models.split(",") if args.models else models()
+        print(run(args.out, names, args.timeout))
+    elif args.cmd == "render":
+        print(render(args.csv, args.out, args.command))
+    else:
+        _child(args.name, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The family matrix: every torchvision classifier prunes at 2x (or, for transformers and
+channel-shuffle nets, is refused with one line naming the cause), runs in eval and train mode,
+exports to ONNX with parity and gives one bench row. A few fast models run in CI; the rest are
+``slow`` (docs/results/families.md has the whole matrix, made by ``python -m bench.families``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from bench.families import check_one
+from bench.timing import TimingConfig
+
+FAST = {"mobilenet_v3_small", "regnet_x_400mf", "shufflenet_v2_x0_5", "vit_b_32"}
+TRANSFORMERS = ("vit_", "swin_", "maxvit_")
+REFUSED = {"shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"}
+TINY = TimingConfig(warmup_s=0.0, warmup_iters=2, min_time_s=0.05, rounds=2, min_samples=4, min_per_round=2,
+                    clock="cpu")
+ALL = torchvision.models.list_models(module=torchvision.models)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in ALL])
+def test_family_prunes_exports_and_times_or_is_refused_in_one_line(name):
+    row = check_one(name, timing=TINY, size=None if name in ("inception_v3",) else 64)
+    if name.startswith(TRANSFORMERS):
+        assert row["status"] == "refused" and "transformer" in row["detail"] and "\n" not in row["detail"]
+        return
+    if name in REFUSED:
+        assert row["status"] == "refused" and "channel shuffle" in row["detail"] and "\n" not in row["detail"]
+        return
+    assert row["status"] == "ok", row
+    assert row["prunable"] > 0
+    assert abs(row["flops_got"] / 2.0 - 1) <= 0.05, row  # the 2x target, within 5%
+    assert row["parity"] == "pass"
+    assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("speedup", "speedup_low", "speedup_high"))
+    assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
