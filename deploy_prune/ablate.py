@@ -29,7 +29,7 @@ from deploy_prune.flops import count
 from deploy_prune.nodes import discover
 from deploy_prune.recovery.layerwise import layerwise
 from deploy_prune.recovery.mimic import finetune, recover
-from deploy_prune.run import Runner, prepare_out
+from deploy_prune.run import Runner, preflight, prepare_out
 from deploy_prune.scoring import SCORERS
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ def variants(n_crucial: int, studies: tuple[str, ...]) -> list[Variant]:
 
 
 class Ablation:
-    def __init__(self, cfg: RunConfig, out: Path, *, from_run: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, *, from_run: str | None = None, data=None) -> None:
         self.cfg, self.out = cfg, out
-        self.runner = Runner(cfg, out, base_dir=str(Path(from_run) / "base") if from_run else None)
+        self.runner = Runner(cfg, out, base_dir=str(Path(from_run) / "base") if from_run else None, data=data)
         self.from_run = Path(from_run) if from_run else None
         self.rows_path = out / "ablation.jsonl"
         self.done = {(r["study"], r["variant"]): r for r in self._read_rows()}
@@ -225,7 +225,11 @@ def _plot(df, path: Path, base_top1: float) -> None:
 def ablate(cfg: RunConfig, out: str | Path, *, studies: tuple[str, ...] = STUDIES, from_run: str | None = None,
            resume: bool = False, force: bool = False) -> list[dict]:
     out = Path(out)
-    prepare_out(out, resume=resume, force=force)
-    return Ablation(cfg, out, from_run=from_run).run(studies)
+    data = preflight(cfg, base_dir=str(Path(from_run) / "base") if from_run else None)
+    lock = prepare_out(out, resume=resume, force=force)
+    try:
+        return Ablation(cfg, out, from_run=from_run, data=data).run(studies)
+    finally:
+        lock.release()
 
 

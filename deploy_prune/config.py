@@ -1,8 +1,10 @@
 """Dataclass configs with YAML overrides and dotted ``key=value`` command-line overrides.
 
 Each stage's dataclass holds its defaults; a YAML file in ``configs/`` is a small override of
-them. Unknown keys and wrong types are errors that name the key. YAML is read with
-``yaml.safe_load``: nothing in a config is ever evaluated.
+them. Unknown keys and wrong types are errors that name the key. YAML is read with a safe
+loader (nothing in a config is ever evaluated) under resource limits: files over
+``MAX_YAML_BYTES`` and documents with more than ``MAX_YAML_ALIASES`` alias references (an
+"alias bomb" expands exponentially) are refused before anything is built from them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,38 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
+
+
+MAX_YAML_BYTES = 1 << 20  # 1 MiB: the largest committed config is a few KB
+MAX_YAML_ALIASES = 100  # alias references (*name) per document
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts alias references and stops past the limit."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise ConfigError(f"more than {MAX_YAML_ALIASES} YAML alias references (*name); "
+                                  "refusing a possible alias bomb")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, *, source: str = "YAML") -> Any:
+    """Parse YAML text safely, within the size and alias limits; errors name ``source``."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: {len(text)} bytes is over the {MAX_YAML_BYTES}-byte limit for YAML")
+    try:
+        return yaml.load(text, Loader=_LimitedLoader)  # a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
 @dataclass
@@ -228,7 +262,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=1)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = safe_yaml(raw, source=f"override {key.strip()}") if raw != "" else None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -256,10 +290,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is over the {MAX_YAML_BYTES}-byte limit for a config file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    data = safe_yaml(text, source=str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -276,4 +314,9 @@ def load_config(
     """Defaults <- YAML file <- dotted overrides, validated into ``cls``."""
     data = read_yaml(path) if path else {}
     data = merge(data, parse_overrides(overrides))
-    return from_dict(cls, data)
+    cfg = from_dict(cls, data)
+    if isinstance(cfg, RunConfig):  # ranges and registry names, before any work starts
+        from deploy_prune.validate import validate_run_config
+
+        validate_run_config(cfg)
+    return cfg

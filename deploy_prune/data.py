@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deploy_prune import distributed
+from deploy_prune._registry import Registry
 from deploy_prune.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -289,19 +290,19 @@ def _capped(ds: Dataset, cap: int | None, seed: int) -> Dataset:
     return torch.utils.data.Subset(ds, idx.tolist())
 
 
-LOADERS = {
-    "fashion_mnist": load_fashion_mnist,
-    "digits": load_digits,
-    "cifar10": load_cifar10,
-    "imagefolder": load_imagefolder,
-}
+# data.name values; config validation checks names against this registry before any work
+DATASETS: Registry = Registry("dataset")
+for _name, _loader in [("fashion_mnist", load_fashion_mnist), ("digits", load_digits),
+                       ("cifar10", load_cifar10), ("imagefolder", load_imagefolder)]:
+    DATASETS.register(_name)(_loader)
+LOADERS = {name: DATASETS.get(name) for name in DATASETS}
 
 
 def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
     """Load the dataset named by ``cfg.name``; under torchrun the training split is sharded."""
-    if cfg.name not in LOADERS:
-        raise ValueError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(LOADERS)}")
-    bundle = LOADERS[cfg.name](cfg, seed=seed)
+    if cfg.name not in DATASETS:
+        raise ValueError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
+    bundle = DATASETS.get(cfg.name)(cfg, seed=seed)
     if distributed.active():
         bundle.train = _shard(bundle.train, seed)
     return bundle

@@ -59,7 +59,9 @@ def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[s
     data: dict[str, Any] = dict(base.info.get("config", {})) if base else {}
     if config:
         data = merge(data, read_yaml(config))
-    return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
+    from deploy_prune.validate import validate_run_config
+
+    return validate_run_config(from_dict(RunConfig, merge(data, parse_overrides(overrides))))
 
 
 def new_base_plan(cfg: RunConfig, data: DataBundle) -> ModelPlan:

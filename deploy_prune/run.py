@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from deploy_prune import distributed, pipeline
-from deploy_prune.artifacts import atomic_write_text, load_model_dir, save_model_dir, versions
+from deploy_prune.artifacts import (
+    OutputLock,
+    atomic_write_text,
+    load_model_dir,
+    open_job_dir,
+    read_plan,
+    save_model_dir,
+    versions,
+)
 from deploy_prune.config import RunConfig, to_dict
 from deploy_prune.data import DataBundle, load_data
 from deploy_prune.nodes import discover
@@ -82,24 +90,30 @@ class Checkpointer:
         return True
 
 
-def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if force and not resume:
-            shutil.rmtree(out)
-        elif not resume:
-            raise FileExistsError(f"run directory {out} is not empty; pass --resume to continue it "
-                                  "or --force to start over")
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out(out: Path, *, resume: bool, force: bool) -> OutputLock:
+    """Create, reuse (--resume) or empty (--force, only a directory deploy-prune made) the job
+    directory and lock it against a second process; the caller releases the returned lock."""
+    return open_job_dir(out, resume=resume, force=force)
+
+
+def preflight(cfg: RunConfig, *, base_dir: str | None = None) -> DataBundle:
+    """Everything that can be checked before the output is touched: the device, the --base
+    directory and the data (loaded here, so a missing data root fails before --force deletes)."""
+    pipeline.setup(cfg)
+    if base_dir:
+        read_plan(base_dir)
+    return load_data(cfg.data, seed=cfg.seed)
 
 
 class Runner:
     """Holds what the stages share; each stage method is idempotent given ``state.json``."""
 
-    def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None,
+                 data: DataBundle | None = None) -> None:
         self.cfg, self.out, self.base_dir = cfg, out, base_dir
         self.device = pipeline.setup(cfg)
         self.state = RunState(out)
-        self._data: DataBundle | None = None
+        self._data: DataBundle | None = data
 
     @property
     def data(self) -> DataBundle:
@@ -289,19 +303,25 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = 
         base_dir: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job into ``out``; returns report.json's content."""
     out = Path(out)
-    if distributed.is_main():
-        prepare_out(out, resume=resume, force=force)
-        check_resume_config(out, cfg)
-    distributed.barrier()
-    # under torchrun every rank computes the same models; rank 0 owns DIR, the others a scratch
-    # folder inside it (kept until the run finishes, so a resumed run finds it)
-    work = out if distributed.is_main() else out / f".rank{distributed.rank()}"
-    work.mkdir(parents=True, exist_ok=True)
-    report = Runner(cfg, work, base_dir=base_dir).run()
-    distributed.barrier()
-    if distributed.is_main():
-        for scratch in out.glob(".rank*"):
-            shutil.rmtree(scratch, ignore_errors=True)
+    data = preflight(cfg, base_dir=base_dir)  # nothing under --out is touched before this passes
+    lock = None
+    try:
+        if distributed.is_main():
+            lock = prepare_out(out, resume=resume, force=force)
+            check_resume_config(out, cfg)
+        distributed.barrier()
+        # under torchrun every rank computes the same models; rank 0 owns DIR, the others a scratch
+        # folder inside it (kept until the run finishes, so a resumed run finds it)
+        work = out if distributed.is_main() else out / f".rank{distributed.rank()}"
+        work.mkdir(parents=True, exist_ok=True)
+        report = Runner(cfg, work, base_dir=base_dir, data=data).run()
+        distributed.barrier()
+        if distributed.is_main():
+            for scratch in out.glob(".rank*"):
+                shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if lock is not None:
+            lock.release()
     return report
 
 
