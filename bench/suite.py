@@ -38,7 +38,7 @@ from bench.suite_models import (
 )
 from bench.sweep import BenchConfig, Shared, load_artifact, make_shared, pinned_threads, sweep
 from deploy_prune.allocation import AllocationError
-from deploy_prune.artifacts import atomic_write_text
+from deploy_prune.artifacts import atomic_write_text, inside
 from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class Measurer:
 
 
 def unit_path(root: Path, unit: Unit) -> Path:
-    return root / "units" / f"{unit.key}.csv"
+    return inside(root, root / "units" / f"{unit.key}.csv")
 
 
 def cached_unit(root: Path, unit: Unit) -> pd.DataFrame | None:

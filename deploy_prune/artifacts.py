@@ -278,6 +278,15 @@ def commit_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def inside(root: str | Path, path: str | Path) -> Path:
+    """``path``, refused when it resolves outside ``root`` (a name from a config such as
+    ``../../x`` must never become a path outside --out)."""
+    root_r, path_r = Path(root).resolve(), Path(path).resolve()
+    if path_r != root_r and root_r not in path_r.parents:
+        raise ValueError(f"{path} lies outside {root}; names from a config must stay under --out")
+    return Path(path)
+
+
 class OutputLock:
     """An exclusive ``flock`` on ``DIR/.deploy-prune.lock`` holding the owner's pid: a second
     process on the same directory fails at once with one line naming the holder."""

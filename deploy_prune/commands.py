@@ -9,7 +9,13 @@ import sys
 import numpy as np
 
 from deploy_prune import distributed, pipeline
-from deploy_prune.artifacts import atomic_write_text, check_output, load_model_dir, save_model_dir
+from deploy_prune.artifacts import (
+    atomic_write_text,
+    check_output,
+    finite_json,
+    load_model_dir,
+    save_model_dir,
+)
 from deploy_prune.config import load_config
 from deploy_prune.data import load_data
 from deploy_prune.nodes import discover
@@ -67,7 +73,7 @@ def cmd_score(args) -> int:
     result = _scores(args, model, plan, cfg, device)
     if not distributed.is_main():
         return 0
-    atomic_write_text(out, json.dumps(result, indent=1))
+    atomic_write_text(out, finite_json(result, what=str(out)))
     top = sorted(result["node_scores"].items(), key=lambda kv: -kv[1])[:5]
     print(f"{result['scorer']} scores for {len(result['nodes'])} nodes in {result['seconds']:.1f}s -> {out}")
     print("top nodes: " + ", ".join(f"{k} ({v:.3f})" for k, v in top))
@@ -87,7 +93,7 @@ def cmd_prune(args) -> int:
     cfg = pipeline.resolve_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
-        scores = pipeline.read_scores(args.scores, plan)
+        scores = pipeline.read_scores(args.scores, plan, model)
     else:
         result = _scores(args, model, plan, cfg, device)
         scores = {k: np.asarray(v) for k, v in result["channel_scores"].items()}

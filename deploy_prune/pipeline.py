@@ -26,7 +26,15 @@ from deploy_prune.allocation import (
     load_allocator,
     select_crucial,
 )
-from deploy_prune.artifacts import ModelPlan, load_model_dir, read_json_object, versions
+from deploy_prune.artifacts import (
+    ModelPlan,
+    NonFiniteError,
+    check_model_size,
+    load_model_dir,
+    read_json_object,
+    versions,
+    weights_digest,
+)
 from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
 from deploy_prune.data import DataBundle
 from deploy_prune.flops import count
@@ -81,6 +89,8 @@ def describe(model: nn.Module, plan: ModelPlan, nodes: list[Node] | None = None)
 def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[nn.Module, ModelPlan, dict]:
     """Build (and load local weights, if given) then train the baseline; evaluate it."""
     plan = new_base_plan(cfg, data)
+    check_model_size(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels,
+                     source="model.kwargs", **plan.arch_kwargs)
     model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
     if cfg.model.weights:
         load_weights_file(model, cfg.model.weights)
@@ -101,31 +111,62 @@ def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | 
     scorer = SCORERS.get(method)()
     example = plan.example()
     nodes = discover(model, example)
+    weights = weights_digest(model.state_dict())  # the weights the scores are learnt on
     ctx = ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg,
                        train_loader=data.train if data else None, device=device, seed=cfg.seed)
     t0 = time.perf_counter()
     scores = scorer.score(ctx)
     model.cpu()
     seconds = time.perf_counter() - t0
-    return {"format": SCORES_FORMAT, "scorer": method, "base_sha256": plan.digest(), "seconds": seconds,
+    check_finite_scores(scores, f"{method} scores")
+    return {"format": SCORES_FORMAT, "scorer": method, "base_sha256": plan.digest(),
+            "weights_sha256": weights, "seconds": seconds,
             "nodes": [{"name": n.name, "channels": n.channels, "junction": n.is_junction,
                        "prunable": n.prunable} for n in nodes],
             "node_scores": node_scores(scores),
             "channel_scores": {k: [float(x) for x in v] for k, v in scores.items()}}
 
 
-def read_scores(path: str | Path, plan: ModelPlan) -> Scores:
-    """Load a scores JSON and check it belongs to this base model."""
-    return scores_from(read_json_object(path), plan, source=path)
+def check_finite_scores(scores: Scores, what: str) -> None:
+    """Refuse channel scores with a NaN or infinite value (they would give arbitrary widths)."""
+    for k, v in scores.items():
+        a = np.asarray(v, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise NonFiniteError(f"{what}: {int((~np.isfinite(a)).sum())} of {a.size} scores of node "
+                                 f"{k} are NaN or infinite; refusing them")
 
 
-def scores_from(data: dict, plan: ModelPlan, *, source: str | Path) -> Scores:
-    """The channel scores of a parsed scores JSON (read from ``source``), checked against ``plan``."""
+def read_scores(path: str | Path, plan: ModelPlan, model: nn.Module | None = None) -> Scores:
+    """Load a scores JSON and check it belongs to this base model (and, given ``model``, to
+    these very weights)."""
+    return scores_from(read_json_object(path, finite=True, max_bytes=256 << 20), plan, source=path,
+                       model=model)
+
+
+def scores_from(data: dict, plan: ModelPlan, *, source: str | Path, model: nn.Module | None = None) -> Scores:
+    """The channel scores of a parsed scores JSON (read from ``source``), checked against ``plan``
+    and, given ``model``, against the hash of the weights they were learnt on."""
     if data.get("format") != SCORES_FORMAT:
         raise ValueError(f"{source}: not a deploy-prune scores file")
     if data.get("base_sha256") != plan.digest():
         raise ValueError(f"{source}: these scores were computed for another model (base hash differs)")
-    return {k: np.asarray(v, dtype=np.float64) for k, v in data["channel_scores"].items()}
+    if model is not None:
+        learnt_on = data.get("weights_sha256")
+        if learnt_on is None:
+            raise ValueError(f"{source}: these scores do not record the weights they were learnt on "
+                             "(weights_sha256); score this model again")
+        if learnt_on != weights_digest(model.state_dict()):
+            raise ValueError(f"{source}: these scores were learnt on other weights of the same "
+                             "architecture (weights_sha256 differs); score this model")
+    raw = data.get("channel_scores")
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise ValueError(f"{source}: channel_scores must map node names to lists of numbers")
+    try:
+        scores = {k: np.asarray(v, dtype=np.float64) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: channel_scores must map node names to lists of numbers") from None
+    check_finite_scores(scores, str(source))
+    return scores
 
 
 @dataclass
@@ -145,6 +186,9 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
     missing = [n.name for n in nodes if n.name not in scores or len(scores[n.name]) != n.channels]
     if missing:
         raise ValueError(f"scores do not cover nodes {missing[:4]} of this model")
+    check_finite_scores(scores, "scores")
+    if selection is not None:
+        check_finite_scores(selection, "selection scores")
     crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP

@@ -21,8 +21,11 @@ from torch import nn
 
 from deploy_prune import distributed, pipeline
 from deploy_prune.artifacts import (
+    ArtifactError,
     OutputLock,
     atomic_write_text,
+    check_finite_state,
+    finite_json,
     load_model_dir,
     open_job_dir,
     read_plan,
@@ -68,6 +71,7 @@ class Checkpointer:
     def save(self, step: int) -> None:
         if step % self.every and step != self.state.steps:
             return
+        check_finite_state(self.model.state_dict(), f"{self.path.stem} checkpoint at step {step}")
         blob = {"model": self.model.state_dict(), "optimizer": self.state.optimizer.state_dict(),
                 "scheduler": self.state.scheduler.state_dict() if self.state.scheduler else None,
                 "step": step}
@@ -80,8 +84,12 @@ class Checkpointer:
         """Load a checkpoint if one exists; returns whether it did."""
         if not self.path.is_file():
             return False
-        blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(blob["model"])
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(blob["model"])
+        except Exception as e:  # truncated or foreign file: one line, not a traceback
+            raise ArtifactError(f"{self.path}: unreadable checkpoint ({type(e).__name__}); delete it "
+                                "to redo this stage from its start") from None
         self.state.optimizer.load_state_dict(blob["optimizer"])
         if self.state.scheduler is not None and blob["scheduler"] is not None:
             self.state.scheduler.load_state_dict(blob["scheduler"])
@@ -149,12 +157,12 @@ class Runner:
     def stage_score(self) -> dict:
         model, plan = load_model_dir(self.out / "base")
         result = pipeline.score(model, plan, self.cfg, self.data, self.device)
-        atomic_write_text(self.out / "scores.json", json.dumps(result, indent=1))
+        atomic_write_text(self.out / "scores.json", finite_json(result, what=str(self.out / "scores.json")))
         return {"scorer": result["scorer"]}
 
     def stage_prune(self) -> dict:
         model, plan = load_model_dir(self.out / "base")
-        scores = pipeline.read_scores(self.out / "scores.json", plan)
+        scores = pipeline.read_scores(self.out / "scores.json", plan, model)
         res = pipeline.prune(model, plan, self.cfg, scores)
         save_model_dir(res.slim, res.plan, self.out / "pruned", force=True)
         m = self.evaluate(res.slim)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from deploy_prune import distributed
+from deploy_prune.artifacts import NonFiniteError
 from deploy_prune.config import TrainConfig
 from deploy_prune.progress import progress
 
@@ -107,19 +108,39 @@ def fit(
     for i, (xb, yb) in enumerate(bar, start=start_step):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         loss = loss_fn(net, xb, yb)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{desc}: the loss became {value} at step {i + 1}/{steps}; stopped "
+                                 "before anything was saved (lower the learning rate?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.sync_grads(by_hand)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        running, count = running + loss.item(), count + 1
+        running, count = running + value, count + 1
         if count % 20 == 0:
             bar.set_postfix(loss=f"{running / count:.4f}")
+        if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == steps:
+            check_finite_params(model, desc, i + 1, steps)
         if on_step is not None:
             on_step(i + 1)
     distributed.sync_buffers(model)
+    check_finite_params(model, desc, steps, steps)
     return running / max(count, 1)
+
+
+FINITE_CHECK_EVERY = 25  # steps between weight checks (the loss is checked every step)
+
+
+def check_finite_params(model: nn.Module, desc: str, step: int, steps: int) -> None:
+    """Stop with one line naming the stage and step when a weight or buffer went NaN/Inf."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{desc}: weights went NaN or infinite ({name}) at step "
+                                     f"{step}/{steps}; stopped before anything was saved "
+                                     "(lower the learning rate?)")
 
 
 def cross_entropy(label_smoothing: float = 0.0):

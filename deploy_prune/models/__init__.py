@@ -38,12 +38,18 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.weights: file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:  # weights_only: a pickle carrying code or arbitrary objects is refused, not run
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, truncated zip, SafetensorError, ...: one line
+        raise ValueError(f"model.weights: {path} is not a readable state dict (a truncated file, or a "
+                         f"pickle of objects other than tensors): {type(e).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.weights: {path} does not hold a state dict of tensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
