@@ -444,6 +444,8 @@ def load_model_dir(path: str | Path) -> tuple[nn.Module, ModelPlan]:
     from safetensors.torch import load_file
 
     plan = read_plan(path)
+    check_model_size(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels,
+                     source=str(Path(path) / PLAN_FILE), **plan.arch_kwargs)  # before reading weights
     wf = Path(path) / WEIGHTS_FILE
     if not wf.is_file():
         raise ArtifactError(f"{path}: no {WEIGHTS_FILE}")

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 
 MAX_YAML_BYTES = 1 << 20  # 1 MiB: the largest committed config is a few KB
-MAX_YAML_ALIASES = 100  # alias references (*name) per document
+MAX_YAML_ALIASES = 1000  # alias references (*name) per document
+MAX_YAML_NODES = 100_000  # nodes once every alias is expanded (9 levels of 9 aliases: 9^9)
 
 
 class _LimitedLoader(yaml.SafeLoader):
@@ -50,12 +51,41 @@ def safe_yaml(text: str, *, source: str = "YAML") -> Any:
     """Parse YAML text safely, within the size and alias limits; errors name ``source``."""
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{source}: {len(text)} bytes is over the {MAX_YAML_BYTES}-byte limit for YAML")
+    loader = _LimitedLoader(text)
     try:
-        return yaml.load(text, Loader=_LimitedLoader)  # a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], stack: set[int]) -> int:
+    """Nodes in ``node`` once aliases are expanded (shared nodes counted each time they are
+    used, as anything walking the result would), refused past ``MAX_YAML_NODES``."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in stack:
+        raise ConfigError("a recursive YAML alias; refusing it")
+    stack.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, memo, stack) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo, stack) + _expanded_size(v, memo, stack) for k, v in node.value)
+    stack.discard(key)
+    if size > MAX_YAML_NODES:
+        raise ConfigError(f"the document expands to more than {MAX_YAML_NODES} nodes through its "
+                          "aliases; refusing a possible alias bomb")
+    memo[key] = size
+    return size
 
 
 @dataclass

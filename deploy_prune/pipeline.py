@@ -99,6 +99,9 @@ def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[
         train_baseline(model, data.train, cfg.train, device=device)
     seconds = time.perf_counter() - t0
     metrics = evaluate(model, data.test, device)
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise NonFiniteError(f"train: the trained model's test loss is {metrics['loss']} after "
+                             f"{cfg.train.epochs} epoch(s): it diverged (lower train.lr); nothing saved")
     model.cpu().eval()
     plan.info.update(config=to_dict(cfg), metrics=metrics, train_seconds=seconds, **describe(model, plan))
     return model, plan, metrics
