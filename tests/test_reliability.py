@@ -435,7 +435,6 @@ def test_swapped_weights_file_refused(tmp_path, small_vgg_dir):
 
 def _slim_of(base_dir: Path, out: Path) -> Path:
     from conftest import random_plan
-
     from deploy_prune.allocation import cut
     from deploy_prune.nodes import discover
 
