@@ -587,3 +587,26 @@ def test_out_is_a_file(capsys, tmp_path):
     f.write_text("x")
     expect_error(capsys, r"not a directory", "run", ROOT / "configs" / "default.yaml", "--out", f, *TINY)
     assert f.read_text() == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/reliability.md is kept true: every test it names exists, and every case here is listed
+
+def _test_names(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+
+
+def test_reliability_table_names_real_tests():
+    table = (ROOT / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", table)
+    assert len(named) >= 40
+    for file, name in named:
+        assert (ROOT / file).is_file(), file
+        assert name in _test_names(ROOT / file), f"docs/reliability.md names {file}::{name}, which does not exist"
+    listed = {name for file, name in named if file == "tests/test_reliability.py"}
+    helpers = {"test_reliability_table_names_real_tests", "test_fashion_tree_itself_loads"}
+    unlisted = _test_names(Path(__file__)) - listed - helpers
+    assert not unlisted, f"cases missing from docs/reliability.md: {sorted(unlisted)}"
