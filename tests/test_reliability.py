@@ -511,6 +511,19 @@ def test_onnx_cache_mismatch_detected(tmp_path, small_vgg_dir, monkeypatch):
     assert sm.onnx_matches(fake, slim)
 
 
+def test_suite_cached_unit_checked_against_models(tmp_path, small_vgg_dir):
+    import pandas as pd
+
+    from bench.suite import unit_matches_models
+
+    slim = _slim_of(small_vgg_dir, tmp_path / "slim")
+    digest = load_model_dir(slim)[1].digest()
+    rows = [{"status": "ok", "model_dir": str(slim), "plan_sha256": digest}]
+    assert unit_matches_models(pd.DataFrame(rows))
+    rows[0]["plan_sha256"] = load_model_dir(small_vgg_dir)[1].digest()  # measured on another model
+    assert not unit_matches_models(pd.DataFrame(rows))
+
+
 # ---------------------------------------------------------------------------------------------
 # no tracebacks (deliverable 7)
 
