@@ -28,6 +28,7 @@ from deploy_prune.artifacts import (
     finite_json,
     load_model_dir,
     open_job_dir,
+    read_json_object,
     read_plan,
     save_model_dir,
     versions,
@@ -48,7 +49,9 @@ class RunState:
 
     def __init__(self, out: Path) -> None:
         self.path = out / "state.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        self.data: dict[str, Any] = read_json_object(self.path) if self.path.is_file() else {"stages": {}}
+        if not isinstance(self.data.get("stages"), dict):
+            raise ValueError(f"{self.path}: corrupt run state (no 'stages' mapping); --force to start over")
 
     def done(self, stage: str) -> bool:
         return stage in self.data["stages"]
@@ -289,7 +292,7 @@ def check_resume_config(out: Path, cfg: RunConfig) -> None:
     path = out / "config.json"
     now = to_dict(cfg)
     if path.is_file():
-        then = json.loads(path.read_text())
+        then = read_json_object(path)
         diff = sorted(_diff_keys(then, now))
         if diff:
             raise ValueError(f"{out} was started with a different config (keys differ: {', '.join(diff[:6])}); "

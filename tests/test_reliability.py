@@ -577,6 +577,15 @@ def test_truncated_checkpoint(tmp_path):
         ck.restore()
 
 
+def test_corrupt_run_state_on_resume(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / MARKER_FILE).write_text("{}")
+    (run_dir / "state.json").write_text('{"stages": ')
+    expect_error(capsys, r"state\.json: corrupt", "run", ROOT / "configs" / "default.yaml", "--out", run_dir,
+                 "--resume", *TINY)
+
+
 def test_full_disk_is_one_line(capsys, tmp_path, monkeypatch):
     import safetensors.torch
 
