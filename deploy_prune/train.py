@@ -35,11 +35,15 @@ def batches(loader: Iterable, steps: int) -> Iterator[tuple[torch.Tensor, torch.
     """Cycle ``loader`` for exactly ``steps`` batches (a new shuffle each pass)."""
     done = 0
     while done < steps:
+        before = done
         for xb, yb in loader:
             yield xb, yb
             done += 1
             if done >= steps:
                 return
+        if done == before:  # an empty loader would loop here for ever
+            raise ValueError("the training split is empty (check data.max_train_samples, "
+                             "data.val_fraction and the dataset)")
 
 
 @torch.no_grad()
@@ -58,6 +62,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
         correct5 += (top == yb[:, None]).any(dim=1).sum().item()
         n += len(yb)
     model.train(was_training)
+    if n == 0:  # 0% on no samples would be a wrong number, not a result
+        raise ValueError("the evaluation split is empty (check data.max_eval_samples and the dataset)")
     return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1),
             "loss": loss / max(n, 1), "samples": n}
 

@@ -577,6 +577,20 @@ def test_truncated_checkpoint(tmp_path):
         ck.restore()
 
 
+def test_empty_training_split_is_an_error(capsys, tmp_path):
+    # 1437 digits in the training split, all held out for validation: nothing left to train on
+    expect_error(capsys, r"training split is empty", "train", "--out", tmp_path / "o", "data.name=digits",
+                 "data.val_fraction=0.9999", "train.epochs=1", "threads=1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_evaluation_split_is_an_error():
+    from deploy_prune.train import evaluate
+
+    with pytest.raises(ValueError, match="evaluation split is empty"):
+        evaluate(torch.nn.Linear(2, 2), [])
+
+
 def test_corrupt_run_state_on_resume(capsys, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
