@@ -65,6 +65,12 @@ class BenchConfig:
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batches)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not 0 < self.confidence < 1:  # NaN fails too
+            raise ValueError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if self.n_boot < 1:
+            raise ValueError(f"--bootstrap must be >= 1, got {self.n_boot}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max-eval-samples must be >= 1, got {self.max_eval_samples}")
         if self.timing.clock == "cpu" and (self.threads != 1 or "cuda" in self.devices):
             raise ValueError("the cpu clock times one thread's work on the CPU: use it with "
                              "threads=1 (--threads 1) and device cpu only")

@@ -466,6 +466,14 @@ def test_compare_refuses_unusable_baseline(speedup):
         compare(pd.DataFrame([good]), pd.DataFrame([row]))
 
 
+@pytest.mark.parametrize("option", [["--confidence", "1.5"], ["--bootstrap", "0"], ["--min-time", "nan"],
+                                    ["--max-eval-samples", "0"], ["--batch", "0"]])
+def test_bench_bad_option_is_one_line(capsys, tmp_path, small_vgg_dir, option):
+    slim = _slim_of(small_vgg_dir, tmp_path / "slim")
+    expect_error(capsys, re.escape(option[0].lstrip("-").split("-")[0]), "bench", "--base", small_vgg_dir,
+                 "--slim", slim, "--out", tmp_path / "b", "--backends", "torch", *option)
+
+
 def test_suite_stage_name_cannot_escape_out(capsys, tmp_path):
     cfg = tmp_path / "suite.yaml"
     cfg.write_text("stages:\n  - name: ../../x\n")
