@@ -87,7 +87,7 @@ class Ablation:
         reuse = self.from_run / "scores.json" if self.from_run else None
         if name == self.cfg.scoring.method and name not in self.scores and reuse and reuse.is_file():
             data = read_json_object(reuse)  # parsed once: the scores and the time they took
-            self.scores[name] = pipeline.scores_from(data, plan, source=reuse)
+            self.scores[name] = pipeline.scores_from(data, plan, source=reuse, model=model)
             self.score_seconds[name] = float(data.get("seconds", 0.0))
         if name not in self.scores:
             cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
