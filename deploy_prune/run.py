@@ -89,14 +89,15 @@ class Checkpointer:
             return False
         try:
             blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            check_finite_state(blob["model"], str(self.path))
             self.model.load_state_dict(blob["model"])
-        except Exception as e:  # truncated or foreign file: one line, not a traceback
+            self.state.optimizer.load_state_dict(blob["optimizer"])
+            if self.state.scheduler is not None and blob["scheduler"] is not None:
+                self.state.scheduler.load_state_dict(blob["scheduler"])
+            self.state.start = int(blob["step"])
+        except Exception as e:  # truncated, foreign or non-finite: one line, not a traceback
             raise ArtifactError(f"{self.path}: unreadable checkpoint ({type(e).__name__}); delete it "
                                 "to redo this stage from its start") from None
-        self.state.optimizer.load_state_dict(blob["optimizer"])
-        if self.state.scheduler is not None and blob["scheduler"] is not None:
-            self.state.scheduler.load_state_dict(blob["scheduler"])
-        self.state.start = int(blob["step"])
         log.info("resumed %s at step %d/%d", self.path.name, self.state.start, self.state.steps)
         return True
 
