@@ -115,9 +115,10 @@ def fit(
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         loss = loss_fn(net, xb, yb)
         value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteError(f"{desc}: the loss became {value} at step {i + 1}/{steps}; stopped "
-                                 "before anything was saved (lower the learning rate?)")
+        if distributed.any_rank(not math.isfinite(value)):  # every rank stops at the same step
+            what = f"the loss became {value}" if not math.isfinite(value) else "another rank's loss went non-finite"
+            raise NonFiniteError(f"{desc}: {what} at step {i + 1}/{steps}; stopped before anything "
+                                 "was saved (lower the learning rate?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.sync_grads(by_hand)
