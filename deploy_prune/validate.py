@@ -99,7 +99,8 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _num("scoring.rbp.threshold", r.threshold, optional=True)
     _choice("scoring.rbp.collapse", r.collapse, COLLAPSE)
 
-    _num("crucial.n", cfg.crucial.n, lo=2)
+    if cfg.crucial.nodes is None:  # an explicit list replaces the top-N choice
+        _num("crucial.n", cfg.crucial.n, lo=2)
 
     a = cfg.allocation
     try:
