@@ -27,7 +27,8 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.epochs=1 data.max_train_samples=5000")
     p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing output (a directory only if deploy-prune created it)")
 
 
 def job_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,9 @@ def job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job in DIR")
-    p.add_argument("--force", action="store_true", help="delete DIR's previous content and start over")
+    p.add_argument("--force", action="store_true",
+                   help="delete DIR's previous content and start over (only a directory deploy-prune "
+                   "created; checked after the config and data are validated)")
 
 
 def _overrides(args) -> list[str]:
