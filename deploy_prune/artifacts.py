@@ -231,6 +231,8 @@ def check_removable(out: Path) -> None:
                               f"(no {MARKER_FILE} marker inside); remove it yourself or choose another --out")
     if not out.is_dir() and not out.is_file():
         raise FileExistsError(f"--force refuses to replace {out}: not a regular file or directory")
+    if (out / LOCK_FILE).is_file():  # a run still working in it: never delete under its feet
+        OutputLock(out).acquire().release()
 
 
 def _check_writable(out: Path) -> None:

@@ -195,6 +195,17 @@ def test_force_validates_before_deleting(capsys, tmp_path):
     assert (run_dir / "old.txt").is_file()  # the run was invalid: nothing deleted
 
 
+def test_force_refuses_dir_in_use(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    holder = open_job_dir(run_dir, resume=False, force=False)
+    (run_dir / "state.json").write_text("{}")
+    try:
+        expect_error(capsys, r"in use", "train", "--out", run_dir, "--force", *TINY, "train.epochs=0")
+        assert (run_dir / "state.json").is_file()
+    finally:
+        holder.release()
+
+
 def test_force_empties_marked_dir(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
