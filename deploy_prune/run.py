@@ -25,6 +25,7 @@ from deploy_prune.artifacts import (
     OutputLock,
     atomic_write_text,
     check_finite_state,
+    check_model_size,
     finite_json,
     load_model_dir,
     open_job_dir,
@@ -114,7 +115,13 @@ def preflight(cfg: RunConfig, *, base_dir: str | None = None) -> DataBundle:
     pipeline.setup(cfg)
     if base_dir:
         read_plan(base_dir)
-    return load_data(cfg.data, seed=cfg.seed)
+    data = load_data(cfg.data, seed=cfg.seed)
+    if not base_dir:  # the model the base training will build, on the meta device
+        check_model_size(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                         source="model.kwargs", **cfg.model.kwargs)
+        if cfg.model.weights and not Path(cfg.model.weights).is_file():
+            raise FileNotFoundError(f"model.weights: file not found: {cfg.model.weights}")
+    return data
 
 
 class Runner:

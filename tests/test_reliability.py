@@ -206,6 +206,17 @@ def test_force_refuses_dir_in_use(capsys, tmp_path):
         holder.release()
 
 
+@pytest.mark.parametrize("bad", ["model.kwargs={hidden: -1}", "model.weights=/nonexistent.pt"])
+def test_force_checks_model_before_deleting(capsys, tmp_path, bad):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / MARKER_FILE).write_text("{}")
+    (run_dir / "old.txt").write_text("previous run")
+    expect_error(capsys, r"model\.(kwargs|weights)", "run", ROOT / "configs" / "default.yaml", "--out", run_dir,
+                 "--force", *TINY, bad)
+    assert (run_dir / "old.txt").is_file()
+
+
 def test_force_empties_marked_dir(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
