@@ -513,7 +513,7 @@ def test_inside_refuses_escape(tmp_path):
 
 @pytest.mark.slow
 def test_suite_onnx_cache_verified_against_plan(tmp_path, small_vgg_dir):
-    from bench.suite_models import ONNX_FILE, ensure_onnx, onnx_matches
+    from bench.studies.paper_claims.models import ONNX_FILE, ensure_onnx, onnx_matches
     from export.to_onnx import read_metadata
 
     slim = _slim_of(small_vgg_dir, tmp_path / "slim")
@@ -528,7 +528,7 @@ def test_suite_onnx_cache_verified_against_plan(tmp_path, small_vgg_dir):
 
 def test_onnx_cache_mismatch_detected(tmp_path, small_vgg_dir, monkeypatch):
     """Fast form of the check above: metadata naming another plan is a mismatch."""
-    import bench.suite_models as sm
+    import bench.studies.paper_claims.models as sm
 
     slim = _slim_of(small_vgg_dir, tmp_path / "slim")
     fake = slim / sm.ONNX_FILE
@@ -544,7 +544,7 @@ def test_onnx_cache_mismatch_detected(tmp_path, small_vgg_dir, monkeypatch):
 def test_suite_cached_unit_checked_against_models(tmp_path, small_vgg_dir):
     import pandas as pd
 
-    from bench.suite import unit_matches_models
+    from bench.studies.paper_claims.suite import unit_matches_models
 
     slim = _slim_of(small_vgg_dir, tmp_path / "slim")
     digest = load_model_dir(slim)[1].digest()
