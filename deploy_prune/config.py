@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -345,8 +346,18 @@ def load_config(
     data = read_yaml(path) if path else {}
     data = merge(data, parse_overrides(overrides))
     cfg = from_dict(cls, data)
-    if isinstance(cfg, RunConfig):  # ranges and registry names, before any work starts
-        from deploy_prune.validate import validate_run_config
-
-        validate_run_config(cfg)
+    for check in VALIDATORS.get(cls, ()):  # ranges and registry names, before any work starts
+        check(cfg)
     return cfg
+
+
+# Checks beyond types, per config class, run by load_config. deploy_prune.validate registers the
+# RunConfig one (it needs the registries, which import this module: registering keeps config.py
+# free of an import cycle).
+VALIDATORS: dict[type, list[Callable[[Any], Any]]] = {}
+
+
+def register_validator(cls: type, check: Callable[[Any], Any]) -> None:
+    VALIDATORS.setdefault(cls, [])
+    if check not in VALIDATORS[cls]:
+        VALIDATORS[cls].append(check)

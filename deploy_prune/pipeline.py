@@ -44,6 +44,7 @@ from deploy_prune.precision import check_precision
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import evaluate, resolve_device, train_baseline
+from deploy_prune.validate import validate_run_config
 
 log = logging.getLogger(__name__)
 SCORES_FORMAT = "deploy-prune/scores@1"
@@ -68,8 +69,6 @@ def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[s
     data: dict[str, Any] = dict(base.info.get("config", {})) if base else {}
     if config:
         data = merge(data, read_yaml(config))
-    from deploy_prune.validate import validate_run_config
-
     return validate_run_config(from_dict(RunConfig, merge(data, parse_overrides(overrides))))
 
 

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from deploy_prune.config import ConfigError, RunConfig
+from deploy_prune.config import ConfigError, RunConfig, register_validator
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 OPTIMIZERS = ("sgd", "adam")
@@ -139,3 +139,6 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _num("finetune.lr", f.lr, lo=0, lo_open=True)
     _choice("finetune.optimizer", f.optimizer, OPTIMIZERS)
     return cfg
+
+
+register_validator(RunConfig, validate_run_config)
