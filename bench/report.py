@@ -50,9 +50,19 @@ def speedup_view(df: pd.DataFrame) -> pd.DataFrame:
                                                                "top1": "slim_top1"})
     view = view.join(base[["p50_ms", "p99_ms", "top1"]].rename(
         columns={"p50_ms": "base_p50_ms", "p99_ms": "base_p99_ms", "top1": "base_top1"}), how="left")
+    if "device_speedup" in slim:
+        view = view.join(slim[["device_speedup", "device_speedup_ci_low", "device_speedup_ci_high"]])
     view = view.reset_index()
     view["ci"] = [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(view["speedup_ci_low"], view["speedup_ci_high"])]
+    if "device_speedup" in view:
+        view["device_ci"] = [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if v == v else "-" for v, lo, hi in zip(
+            view["device_speedup"], view["device_speedup_ci_low"], view["device_speedup_ci_high"])]
     return view
+
+
+def has_device_speedup(df: pd.DataFrame) -> bool:
+    """Whether any measured row carries a device-only (CUDA events) speedup."""
+    return "device_speedup" in df and bool(df.loc[df["status"] == "ok", "device_speedup"].notna().any())
 
 
 SPEEDUP_COLUMNS = (("backend", "backend", ""), ("device", "device", ""), ("precision", "precision", ""),
@@ -66,6 +76,7 @@ LATENCY_COLUMNS = (("variant", "variant", ""), ("backend", "backend", ""), ("dev
                    ("p90_ms", "p90 ms", ".3f"), ("p99_ms", "p99 ms", ".3f"), ("mean_ms", "mean ms", ".3f"),
                    ("throughput_ips", "img/s", ".0f"), ("samples", "n", ".0f"),
                    ("device_p50_ms", "device p50 ms", ".3f"))
+DEVICE_SPEEDUP_COLUMN = ("device_ci", "device speedup [95% CI]", "")
 STATUS_COLUMNS = (("backend", "backend", ""), ("device", "device", ""), ("precision", "precision", ""),
                   ("status", "status", ""), ("error", "reason", ""))
 
@@ -87,6 +98,23 @@ def environment_lines(environment: dict[str, Any]) -> list[str]:
     return lines
 
 
+def speedup_columns(df: pd.DataFrame) -> tuple[tuple[str, str, str], ...]:
+    """The speedup table's columns: the device speedup beside the end-to-end one on CUDA."""
+    if not has_device_speedup(df):
+        return SPEEDUP_COLUMNS
+    i = [c for c, _, _ in SPEEDUP_COLUMNS].index("ci") + 1
+    return (*SPEEDUP_COLUMNS[:i], DEVICE_SPEEDUP_COLUMN, *SPEEDUP_COLUMNS[i:])
+
+
+def device_note(df: pd.DataFrame) -> str:
+    """What the page says about the two speedups when CUDA rows are there."""
+    if not has_device_speedup(df):
+        return ""
+    return (" On CUDA, the end-to-end speedup includes the host<->device copies, which pruning does "
+            "not shrink; the device speedup (CUDA events around the inference alone) is beside it. "
+            "Efficiency uses the end-to-end speedup.")
+
+
 def markdown(df: pd.DataFrame, *, environment: dict[str, Any], command: str | None = None) -> str:
     """The whole report as Markdown text."""
     model = df["model"].iloc[0] if len(df) else "?"
@@ -102,8 +130,8 @@ def markdown(df: pd.DataFrame, *, environment: dict[str, Any], command: str | No
               "Speedup = paired ratio of end-to-end latencies (geometric mean of per-round median "
               "ratios, base and slim timed in alternating rounds in one process); the interval is a "
               "seeded bootstrap over rounds. Efficiency = speedup / FLOPs reduction (1.0: the FLOPs "
-              "cut became wall-clock time one for one).", "",
-              markdown_table(speedup_view(df), SPEEDUP_COLUMNS), "",
+              "cut became wall-clock time one for one)." + device_note(df), "",
+              markdown_table(speedup_view(df), speedup_columns(df)), "",
               "## Latency", "", markdown_table(ok, LATENCY_COLUMNS), "",
               "## Skipped and failed", "", markdown_table(other, STATUS_COLUMNS), "",
               "## Plots", "", f"![latency vs batch]({LATENCY_PNG})", "",

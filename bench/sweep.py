@@ -47,6 +47,7 @@ class BenchConfig:
     threads: int | None = 1  # CPU threads (1, as torch.utils.benchmark pins); None: every usable core
     channels_last: bool = False
     compile_mode: str = "default"
+    cudnn_benchmark: bool = True  # torch.backends.cudnn.benchmark for the PyTorch backends on CUDA
     timing: TimingConfig = field(default_factory=TimingConfig)
     accuracy: bool = False
     max_eval_samples: int | None = None
@@ -77,7 +78,8 @@ class BenchConfig:
 
     def options(self) -> BackendOptions:
         return BackendOptions(threads=self.threads or cpu_count(), channels_last=self.channels_last,
-                              compile_mode=self.compile_mode, max_batch=max(self.batches))
+                              compile_mode=self.compile_mode, max_batch=max(self.batches),
+                              cudnn_benchmark=self.cudnn_benchmark)
 
 
 def _check_choices(what: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
@@ -191,7 +193,11 @@ def latency_fields(samples: Samples, batch: int) -> dict[str, Any]:
 
 
 def speedup_fields(sp: Speedup, flops_reduction: float, prefix: str = "") -> dict[str, Any]:
-    """The slim row's speedup columns (``device_`` prefix: from CUDA events); efficiency too."""
+    """The slim row's speedup columns (``device_`` prefix: from CUDA events); efficiency too.
+
+    ``efficiency`` is always the end-to-end speedup over the FLOPs reduction (what a caller
+    waits for, host<->device copies included); the device-only ratio is ``device_speedup``.
+    """
     out = {f"{prefix}speedup": sp.value, f"{prefix}speedup_ci_low": sp.low,
            f"{prefix}speedup_ci_high": sp.high}
     if not prefix:

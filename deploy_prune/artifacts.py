@@ -169,6 +169,9 @@ def check_model_size(arch: str, *, num_classes: int, in_channels: int, source: s
 
 def build_from_plan(plan: ModelPlan, *, source: str = "plan") -> nn.Module:
     """Build the base architecture and cut it with the plan (random weights)."""
+    if plan.arch.startswith("custom:"):
+        raise ArtifactError(f"architecture {plan.arch[7:]} is your own class, not a registered one; rebuild it "
+                            "in Python with deploy_prune.load(DIR, model=YourModel(...))")
     check_model_size(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels,
                      source=source, **plan.arch_kwargs)
     model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels,

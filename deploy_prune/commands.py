@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from deploy_prune import distributed, pipeline
 from deploy_prune.artifacts import (
@@ -12,12 +13,14 @@ from deploy_prune.artifacts import (
     check_output,
     finite_json,
     load_model_dir,
+    read_plan,
     save_model_dir,
 )
 from deploy_prune.config import load_config
 from deploy_prune.data import load_data
 from deploy_prune.nodes import discover
 from deploy_prune.scoring import SCORERS
+from deploy_prune.weights import read_state_dict
 
 
 def common(p: argparse.ArgumentParser) -> None:
@@ -29,9 +32,13 @@ def common(p: argparse.ArgumentParser) -> None:
                    help="overwrite an existing output (a directory only if deploy-prune created it)")
 
 
-def job_args(p: argparse.ArgumentParser) -> None:
+def job_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> None:
     """Options shared by the whole-job commands (run, ablate)."""
-    p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/default.yaml)")
+    if config_optional:
+        p.add_argument("config_file", metavar="CONFIG", nargs="?",
+                       help="YAML config (e.g. configs/default.yaml); optional with --base")
+    else:
+        p.add_argument("config_file", metavar="CONFIG", help="YAML config (e.g. configs/default.yaml)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
@@ -66,10 +73,68 @@ def _scores(args, model, plan, cfg, device):
     return pipeline.score(model, plan, cfg, data, device, method=args.scorer)
 
 
+DATASETS = {"fashion-mnist": "fashion_mnist", "fashion_mnist": "fashion_mnist", "digits": "digits",
+            "cifar10": "cifar10"}
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers (e.g. 0.485,0.456,0.406), got {text!r}") from None
+
+
+def import_settings(args) -> list[str]:
+    """The import options as config overrides: dataset, model and the model's preprocessing."""
+    if args.data in DATASETS:
+        over = [f"data.name={DATASETS[args.data]}"]
+    else:
+        if not Path(args.data).is_dir():
+            raise FileNotFoundError(f"--data: {args.data} is neither a folder (ImageFolder with train/ and val/) "
+                                    f"nor a dataset name ({', '.join(DATASETS)})")
+        over = ["data.name=imagefolder", f"data.root={Path(args.data).resolve()}"]
+    over += [f"model.arch={args.arch}", f"model.weights={Path(args.weights).resolve()}", "train.epochs=0"]
+    for flag, key in (("input_size", "image_size"), ("resize", "resize"), ("channels", "channels"),
+                      ("interpolation", "interpolation")):
+        if getattr(args, flag) is not None:
+            over.append(f"data.{key}={getattr(args, flag)}")
+    for flag in ("mean", "std"):
+        if getattr(args, flag) is not None:
+            over.append(f"data.{flag}={_floats(getattr(args, flag), '--' + flag)}")
+    return over
+
+
+def cmd_import(args) -> int:
+    check_output(args.out, force=args.force)
+    over = overrides(args) + import_settings(args)
+    cfg = load_config(args.config, over)
+    cfg = load_config(args.config, pipeline.import_overrides(cfg.model.arch, cfg.data) + over)
+    device = pipeline.setup(cfg)
+    state = read_state_dict(args.weights)  # a bad file fails before the data is read
+    data = load_data(cfg.data, seed=cfg.seed)
+    model, plan, metrics = pipeline.import_base(cfg, data, device, weights=args.weights, state=state,
+                                                num_classes=args.num_classes)
+    if not distributed.is_main():
+        return 0
+    save_model_dir(model, plan, args.out, force=args.force)
+    p = plan.info["preprocess"]
+    resize = f"resize {p['resize']}, crop {p['crop']}" if p["resize"] else f"resize to {p['input_size']}"
+    print(f"imported {plan.arch} from {args.weights}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}% "
+          f"on {metrics['samples']} {data.name} test images; {plan.info['flops'] / 1e6:.2f} MFLOPs  "
+          f"{plan.info['params'] / 1e6:.3f} M params -> {args.out}")
+    print(f"preprocessing: {p['channels']}x{p['input_size']}x{p['input_size']}, {resize}, "
+          f"mean {_fmt(p['mean'])}, std {_fmt(p['std'])}")
+    return 0
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
 def cmd_score(args) -> int:
     out = check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
-    cfg = pipeline.resolve_config(plan, args.config, overrides(args))
+    cfg = pipeline.resolve_base_config(plan, args.config, overrides(args))
     device = pipeline.setup(cfg)
     result = _scores(args, model, plan, cfg, device)
     if not distributed.is_main():
@@ -91,7 +156,7 @@ def cmd_prune(args) -> int:
         over += ["allocation.target=channels", f"allocation.keep_fraction={args.keep_fraction}"]
     if args.round_to is not None:
         over += [f"allocation.round_to={args.round_to}"]
-    cfg = pipeline.resolve_config(plan, args.config, over)
+    cfg = pipeline.resolve_base_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
         scores, decision = pipeline.read_scored(args.scores, plan, model)
@@ -133,6 +198,10 @@ def cmd_inspect(args) -> int:
     print(f"{args.dir}: {plan.arch} ({'slim' if plan.kept else 'base'}), input "
           f"{plan.in_channels}x{plan.input_size}x{plan.input_size}, {d['flops'] / 1e6:.2f} MFLOPs, "
           f"{d['params'] / 1e6:.3f} M params")
+    if plan.info.get("preprocess"):
+        p = plan.info["preprocess"]
+        resize = f"resize {p['resize']}, crop {p['crop']}" if p["resize"] else f"resize to {p['input_size']}"
+        print(f"preprocessing: {resize}, {p['channels']} channels, mean {_fmt(p['mean'])}, std {_fmt(p['std'])}")
     print(f"{'node':<32} {'channels':>8} {'MFLOPs':>9} {'params':>9}")
     for r in rows:
         print(f"{r['node']:<32} {r['channels']:>8} {r['flops'] / 1e6:>9.3f} {r['params']:>9}")
@@ -142,7 +211,15 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     from deploy_prune.run import run
 
-    cfg = load_config(args.config_file, overrides(args))
+    if args.config_file and "=" in args.config_file and not Path(args.config_file).is_file():
+        args.overrides = [args.config_file, *args.overrides]  # ``run --base DIR key=value``: no CONFIG
+        args.config_file = None
+    if args.base:  # the base directory's own data and model settings; the config only overrides
+        cfg = pipeline.resolve_base_config(read_plan(args.base), args.config_file, overrides(args))
+    elif not args.config_file:
+        raise ValueError("run needs a CONFIG file, or --base DIR to prune an existing model directory")
+    else:
+        cfg = load_config(args.config_file, overrides(args))
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
     if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
         return 0
@@ -154,15 +231,87 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from deploy_prune.recovery.mimic import finetune
+    from deploy_prune.run import recover_slim
+    from deploy_prune.train import evaluate
+
+    check_output(args.out, force=args.force)
+    teacher, base_plan = load_model_dir(args.base)
+    student, plan = load_model_dir(args.slim)
+    if not plan.kept:
+        raise ValueError(f"{args.slim}: not a pruned model directory (its plan keeps every channel)")
+    if plan.info.get("base_sha256", base_plan.digest()) != base_plan.digest():
+        raise ValueError(f"{args.slim} was not pruned from {args.base} (base hash differs)")
+    cfg = pipeline.resolve_base_config(plan, args.config, overrides(args))
+    device = pipeline.setup(cfg)
+    data = load_data(cfg.data, seed=cfg.seed)
+    before = evaluate(student, data.test, device)
+    loader = data.train
+    if cfg.recovery.batch_size and hasattr(loader, "with_options"):
+        loader = loader.with_options(batch_size=cfg.recovery.batch_size)
+    student, info = recover_slim(teacher, student, plan, cfg, loader, device)
+    if args.finetune and cfg.finetune.epochs > 0:
+        finetune(student, loader=data.train, cfg=cfg.finetune, device=device)
+        student.cpu().eval()
+    after = evaluate(student, data.test, device)
+    student.cpu()
+    if not distributed.is_main():
+        return 0
+    plan.info.update(recovery=info, metrics=after, finetuned=bool(args.finetune and cfg.finetune.epochs > 0))
+    save_model_dir(student, plan, args.out, force=args.force)
+    print(f"recovered {plan.arch} ({info['mode']}, {info['loss']}): top-1 {before['top1']:.2f}% -> "
+          f"{after['top1']:.2f}% on {after['samples']} {data.name} test images -> {args.out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the whole job: train -> score -> prune -> recover -> fine-tune",
                        description="Train (or load with --base) a baseline, score channels, choose "
                        "crucial nodes, prune globally to the target, cut channels out, recover in one "
                        "step by mimicking the crucial feature maps, fine-tune and evaluate. Writes "
                        "DIR/base, DIR/slim, DIR/report.json and DIR/report.md.")
-    job_args(p)
-    p.add_argument("--base", metavar="BASE_DIR", help="use this trained model directory instead of training")
+    job_args(p, config_optional=True)
+    p.add_argument("--base", metavar="BASE_DIR", help="use this trained (or imported) model directory instead "
+                   "of training; its data and preprocessing are used, CONFIG is optional and only overrides")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("import", help="turn your own trained model (architecture + weights) into a base directory",
+                       description="Build ARCH, load your weights file (.safetensors, a .pth/.pt "
+                       "state_dict, a checkpoint dict; module./_orig_mod. prefixes are stripped), "
+                       "evaluate it on DATA with the model's own preprocessing and write a base model "
+                       "directory (plan.json + model.safetensors) for run/score/prune/export/bench. "
+                       "The preprocessing is stored with the model and used by every later stage.")
+    common(p)
+    p.add_argument("--arch", required=True, help="registered name (small_vgg, resnet20, ...) or tv.NAME for "
+                   "any torchvision classifier (tv.resnet18, tv.mobilenet_v2)")
+    p.add_argument("--weights", required=True, metavar="FILE", help="the trained weights")
+    p.add_argument("--data", required=True, metavar="DIR|NAME", help="ImageFolder root with train/ and val/ "
+                   f"class folders, or one of: {', '.join(DATASETS)}")
+    p.add_argument("--out", required=True, metavar="BASE_DIR", help="model directory to write")
+    p.add_argument("--num-classes", type=int, metavar="N", help="classifier outputs (default: the data's classes)")
+    g = p.add_argument_group("the model's preprocessing (default: torchvision's ImageNet recipe for tv.* "
+                             "models, the dataset's own otherwise)")
+    g.add_argument("--input-size", type=int, metavar="S", help="side of the square input (crop size)")
+    g.add_argument("--resize", type=int, metavar="R", help="shorter side before the centre crop "
+                   "(tv.* default: S*256/224); 0: resize the whole image to SxS, no crop")
+    g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize filter "
+                   "(default bilinear)")
+    g.add_argument("--mean", metavar="M[,M,M]", help="per-channel mean on [0,1] pixels")
+    g.add_argument("--std", metavar="S[,S,S]", help="per-channel std")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="input channels (grayscale is repeated to 3)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("recover", help="recover an existing slim directory against its base",
+                       description="Mimic the base model's crucial feature maps (recovery.* settings, "
+                       "default: one-step KL) on the slim model's training data and write the recovered "
+                       "slim directory. Data and preprocessing come from the slim directory's plan.")
+    p.add_argument("slim", metavar="SLIM_DIR", help="a pruned model directory (from prune or run)")
+    common(p)
+    p.add_argument("--base", required=True, metavar="BASE_DIR", help="the model it was pruned from (the teacher)")
+    p.add_argument("--out", required=True, metavar="DIR", help="recovered model directory to write")
+    p.add_argument("--finetune", action="store_true", help="then fine-tune with cross-entropy (finetune.*)")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("train", help="train a baseline and save it as a model directory",
                        description="Train a baseline per the config and write OUT/plan.json + "

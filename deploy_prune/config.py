@@ -100,8 +100,15 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 0
-    image_size: int = 224  # ImageFolder only
-    augment: bool = False
+    # evaluation preprocessing, the model's own (set by `import`, carried in the base plan's config)
+    image_size: int | None = None  # side the model sees; None: the dataset's (28, 8, 32; ImageFolder 224)
+    resize: int | None = None  # shorter side before the centre crop to image_size; None: image_size*256/224
+    # for ImageFolder, a plain resize to image_size for the in-memory datasets; 0: plain resize (no crop)
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest (resize filter)
+    mean: list[float] | None = None  # per channel; None: the dataset's (ImageNet's for ImageFolder)
+    std: list[float] | None = None
+    channels: int | None = None  # 1 or 3; None: the dataset's own (grayscale is repeated to 3)
+    augment: bool = False  # training augmentation (flip + shift/crop); off: train on the eval transform
 
 
 @dataclass

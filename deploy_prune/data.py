@@ -10,7 +10,7 @@ import gzip
 import logging
 import pickle
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from deploy_prune import distributed
 from deploy_prune._registry import Registry
 from deploy_prune.config import DataConfig
+from deploy_prune.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, resolve
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class DataBundle:
     num_classes: int
     in_channels: int
     image_size: int
+    preprocess: Preprocess | None = None  # the evaluation transform the splits went through
 
     def example(self, batch: int = 2) -> torch.Tensor:
         """A zero input of the right shape, (B, C, H, W)."""
@@ -69,8 +71,10 @@ class TensorLoader:
         augment: bool = False,
         sampler_rank: int = 0,
         sampler_world: int = 1,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.x, self.y = x, y  # (N, C, H, W) float, (N,) long
+        self.transform = transform  # per batch, after augmentation (resize/channels/normalise)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -80,7 +84,8 @@ class TensorLoader:
 
     def with_options(self, **kw) -> TensorLoader:
         opts = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
-                    augment=self.augment, sampler_rank=self.rank, sampler_world=self.world)
+                    augment=self.augment, sampler_rank=self.rank, sampler_world=self.world,
+                    transform=self.transform)
         opts.update(kw)
         return TensorLoader(self.x, self.y, **opts)
 
@@ -108,6 +113,8 @@ class TensorLoader:
             xb = self.x[j]
             if self.augment:
                 xb = _augment(xb, seed=self.seed * 7919 + self.epoch * 131 + i)
+            if self.transform is not None:
+                xb = self.transform(xb)
             yield xb, self.y[j]
 
 
@@ -179,11 +186,8 @@ def find_fashion_mnist(root: str | Path | None) -> Path | None:
     return None
 
 
-def _normalise(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
-    t = torch.from_numpy(np.array(x, copy=True)).float().div_(255.0)  # (N, C, H, W)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (t - m) / s
+def _unit(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, copy=True)).float().div_(255.0)  # (N, C, H, W) in [0, 1]
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,20 +204,26 @@ def _bundle_from_arrays(
     name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
     *, cfg: DataConfig, seed: int, mean: list[float], std: list[float], augment: bool,
 ) -> DataBundle:
-    x_all, y_all = _normalise(xtr, mean, std), torch.from_numpy(ytr.astype(np.int64))
+    pre = resolve(cfg, size=xtr.shape[2], channels=xtr.shape[1], mean=mean, std=std, crop=False)
+    tf = pre.tensor_transform()
+    # at the native size the whole split is transformed once; a resize runs per batch (memory)
+    lazy = pre.resize is not None or pre.input_size != xtr.shape[2] or pre.input_size != xtr.shape[3]
+    prep = _unit if lazy else (lambda a: tf(_unit(a)))
+    x_all, y_all = prep(xtr), torch.from_numpy(ytr.astype(np.int64))
     tr, va = _split(len(y_all), cfg.val_fraction, seed)
     xt, yt = _cap(x_all[tr], y_all[tr], cfg.max_train_samples)
     xv, yv = _cap(x_all[va], y_all[va], cfg.max_eval_samples)
-    xe, ye = _cap(_normalise(xte, mean, std), torch.from_numpy(yte.astype(np.int64)), cfg.max_eval_samples)
-    bs, ebs = cfg.batch_size, cfg.eval_batch_size
+    xe, ye = _cap(prep(xte), torch.from_numpy(yte.astype(np.int64)), cfg.max_eval_samples)
+    bs, ebs, batch_tf = cfg.batch_size, cfg.eval_batch_size, tf if lazy else None
     return DataBundle(
         name=name,
-        train=TensorLoader(xt, yt, batch_size=bs, shuffle=True, seed=seed, augment=augment),
-        val=TensorLoader(xv, yv, batch_size=ebs),
-        test=TensorLoader(xe, ye, batch_size=ebs),
+        train=TensorLoader(xt, yt, batch_size=bs, shuffle=True, seed=seed, augment=augment, transform=batch_tf),
+        val=TensorLoader(xv, yv, batch_size=ebs, transform=batch_tf),
+        test=TensorLoader(xe, ye, batch_size=ebs, transform=batch_tf),
         num_classes=int(y_all.max()) + 1,
-        in_channels=xt.shape[1],
-        image_size=xt.shape[2],
+        in_channels=pre.channels,
+        image_size=pre.input_size,
+        preprocess=pre,
     )
 
 
@@ -249,7 +259,7 @@ def load_fashion_mnist(cfg: DataConfig, *, seed: int) -> DataBundle:
     return _bundle_from_arrays(
         "fashion_mnist", arr["train_images"][:, None], arr["train_labels"],
         arr["test_images"][:, None], arr["test_labels"],
-        cfg=cfg, seed=seed, mean=[0.2860], std=[0.3530], augment=False,
+        cfg=cfg, seed=seed, mean=[0.2860], std=[0.3530], augment=cfg.augment,
     )
 
 
@@ -265,7 +275,7 @@ def load_digits(cfg: DataConfig, *, seed: int) -> DataBundle:
     te, tr = perm[:n_test], perm[n_test:]
     return _bundle_from_arrays(
         "digits", x[tr], y[tr], x[te], y[te],
-        cfg=cfg, seed=seed, mean=[0.3], std=[0.4], augment=False,
+        cfg=cfg, seed=seed, mean=[0.3], std=[0.4], augment=cfg.augment,
     )
 
 
@@ -296,7 +306,6 @@ def load_cifar10(cfg: DataConfig, *, seed: int) -> DataBundle:
 
 def load_imagefolder(cfg: DataConfig, *, seed: int) -> DataBundle:
     """ImageNet-style tree: ROOT/train/CLASS/*.JPEG and ROOT/val/CLASS/*.JPEG."""
-    import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
     if not cfg.root:
@@ -305,12 +314,15 @@ def load_imagefolder(cfg: DataConfig, *, seed: int) -> DataBundle:
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DataNotFoundError(f"ImageFolder split not found: {root / split}")
-    norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    size = cfg.image_size
-    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    pre = resolve(cfg, size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop=True)
+    eval_tf = pre.pil_transform()
+    train_tf = _augmented(pre) if cfg.augment else eval_tf
     train = ImageFolder(str(root / "train"), transform=train_tf)
     val = ImageFolder(str(root / "val"), transform=eval_tf)
+    if val.classes != train.classes:  # class indices come from the sorted folder names of each split
+        odd = sorted(set(train.classes) ^ set(val.classes))
+        raise ValueError(f"{root}: train/ and val/ have different class folders ({', '.join(odd[:5])}); "
+                         "labels would not line up")
     g = torch.Generator().manual_seed(seed)
     kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
     return DataBundle(
@@ -320,9 +332,20 @@ def load_imagefolder(cfg: DataConfig, *, seed: int) -> DataBundle:
         val=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
         test=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
         num_classes=len(train.classes),
-        in_channels=3,
-        image_size=size,
+        in_channels=pre.channels,
+        image_size=pre.input_size,
+        preprocess=pre,
     )
+
+
+def _augmented(pre: Preprocess):
+    """Training augmentation for ImageFolder: random resized crop and flip, then the model's own
+    channels and normalisation."""
+    import torchvision.transforms as T
+
+    gray = [T.Grayscale(1)] if pre.channels == 1 else []
+    return T.Compose([T.RandomResizedCrop(pre.input_size), T.RandomHorizontalFlip(), *gray, T.ToTensor(),
+                      T.Normalize(list(pre.mean), list(pre.std))])
 
 
 def _capped(ds: Dataset, cap: int | None, seed: int) -> Dataset:

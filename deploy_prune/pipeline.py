@@ -5,9 +5,11 @@ The CLI commands and the end-to-end ``run`` are thin layers over these.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +37,27 @@ from deploy_prune.artifacts import (
     versions,
     weights_digest,
 )
-from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from deploy_prune.config import (
+    DataConfig,
+    RunConfig,
+    from_dict,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from deploy_prune.data import DataBundle
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
+from deploy_prune.models.tv import is_torchvision
 from deploy_prune.nodes import Node, discover
 from deploy_prune.precision import check_precision
+from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import evaluate, resolve_device, train_baseline
 from deploy_prune.validate import validate_run_config
+from deploy_prune.weights import load_into, read_state_dict
 
 log = logging.getLogger(__name__)
 SCORES_FORMAT = "deploy-prune/scores@1"
@@ -72,9 +85,88 @@ def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[s
     return validate_run_config(from_dict(RunConfig, merge(data, parse_overrides(overrides))))
 
 
-def new_base_plan(cfg: RunConfig, data: DataBundle) -> ModelPlan:
-    return ModelPlan(arch=cfg.model.arch, arch_kwargs=dict(cfg.model.kwargs), num_classes=data.num_classes,
-                     in_channels=data.in_channels, input_size=data.image_size)
+# What a base directory fixes about its model: a config file given to a later stage does not
+# change these (the dataset it was evaluated on and its preprocessing); key=value overrides do.
+BASE_KEYS = {"model": ("arch", "kwargs", "weights"),
+             "data": ("name", "root", "image_size", "resize", "interpolation", "mean", "std", "channels")}
+
+
+def resolve_base_config(base: ModelPlan, config: str | None, overrides: list[str] | None) -> RunConfig:
+    """Config for a stage working on a base directory: the base's own config <- ``config`` <-
+    ``overrides``, except that the model and its data/preprocessing (:data:`BASE_KEYS`) stay the
+    base's unless an override names them."""
+    data: dict[str, Any] = dict(base.info.get("config", {}))
+    data = merge(data, {"model": {"arch": base.arch, "kwargs": dict(base.arch_kwargs)}})
+    if config:
+        given = read_yaml(config)
+        for section, keys in BASE_KEYS.items():
+            mine = given.get(section)
+            if isinstance(mine, dict):
+                dropped = [k for k in keys if k in mine and mine[k] != data.get(section, {}).get(k)]
+                if dropped:
+                    log.info("%s: %s from the base directory, not the config file", section,
+                             ", ".join(dropped))
+                given[section] = {k: v for k, v in mine.items() if k not in keys}
+        data = merge(data, given)
+    return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
+
+
+def new_base_plan(cfg: RunConfig, data: DataBundle, *, num_classes: int | None = None) -> ModelPlan:
+    plan = ModelPlan(arch=cfg.model.arch, arch_kwargs=dict(cfg.model.kwargs),
+                     num_classes=num_classes or data.num_classes, in_channels=data.in_channels,
+                     input_size=data.image_size)
+    if data.preprocess is not None:  # spelled out for people and tools; data.* in config is the source
+        plan.info["preprocess"] = data.preprocess.to_json()
+    return plan
+
+
+def import_overrides(arch: str, data_cfg: DataConfig) -> list[str]:
+    """torchvision models default to their ImageNet recipe: 224 crop of a 256 resize (scaled with
+    ``image_size``), ImageNet mean/std, 3 channels; the caller's own settings win."""
+    if not is_torchvision(arch):
+        return []
+    size = data_cfg.image_size or 224
+    out = [f"data.image_size={size}"]
+    if data_cfg.resize is None:
+        out.append(f"data.resize={round(size / CROP_RATIO)}")
+    if data_cfg.channels is None:
+        out.append("data.channels=3")
+    if data_cfg.mean is None and data_cfg.channels in (None, 3):
+        out += [f"data.mean={list(IMAGENET_MEAN)}", f"data.std={list(IMAGENET_STD)}"]
+    return out
+
+
+def import_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, weights: str | Path,
+                state: Mapping[str, torch.Tensor] | None = None,
+                num_classes: int | None = None) -> tuple[nn.Module, ModelPlan, dict]:
+    """Build ``cfg.model.arch``, load the user's ``weights`` file (or its already read ``state``)
+    and evaluate it on ``data``'s test split."""
+    if num_classes is not None and num_classes < data.num_classes:
+        raise ValueError(f"--num-classes {num_classes}: the data has {data.num_classes} classes")
+    plan = new_base_plan(cfg, data, num_classes=num_classes)
+    model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
+    load_into(model, state if state is not None else read_state_dict(weights), source=weights, arch=plan.arch)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(plan.example())
+    except RuntimeError as e:
+        raise ValueError(f"{plan.arch} does not run on a {tuple(plan.example().shape)} input "
+                         f"({str(e).splitlines()[0][:160]}); try a larger --input-size") from None
+    cost = describe(model, plan)
+    metrics = evaluate(model, data.test, device)
+    model.cpu().eval()
+    plan.info.update(config=to_dict(cfg), metrics=metrics, imported_from=str(weights),
+                     weights_sha256=file_sha256(weights), **cost)
+    return model, plan, metrics
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def describe(model: nn.Module, plan: ModelPlan, nodes: list[Node] | None = None) -> dict[str, Any]:
@@ -240,6 +332,8 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
         base_widths=widths(nodes), versions=versions(), **alloc.extra)
+    if "preprocess" in plan.info:
+        slim_plan.info["preprocess"] = plan.info["preprocess"]
     return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
 
 

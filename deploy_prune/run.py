@@ -22,6 +22,7 @@ from torch import nn
 from deploy_prune import distributed, pipeline
 from deploy_prune.artifacts import (
     ArtifactError,
+    ModelPlan,
     OutputLock,
     atomic_write_text,
     check_finite_state,
@@ -179,32 +180,11 @@ class Runner:
         m = self.evaluate(res.slim)
         return {"top1": m["top1"], "top5": m["top5"], "flops_reduction": res.allocation.flops_reduction}
 
-    def _mimic_names(self, plan) -> list[str]:
-        return self.cfg.recovery.nodes or plan.info["crucial_nodes"]
-
     def stage_recover(self) -> dict:
-        teacher, base_plan = load_model_dir(self.out / "base")
+        teacher, _ = load_model_dir(self.out / "base")
         student, plan = load_model_dir(self.out / "pruned")
-        rc, loader = self.cfg.recovery, self._loader(self.cfg.recovery.batch_size)
-        example = plan.example()
-        info: dict[str, Any] = {"mode": rc.mode, "loss": rc.loss if rc.mode == "onestep" else rc.mode}
-        if rc.mode == "layerwise":
-            nodes = discover(teacher, example)
-            student, extra = layerwise(teacher, nodes, plan.kept or {}, loader=loader, cfg=rc,
-                                       device=self.device, example=example)
-            info.update(extra)
-        elif rc.mode in ("onestep", "ce"):
-            names = self._mimic_names(plan)
-            state = recovery_state(student, loader, rc)
-            ck = Checkpointer(self.out / "ckpt" / "recover.pt", student, state)
-            ck.restore()
-            recover(teacher, student, teacher_nodes=discover(teacher, example),
-                    student_nodes=discover(student, example), names=names, loader=loader, cfg=rc,
-                    device=self.device, state=state, on_step=ck.save)
-            info.update(nodes=names, epochs=rc.epochs, steps=state.steps)
-        elif rc.mode != "none":
-            raise ValueError(f"recovery.mode: expected onestep, layerwise, ce or none, got {rc.mode!r}")
-        student.cpu().eval()
+        student, info = recover_slim(teacher, student, plan, self.cfg, self._loader(self.cfg.recovery.batch_size),
+                                     self.device, ckpt=self.out / "ckpt" / "recover.pt")
         save_model_dir(student, plan, self.out / "recovered", force=True)
         m = self.evaluate(student)
         return {"top1": m["top1"], "top5": m["top5"], **info}
@@ -237,6 +217,36 @@ class Runner:
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
         atomic_write_text(self.out / "report.md", render_report(report))
         return report
+
+
+def recover_slim(teacher: nn.Module, student: nn.Module, plan: ModelPlan, cfg: RunConfig, loader,
+                 device: torch.device, *, ckpt: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Recover ``student`` (cut from ``teacher`` by ``plan``) per ``cfg.recovery``; returns it (eval,
+    CPU) and what was done. ``ckpt``: a mid-stage checkpoint file to resume from and write."""
+    rc, example = cfg.recovery, plan.example()
+    info: dict[str, Any] = {"mode": rc.mode, "loss": rc.loss if rc.mode == "onestep" else rc.mode}
+    if rc.mode == "layerwise":
+        nodes = discover(teacher, example)
+        student, extra = layerwise(teacher, nodes, plan.kept or {}, loader=loader, cfg=rc,
+                                   device=device, example=example)
+        info.update(extra)
+    elif rc.mode in ("onestep", "ce"):
+        names = rc.nodes or plan.info.get("crucial_nodes")
+        if not names:
+            raise ValueError("no nodes to mimic: the slim plan names no crucial_nodes; set recovery.nodes")
+        state = recovery_state(student, loader, rc)
+        on_step = None
+        if ckpt is not None:
+            ck = Checkpointer(ckpt, student, state)
+            ck.restore()
+            on_step = ck.save
+        recover(teacher, student, teacher_nodes=discover(teacher, example),
+                student_nodes=discover(student, example), names=names, loader=loader, cfg=rc,
+                device=device, state=state, on_step=on_step)
+        info.update(nodes=names, epochs=rc.epochs, steps=state.steps)
+    elif rc.mode != "none":
+        raise ValueError(f"recovery.mode: expected onestep, layerwise, ce or none, got {rc.mode!r}")
+    return student.cpu().eval(), info
 
 
 def build_report(out: Path, state: RunState, cfg: RunConfig, device: torch.device) -> dict[str, Any]:

@@ -68,7 +68,12 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _num("data.batch_size", d.batch_size, lo=1)
     _num("data.eval_batch_size", d.eval_batch_size, lo=1)
     _num("data.num_workers", d.num_workers, lo=0)
-    _num("data.image_size", d.image_size, lo=1, hi=4096)
+    _num("data.image_size", d.image_size, lo=1, hi=4096, optional=True)
+    _num("data.resize", d.resize, lo=0, hi=8192, optional=True)
+    _num("data.channels", d.channels, lo=1, hi=3, optional=True)
+    for key in ("mean", "std"):
+        for i, v in enumerate(getattr(d, key) or []):
+            _num(f"data.{key}[{i}]", v, lo=0 if key == "std" else None, lo_open=key == "std")
 
     _registry("model.arch", cfg.model.arch, MODELS)
 

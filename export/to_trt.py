@@ -246,9 +246,12 @@ def build_engine(onnx_path: str | Path, out: str | Path, *, precision: str = DEF
 class TRTRunner:
     """A deserialised engine run on PyTorch CUDA tensors with ``execute_async_v3``, no pycuda.
 
-    ``runner(x)`` takes a (B, C, H, W) CUDA tensor and returns the output as a new CUDA tensor;
-    the work is enqueued on PyTorch's current CUDA stream, so it orders with surrounding
-    PyTorch work like any other kernel.
+    ``runner(x)`` takes a (B, C, H, W) CUDA tensor and returns the output as a new CUDA tensor.
+    ``execute_async_v3`` is enqueued on ``stream`` (default: a stream of the runner's own, made
+    on first use), never on the legacy default stream, on which TensorRT adds synchronisations
+    of its own. The stream first waits for PyTorch's current stream (so it sees the input) and
+    the current stream then waits for it (so later PyTorch work sees the output), as any
+    side-stream work does; the tensors are marked as used on that stream.
     """
 
     def __init__(self, engine_path: str | Path) -> None:
@@ -267,6 +270,7 @@ class TRTRunner:
         self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.batch_range = (int(lo[0]), int(hi[0]))
+        self.stream: torch.cuda.Stream | None = None  # made on first call, on the input's device
 
     def _io_names(self) -> tuple[str, str]:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -277,19 +281,29 @@ class TRTRunner:
             raise ValueError(f"{self.path}: expected one input and one output, found {inputs} -> {outputs}")
         return inputs[0], outputs[0]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
         if not x.is_cuda:
             raise ValueError("TRTRunner needs a CUDA tensor; move the input with .cuda()")
         x = x.to(self.input_dtype).contiguous()  # (B, C, H, W)
         if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
             raise ValueError(f"input shape {tuple(x.shape)} is outside the engine's batch range "
                              f"{self.batch_range[0]}..{self.batch_range[1]}")
+        if stream is None:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device=x.device)
+            stream = self.stream
+        caller = torch.cuda.current_stream(x.device)
+        stream.wait_stream(caller)  # the input (and its cast) are written on the caller's stream
         shape = tuple(self.context.get_tensor_shape(self.output_name))
-        out = torch.empty(shape, dtype=self.output_dtype, device=x.device)
+        with torch.cuda.stream(stream):
+            out = torch.empty(shape, dtype=self.output_dtype, device=x.device)  # (B, K)
+        x.record_stream(stream)
         self.context.set_tensor_address(self.input_name, x.data_ptr())
         self.context.set_tensor_address(self.output_name, out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream(x.device).cuda_stream):
+        if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution of {self.path.name} failed")
+        caller.wait_stream(stream)  # later work on the caller's stream sees the output
+        out.record_stream(caller)
         return out
 
     def layer_report(self) -> dict[str, Any]:
@@ -503,15 +517,32 @@ def _reference(onnx_path: Path, model: nn.Module | None) -> tuple[Any, str]:
     return reference, "PyTorch fp32 (CUDA)"
 
 
+def _tf32_switches() -> list[tuple[Any, str, Any]]:
+    """(object, attribute, the value that means strict fp32) of every TF32 switch to turn off.
+
+    torch >= 2.9 has ``fp32_precision`` ("ieee" = strict fp32, "tf32", "none" = inherit) on
+    ``torch.backends.cuda.matmul`` and ``torch.backends.cudnn.conv``; reading the legacy
+    ``allow_tf32`` flags raises there once anything set the new API, so the new API is used
+    wherever it exists and the legacy flags only on older torch.
+    """
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and conv is not None and hasattr(conv, "fp32_precision"):
+        return [(matmul, "fp32_precision", "ieee"), (conv, "fp32_precision", "ieee")]
+    return [(matmul, "allow_tf32", False), (torch.backends.cudnn, "allow_tf32", False)]
+
+
 @contextlib.contextmanager
 def _strict_fp32() -> Iterator[None]:
-    """Turn TF32 off for the reference, so that it is an fp32 ground truth."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """Turn TF32 off for the reference, so that it is an fp32 ground truth; restore after."""
+    switches = _tf32_switches()
+    saved = [getattr(obj, attr) for obj, attr, _ in switches]
+    for obj, attr, strict in switches:
+        setattr(obj, attr, strict)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        for (obj, attr, _), value in zip(switches, saved):
+            setattr(obj, attr, value)
 
 
 def _sidecar(trt: Any, s: BuildSettings, seconds: float, parity: dict[str, Any] | None,

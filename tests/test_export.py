@@ -164,6 +164,7 @@ def test_opset_the_exporter_cannot_reach_is_an_error(tmp_path):
 
 
 def test_simplify_keeps_parity_and_metadata(tmp_path):
+    pytest.importorskip("onnxslim", reason="export --simplify needs onnxslim (pip install onnxslim)")
     model = make_model("small_vgg")
     out = export_onnx(model, torch.zeros(2, 3, 32, 32), tmp_path / "slim.onnx", simplify=True,
                       metadata={"k": 1})

@@ -583,7 +583,7 @@ def test_pickle_as_weights(capsys, tmp_path):
 
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"w": object()}))
-    expect_error(capsys, r"model\.weights: .*evil\.pt", "train", "--out", tmp_path / "o",
+    expect_error(capsys, r"evil\.pt", "train", "--out", tmp_path / "o",
                  f"model.weights={evil}", *TINY, "train.epochs=0")
 
 

@@ -69,6 +69,7 @@ class BackendOptions:
     compile_mode: str = "default"  # torch.compile mode ("reduce-overhead" = CUDA graphs)
     max_batch: int = 128  # largest batch an exported artifact must accept
     opset: int = 18  # ONNX opset for ort / ort-trt / tensorrt
+    cudnn_benchmark: bool = True  # torch / compile / aoti on CUDA: cuDNN picks the fastest conv per shape
 
 
 class Backend(ABC):
@@ -137,6 +138,19 @@ class Backend(ABC):
     def close(self) -> None:
         """Release what ``prepare`` built (sessions, device memory); nothing by default."""
         return None
+
+
+def apply_cuda_settings(options: BackendOptions) -> dict[str, Any]:
+    """Set ``torch.backends.cudnn.benchmark`` from ``options`` and return what a CUDA row records:
+    that flag and the fp32 convolution precision in force (TF32 or IEEE fp32), since both change
+    PyTorch's CUDA latencies."""
+    torch.backends.cudnn.benchmark = options.cudnn_benchmark
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9; never read the legacy flag there
+        fp32 = str(conv.fp32_precision)
+    else:
+        fp32 = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return {"cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "conv_fp32_precision": fp32}
 
 
 def first_tensor(out: Any) -> Any:

@@ -18,6 +18,7 @@ from bench.backends._base import (
     Artifact,
     Backend,
     BackendOptions,
+    apply_cuda_settings,
     register,
 )
 
@@ -39,6 +40,7 @@ class AOTIBackend(Backend):
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
         from export.to_aoti import export_aoti, load_aoti
 
+        self.cuda_settings = apply_cuda_settings(self.options) if self.device == "cuda" else {}
         out = artifact.workdir / f"{artifact.name}-{self.device}.pt2"
         self.path = artifact.cached(f"aoti:{self.device}", lambda: Path(export_aoti(
             copy.deepcopy(artifact.model), example, out, device=self.device, dynamic_batch=True,
@@ -52,7 +54,8 @@ class AOTIBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "precision": self.precision,
-                "artifact": str(self.path), "threads": torch.get_num_threads()}
+                "artifact": str(self.path), "threads": torch.get_num_threads(),
+                **getattr(self, "cuda_settings", {})}
 
     def close(self) -> None:
         self.__dict__.pop("fn", None)

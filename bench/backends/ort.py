@@ -76,10 +76,14 @@ class ORTBackend(Backend):
             return ["CPUExecutionProvider"]
         return [("CUDAExecutionProvider", self.cuda_options()), "CPUExecutionProvider"]
 
+    def onnx_precision(self) -> str:
+        """Which ONNX export the session loads: the fp32 graph (``ort`` times only fp32)."""
+        return "fp32"
+
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
         import onnxruntime as ort
 
-        self.path = onnx_file(artifact, example, self.options)
+        self.path = onnx_file(artifact, example, self.options, self.onnx_precision())
         self.stream = torch.cuda.Stream() if self.device == "cuda" else None
         self.session = ort.InferenceSession(str(self.path), sess_options=self.session_options(),
                                             providers=self.providers(artifact, example))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.backends._base import Artifact, Backend, BackendOptions, register
+from bench.backends._base import Artifact, Backend, BackendOptions, apply_cuda_settings, register
 
 
 @register("torch")
@@ -29,6 +29,7 @@ class TorchBackend(Backend):
 
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
         """A private copy of the model, on the device, at the precision and memory format."""
+        self.cuda_settings = apply_cuda_settings(self.options) if self.device == "cuda" else {}
         model = copy.deepcopy(artifact.model).eval()
         self.model = model.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
 
@@ -42,7 +43,8 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "precision": self.precision,
-                "channels_last": self.options.channels_last, "threads": torch.get_num_threads()}
+                "channels_last": self.options.channels_last, "threads": torch.get_num_threads(),
+                **getattr(self, "cuda_settings", {})}
 
     def close(self) -> None:
         self.__dict__.pop("model", None)

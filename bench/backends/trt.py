@@ -2,7 +2,9 @@
 
 The artifact's ONNX file is built into an engine by ``export.to_trt.build_engine`` over a batch
 profile 1 .. max_batch, and run by ``export.to_trt.TRTRunner`` (``execute_async_v3`` on
-PyTorch device buffers and stream; no pycuda).
+PyTorch device buffers; no pycuda). As ``ort`` on CUDA, the backend has a stream of its own
+(never the legacy default stream, on which TensorRT synchronises more) and hands it to the timer
+(``timing_stream``), so the CUDA events bracket the engine's kernels on that stream.
 
 On TensorRT 10, ``int8`` engines are calibrated by ``export.calibration.calibration_for``: on
 the validation images of the dataset the model was made with, or, for a model without one (the
@@ -74,12 +76,18 @@ class TensorRTBackend(Backend):
             calibration_batches=calib, model=artifact.model, verify=verify,
             metadata={"variant": artifact.name, "calibration": self.calibration})))
         self.runner = TRTRunner(self.path)
+        self.stream = torch.cuda.Stream()
 
     def upload(self, host: torch.Tensor) -> torch.Tensor:
-        return host.to("cuda", torch.float32, non_blocking=True).contiguous()  # (B, C, H, W)
+        x = host.to("cuda", torch.float32, non_blocking=True).contiguous()  # (B, C, H, W)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the engine's stream sees the H2D copy
+        return x
+
+    def timing_stream(self) -> Any:
+        return self.stream
 
     def run(self, inputs: torch.Tensor) -> Any:
-        return self.runner(inputs)  # TRTRunner gives the logits tensor (B, K)
+        return self.runner(inputs, stream=self.stream)  # TRTRunner gives the logits tensor (B, K)
 
     def describe(self) -> dict[str, Any]:
         row = {"backend": self.name, "device": self.device, "precision": self.precision,
@@ -88,6 +96,7 @@ class TensorRTBackend(Backend):
 
     def close(self) -> None:
         self.__dict__.pop("runner", None)
+        self.__dict__.pop("stream", None)
 
 
 def strong_typing_reason(major: int | None, precision: str) -> str | None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from deploy_prune._registry import Registry
@@ -29,33 +28,42 @@ MODELS: Registry[ModelSpec] = Registry("model")
 
 def build_model(arch: str, *, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
     """Build a registered architecture with random weights."""
-    spec = MODELS.get(arch)
+    spec = get_spec(arch)
     return spec.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Load a local state-dict file (``.pth`` or ``.safetensors``) into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.weights: file not found: {path}")
+def get_spec(arch: str) -> ModelSpec:
+    """The registered (or ``tv.NAME``) architecture; a miss suggests the closest names."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        return MODELS.get(arch)
+    except KeyError:
+        raise KeyError(unknown_arch_message(arch)) from None
 
-            state = load_file(str(path))
-        else:  # weights_only: a pickle carrying code or arbitrary objects is refused, not run
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, truncated zip, SafetensorError, ...: one line
-        raise ValueError(f"model.weights: {path} is not a readable state dict (a truncated file, or a "
-                         f"pickle of objects other than tensors): {type(e).__name__}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"model.weights: {path} does not hold a state dict of tensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not match the architecture "
-            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
-        )
+
+def arch_names() -> list[str]:
+    """Every buildable name: the registered ones and ``tv.NAME`` for torchvision classifiers."""
+    import torchvision
+
+    return MODELS.names() + [f"tv.{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+
+
+def unknown_arch_message(arch: str) -> str:
+    import difflib
+
+    names = arch_names()
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
+    if f"tv.{arch}" in names and f"tv.{arch}" not in close:
+        close.insert(0, f"tv.{arch}")
+    hint = f"did you mean {' or '.join(close)}?" if close else "torchvision models are named tv.NAME"
+    return (f"unknown model architecture {arch!r}; {hint} (registered: {', '.join(MODELS.names())}; "
+            "any torchvision classifier as tv.NAME, e.g. tv.resnet18)")
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load a local weights file (any format :mod:`deploy_prune.weights` reads) into ``model``."""
+    from deploy_prune.weights import load_weights
+
+    load_weights(model, path)
 
 
 # Importing the families registers them.

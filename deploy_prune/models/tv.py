@@ -35,9 +35,14 @@ def tv_builder(name: str):
     return build
 
 
-for _name in ("vgg16", "vgg16_bn"):
+REGISTERED = ("vgg16", "vgg16_bn", "resnet50")
+for _name in REGISTERED:
     MODELS.register(_name)(ModelSpec(tv_builder(_name), input_size=224))
-MODELS.register("resnet50")(ModelSpec(tv_builder("resnet50"), input_size=224))
+
+
+def is_torchvision(arch: str) -> bool:
+    """Whether ``arch`` is a torchvision ImageNet model (its preprocessing defaults are ImageNet's)."""
+    return arch.startswith("tv.") or arch in REGISTERED
 
 
 def _resolve_tv(name: str) -> ModelSpec | None:

@@ -49,6 +49,15 @@ class SuiteTiming(TimingConfig):
     clock: str = "cpu"  # cpu: one thread's CPU time, stable on a shared machine (docs/bench.md)
 
 
+def _gpu_timing() -> SuiteTiming:
+    """GPU stages' own budget: a time-based warm-up (an idle H200 clocks at ~345 MHz and takes
+    a moment under load to reach ~1980 MHz; compiled graphs and cuDNN autotuning also run in the
+    first calls) and enough samples per round for the short GPU calls. Wall clock: CPU time is
+    no GPU latency."""
+    return SuiteTiming(warmup_s=2.0, warmup_iters=20, min_time_s=2.0, rounds=10, min_samples=200,
+                         min_per_round=5, clock="wall")
+
+
 @dataclass
 class StageConfig:
     """One block of measurements: backends x devices x precisions x batches, for some roundings."""
@@ -61,7 +70,7 @@ class StageConfig:
     roundings: list[int] = field(default_factory=lambda: [8])
     channels_last: bool = False
     compile_mode: str = "default"
-    timing: SuiteTiming | None = None  # None: the suite's timing
+    timing: SuiteTiming | None = None  # None: the suite's timing (gpu_timing for a stage with cuda)
 
 
 def _default_points() -> list[PointConfig]:
@@ -86,6 +95,7 @@ class SuiteConfig:
     points: list[PointConfig] = field(default_factory=_default_points)
     stages: list[StageConfig] = field(default_factory=_default_stages)
     timing: SuiteTiming = field(default_factory=SuiteTiming)
+    gpu_timing: SuiteTiming = field(default_factory=_gpu_timing)  # stages with a cuda device
     threads: int = 1  # CPU threads, pinned; the cpu clock needs 1
     data_root: str | None = None  # ImageNet folder (train/, val/): widths from beta scores
     scoring_epochs: float = 0.05  # beta scoring budget with data_root (epochs of the train split)
@@ -141,6 +151,8 @@ def check_suite(cfg: SuiteConfig) -> None:
             raise ConfigError(f"stages[{i}].roundings must be >= 1, got {s.roundings}")
     if len({s.name for s in cfg.stages}) != len(cfg.stages):
         raise ConfigError(f"stages: names must be unique, got {[s.name for s in cfg.stages]}")
+    if cfg.gpu_timing.clock != "wall":
+        raise ConfigError(f"gpu_timing.clock: GPU stages are timed by the wall clock, got {cfg.gpu_timing.clock!r}")
     if cfg.threads < 1:
         raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
     if cfg.repeats < 1:

@@ -29,11 +29,23 @@ SUITE_COLUMNS = ("rounding", "operating_point", "source", "target_flops_reductio
                  "repeats", "speedup_repeats")
 ROW_COLUMNS = [
     ("operating_point", "operating point", ""), ("source", "paper", ""), ("rounding", "rounding", ""),
-    ("backend", "backend", ""), ("device", "device", ""), ("batch", "batch", ""),
+    ("stage", "stage", ""), ("backend", "backend", ""), ("device", "device", ""),
+    ("precision", "precision", ""), ("batch", "batch", ""),
     ("flops_reduction", "FLOPs reduction", ".2f"), ("base_p50_ms", "base p50 ms", ".2f"),
     ("p50_ms", "slim p50 ms", ".2f"), ("speedup_ci", "speedup [95% CI]", ""),
     ("efficiency", "efficiency", ".2f"), ("threads", "threads", ""), ("clock", "clock", ""),
 ]
+DEVICE_SPEEDUP_COLUMN = ("device_speedup_ci", "device speedup [95% CI]", "")
+# what tells two measured rows of one operating point apart: the summary keeps one per key
+SUMMARY_KEY = ["operating_point", "stage", "backend", "device", "precision", "batch"]
+
+
+def row_columns(s: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """The page's row columns; on CUDA the device-only speedup goes beside the end-to-end one."""
+    if "device_speedup_ci" not in s or not (s["device_speedup_ci"] != "-").any():
+        return list(ROW_COLUMNS)
+    i = [c for c, _, _ in ROW_COLUMNS].index("speedup_ci") + 1
+    return [*ROW_COLUMNS[:i], DEVICE_SPEEDUP_COLUMN, *ROW_COLUMNS[i:]]
 
 
 UNIT_KEY = ["operating_point", "rounding", "stage", "backend", "device", "precision", "batch", "variant"]
@@ -110,14 +122,19 @@ def slim_rows(df: pd.DataFrame) -> pd.DataFrame:
     slim = ok[(ok["variant"] == "slim") & ok["speedup"].notna()].merge(base, on=key, how="left")
     slim["speedup_ci"] = [f"{r.speedup:.2f} [{r.speedup_ci_low:.2f}, {r.speedup_ci_high:.2f}]"
                           for r in slim.itertuples()]
+    if "device_speedup" in slim:
+        slim["device_speedup_ci"] = [
+            f"{r.device_speedup:.2f} [{r.device_speedup_ci_low:.2f}, {r.device_speedup_ci_high:.2f}]"
+            if pd.notna(r.device_speedup) else "-" for r in slim.itertuples()]
     return slim.sort_values(["model", "source", "target_flops_reduction", "backend", "batch", "rounding"])
 
 
 def summary(s: pd.DataFrame) -> pd.DataFrame:
-    """One row per operating point x backend x batch of the slim rows ``s``: rounding 8 if measured,
-    else the fastest rounding."""
+    """One row per operating point x stage x backend x device x precision x batch of the slim rows
+    ``s`` (an fp16 and a bf16 row are two rows): rounding 8 if measured, else the fastest rounding."""
     rows = []
-    for _, g in s.groupby(["operating_point", "backend", "device", "batch"], sort=False):
+    key = [k for k in SUMMARY_KEY if k in s.columns]
+    for _, g in s.groupby(key, sort=False, dropna=False):
         r8 = g[g["rounding"] == 8]
         rows.append(r8.iloc[0] if len(r8) else g.loc[g["speedup"].idxmax()])
     return pd.DataFrame(rows) if rows else s.iloc[0:0]
@@ -130,21 +147,33 @@ def plot(s: pd.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(7.5, 5.5))
     ax = fig.subplots()
     markers = {1: "o", 8: "s", 32: "^"}
-    for (model, backend, batch), g in s.groupby(["model", "backend", "batch"]):
+    for (model, backend, device, precision, batch), g in s.groupby(
+            ["model", "backend", "device", "precision", "batch"]):
         for rnd, gg in g.groupby("rounding"):
             err = [gg["speedup"] - gg["speedup_ci_low"], gg["speedup_ci_high"] - gg["speedup"]]
             ax.errorbar(gg["flops_reduction"], gg["speedup"], yerr=err, fmt=markers.get(int(rnd), "x"),
-                        capsize=2, alpha=0.8, label=f"{model} {backend} b{batch} r{rnd}")
+                        capsize=2, alpha=0.8, label=f"{model} {backend} {device} {precision} b{batch} r{rnd}")
     top = max([1.0, *s["flops_reduction"].tolist()]) * 1.05 if len(s) else 8.0
     ax.plot([1, top], [1, top], "k--", lw=1, label="y = x (FLOPs cut = time cut)")
     ax.set_xlabel("FLOPs reduction (base / slim)")
-    ax.set_ylabel("measured speedup (base / slim latency)")
-    ax.set_title("Papers' operating points: FLOPs reduction vs measured speedup (CPU)")
+    ax.set_ylabel("measured speedup (base / slim latency, end to end)")
+    ax.set_title(f"Papers' operating points: FLOPs reduction vs measured speedup ({device_label(s)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def device_label(s: pd.DataFrame) -> str:
+    """The devices the rows ``s`` were measured on, for titles: ``CPU``, the GPU's name, or both."""
+    names = []
+    for device in sorted(s["device"].dropna().unique()) if len(s) else []:
+        if device == "cuda":
+            names.append(_first(s[s["device"] == "cuda"], "gpu_name") or "CUDA GPU")
+        else:
+            names.append(str(device).upper())
+    return ", ".join(names) or "nothing measured"
 
 
 def _first(df: pd.DataFrame, col: str) -> Any:
@@ -171,7 +200,10 @@ def gpu_line(df: pd.DataFrame) -> str:
     """What the page says about GPU rows: measured, or plainly not."""
     cuda = df[df["device"] == "cuda"]
     if (cuda["status"] == "ok").any():
-        return f"GPU rows measured on {_first(cuda, 'gpu_name')} (wall clock, CUDA events beside)."
+        return (f"GPU rows measured on {_first(cuda, 'gpu_name')} (wall clock). Their speedup is end to end, "
+                "host<->device copies included (these do not shrink with pruning); the device speedup "
+                "(CUDA events around the inference alone) is beside it. Efficiency uses the end-to-end "
+                "speedup.")
     return ("**No GPU was available for this run**: every CUDA row (torch eager fp16/bf16 channels_last, "
             "torch.compile, AOTInductor, ONNX Runtime CUDA, TensorRT fp16/int8) is a `skipped` row with its "
             "reason, and no GPU figure is estimated.")
@@ -202,8 +234,8 @@ def page(df: pd.DataFrame, s: pd.DataFrame, *, cfg: SuiteConfig, command: str, n
         "Command of this page (it resumes from the cached units under `--out`; without `budget_minutes` "
         "it measures everything not yet measured):", "", "```bash", command, "```", "",
         "## Per operating point (rounding 8 where measured, else the fastest rounding)", "",
-        markdown_table(summary(s), ROW_COLUMNS), "",
-        "## Every measured slim row", "", markdown_table(s, ROW_COLUMNS), "",
+        markdown_table(summary(s), row_columns(s)), "",
+        "## Every measured slim row", "", markdown_table(s, row_columns(s)), "",
         "![FLOPs reduction vs measured speedup](paper_claims.png)", "",
         "## Not measured here", "", *(skipped_lines(df) or ["(none)"]), "",
     ]
@@ -215,7 +247,7 @@ def page(df: pd.DataFrame, s: pd.DataFrame, *, cfg: SuiteConfig, command: str, n
 def measured_table(s: pd.DataFrame) -> pd.DataFrame:
     """The CSV's rows: every measured slim-vs-base comparison (``s``, from :func:`slim_rows`), bench
     columns first, then the suite's, then the base's ``base_*`` latency."""
-    s = s.drop(columns=["speedup_ci"])
+    s = s.drop(columns=[c for c in ("speedup_ci", "device_speedup_ci") if c in s])
     base = [c for c in s.columns if c.startswith("base_")]
     return ordered(s[[c for c in s.columns if c not in base] + base]).reset_index(drop=True)
 

@@ -68,9 +68,12 @@ def plan_units(cfg: SuiteConfig) -> list[Unit]:
 
 
 def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> BenchConfig:
-    """The bench sweep config of one stage; CUDA stages use the wall clock (CPU time is no latency there)."""
-    timing = stage.timing or cfg.timing
-    if "cuda" in stage.devices and timing.clock == "cpu":
+    """The bench sweep config of one stage. A stage with a CUDA device takes the suite's
+    ``gpu_timing`` (its own time-based warm-up and sample counts) unless it sets its own timing,
+    and always the wall clock (CPU time is no latency there)."""
+    gpu = "cuda" in stage.devices
+    timing = stage.timing or (cfg.gpu_timing if gpu else cfg.timing)
+    if gpu and timing.clock == "cpu":
         timing = replace(timing, clock="wall")
     return BenchConfig(backends=tuple(stage.backends), devices=tuple(stage.devices),
                        precisions=tuple(stage.precisions), batches=tuple(stage.batches),
