@@ -52,7 +52,7 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     """Check every range and registry-named value of ``cfg``; returns it unchanged."""
     from deploy_prune.allocation import ALLOCATION_TARGETS, ALLOCATOR_GROUP
     from deploy_prune.data import DATASETS
-    from deploy_prune.models import MODELS
+    from deploy_prune.models import get_spec
     from deploy_prune.recovery import MIMIC_LOSSES, RECOVERY_MODES
     from deploy_prune.scoring import SCORERS
 
@@ -75,7 +75,11 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         for i, v in enumerate(getattr(d, key) or []):
             _num(f"data.{key}[{i}]", v, lo=0 if key == "std" else None, lo_open=key == "std")
 
-    _registry("model.arch", cfg.model.arch, MODELS)
+    if not str(cfg.model.arch).startswith("custom:"):  # a user's own class: built in Python, not here
+        try:
+            get_spec(cfg.model.arch)
+        except KeyError as e:  # the models module's message suggests the closest names
+            raise ConfigError(f"model.arch: {e.args[0] if e.args else e}") from None
 
     t = cfg.train
     _num("train.epochs", t.epochs, lo=0)
