@@ -155,7 +155,11 @@ def compare(current: pd.DataFrame, baseline: pd.DataFrame, *, tolerance: float =
     columns = key_columns(current, baseline)
     cur = speedup_rows(current, what="current results", columns=columns)
     base = speedup_rows(baseline, what="baseline", columns=columns)
-    base = {k: r for k, r in base.items() if _finite(r["speedup"])}
+    bad = [k for k, r in base.items() if not (_finite(r.get("speedup")) and float(r["speedup"]) > 0)]
+    if bad:  # a baseline of 0 or -5 would pass every row: refuse it rather than pass
+        k = bad[0]
+        raise ValueError(f"baseline row {dict(zip(columns, k))} has a missing, non-finite or non-positive "
+                         f"speedup ({base[k].get('speedup')!r}); {len(bad)} such row(s): not a usable baseline")
     if not base:
         raise ValueError("the baseline has no slim row with status ok and a speedup to compare against")
     rule = judge if mode == "regression" else judge_interval

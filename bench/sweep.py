@@ -66,6 +66,12 @@ class BenchConfig:
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batches)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not 0 < self.confidence < 1:  # NaN fails too
+            raise ValueError(f"--confidence must be in (0, 1), got {self.confidence}")
+        if self.n_boot < 1:
+            raise ValueError(f"--bootstrap must be >= 1, got {self.n_boot}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max-eval-samples must be >= 1, got {self.max_eval_samples}")
         if self.timing.clock == "cpu" and (self.threads != 1 or "cuda" in self.devices):
             raise ValueError("the cpu clock times one thread's work on the CPU: use it with "
                              "threads=1 (--threads 1) and device cpu only")
@@ -121,6 +127,19 @@ def _io_shape(a: Artifact) -> tuple[int, int, int]:
     return a.plan.in_channels, a.plan.input_size, a.plan.num_classes
 
 
+def check_pair(base: Artifact, slim: Artifact, base_flops: int, slim_flops: int) -> None:
+    """Refuse a swapped or unrelated --base/--slim pair instead of reporting "0.33x FLOPs"."""
+    if slim_flops > base_flops:
+        raise ValueError(f"--slim {slim.path} has more FLOPs ({slim_flops:,}) than --base {base.path} "
+                         f"({base_flops:,}); are --base and --slim swapped?")
+    if base.plan.kept and not slim.plan.kept:
+        raise ValueError(f"--base {base.path} is a pruned model and --slim {slim.path} is not; "
+                         "are --base and --slim swapped?")
+    if base.plan.info.get("base_sha256") and base.plan.info.get("base_sha256") == slim.plan.digest():
+        raise ValueError(f"--base {base.path} was pruned from --slim {slim.path}; are --base and "
+                         "--slim swapped?")
+
+
 def make_shared(base: Artifact, slim: Artifact, cfg: BenchConfig, environment: dict[str, Any]) -> Shared:
     """FLOPs counted on the rebuilt models (batch 1), plus the run's label and environment."""
     if _io_shape(base) != _io_shape(slim):
@@ -131,6 +150,7 @@ def make_shared(base: Artifact, slim: Artifact, cfg: BenchConfig, environment: d
     costs = {k: a.cached("cost", lambda a=a: count(a.model, a.plan.example())) for k, a in arts.items()}
     if costs["slim"].flops <= 0:
         raise ValueError(f"{slim.path}: the slim model counts 0 FLOPs; cannot form a reduction")
+    check_pair(base, slim, costs["base"].flops, costs["slim"].flops)
     return Shared(cfg=cfg, model=cfg.model_name or slim.plan.arch, artifacts=arts,
                   flops={k: c.flops for k, c in costs.items()},
                   params={k: c.params for k, c in costs.items()}, env=environment)

@@ -61,8 +61,8 @@ class TimingConfig:
         if self.clock not in CLOCKS:
             raise ValueError(f"timing.clock {self.clock!r}: expected one of {', '.join(CLOCKS)}")
         for key in ("warmup_s", "min_time_s"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"timing.{key} must be >= 0, got {getattr(self, key)}")
+            if not getattr(self, key) >= 0 or getattr(self, key) == float("inf"):  # NaN fails >= too
+                raise ValueError(f"timing.{key} must be finite and >= 0, got {getattr(self, key)}")
         for key in ("warmup_iters", "rounds", "min_samples", "min_per_round"):
             if getattr(self, key) < 1:
                 raise ValueError(f"timing.{key} must be >= 1, got {getattr(self, key)}")

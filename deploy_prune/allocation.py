@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploy_prune._registry import Registry
 from deploy_prune.artifacts import ModelPlan
 from deploy_prune.config import AllocationConfig
 from deploy_prune.decisions import (  # noqa: F401 (select_crucial, round_width: re-exported)
@@ -118,6 +119,15 @@ class _Ranking:
 # need measurements (bench), which the core never imports.
 PLUGIN_TARGETS = ("speedup", "latency")
 ALLOCATOR_GROUP = "deploy_prune.allocators"
+
+# allocation.target values: the core's own targets, plus any installed plugin target (resolved
+# by entry-point name only: checking a name never imports the plugin's code)
+ALLOCATION_TARGETS: Registry[str] = Registry("allocation target")
+ALLOCATION_TARGETS.register("flops")("allocation.flops_reduction times fewer FLOPs")
+ALLOCATION_TARGETS.register("channels")("keep allocation.keep_fraction of the prunable channels")
+ALLOCATION_TARGETS.set_fallback(
+    lambda name: f"plugin {name}" if any(ep.name == name for ep in entry_points(group=ALLOCATOR_GROUP))
+    else None)
 
 
 class TargetAllocator(Protocol):

@@ -80,10 +80,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (CLIError, ValueError, KeyError, OSError, TypeError, MemoryError) as e:
+        # OSError: a read-only or full disk, a permission; MemoryError: an input asking for too much
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, OSError) and e.strerror:  # raised by the OS: "No space left on device: PATH"
+            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        msg = " ".join(str(msg).split())  # always one line
         print(f"deploy-prune {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from deploy_prune import distributed, pipeline, speed
 from deploy_prune.artifacts import (
     atomic_write_text,
     check_output,
+    finite_json,
     load_model_dir,
     read_plan,
     save_model_dir,
@@ -27,7 +28,8 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.epochs=1 data.max_train_samples=5000")
     p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing output (a directory only if deploy-prune created it)")
 
 
 def job_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> None:
@@ -41,7 +43,9 @@ def job_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> No
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--data-root", metavar="DIR", help="where the dataset lives (same as data.root=DIR)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted job in DIR")
-    p.add_argument("--force", action="store_true", help="delete DIR's previous content and start over")
+    p.add_argument("--force", action="store_true",
+                   help="delete DIR's previous content and start over (only a directory deploy-prune "
+                   "created; checked after the config and data are validated)")
 
 
 def overrides(args) -> list[str]:
@@ -170,7 +174,7 @@ def cmd_score(args) -> int:
     result = _scores(args, model, plan, cfg, device)
     if not distributed.is_main():
         return 0
-    atomic_write_text(out, json.dumps(result, indent=1))
+    atomic_write_text(out, finite_json(result, what=str(out)))
     top = sorted(result["node_scores"].items(), key=lambda kv: -kv[1])[:5]
     print(f"{result['scorer']} scores for {len(result['nodes'])} nodes in {result['seconds']:.1f}s -> {out}")
     print("top nodes: " + ", ".join(f"{k} ({v:.3f})" for k, v in top))
@@ -184,7 +188,7 @@ def cmd_prune(args) -> int:
     cfg = pipeline.resolve_base_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
-        scores, decision = pipeline.read_scored(args.scores, plan)
+        scores, decision = pipeline.read_scored(args.scores, plan, model)
     else:
         scores, decision = pipeline.scored(_scores(args, model, plan, cfg, device), plan, source="scorer")
     res = pipeline.prune(model, plan, cfg, scores, decision=decision)

@@ -1,8 +1,10 @@
 """Dataclass configs with YAML overrides and dotted ``key=value`` command-line overrides.
 
 Each stage's dataclass holds its defaults; a YAML file in ``configs/`` is a small override of
-them. Unknown keys and wrong types are errors that name the key. YAML is read with
-``yaml.safe_load``: nothing in a config is ever evaluated.
+them. Unknown keys and wrong types are errors that name the key. YAML is read with a safe
+loader (nothing in a config is ever evaluated) under resource limits: files over
+``MAX_YAML_BYTES`` and documents with more than ``MAX_YAML_ALIASES`` alias references (an
+"alias bomb" expands exponentially) are refused before anything is built from them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -22,6 +25,68 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
+
+
+MAX_YAML_BYTES = 1 << 20  # 1 MiB: the largest committed config is a few KB
+MAX_YAML_ALIASES = 1000  # alias references (*name) per document
+MAX_YAML_NODES = 100_000  # nodes once every alias is expanded (9 levels of 9 aliases: 9^9)
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts alias references and stops past the limit."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise ConfigError(f"more than {MAX_YAML_ALIASES} YAML alias references (*name); "
+                                  "refusing a possible alias bomb")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, *, source: str = "YAML") -> Any:
+    """Parse YAML text safely, within the size and alias limits; errors name ``source``."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: {len(text)} bytes is over the {MAX_YAML_BYTES}-byte limit for YAML")
+    loader = _LimitedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], stack: set[int]) -> int:
+    """Nodes in ``node`` once aliases are expanded (shared nodes counted each time they are
+    used, as anything walking the result would), refused past ``MAX_YAML_NODES``."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in stack:
+        raise ConfigError("a recursive YAML alias; refusing it")
+    stack.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, memo, stack) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo, stack) + _expanded_size(v, memo, stack) for k, v in node.value)
+    stack.discard(key)
+    if size > MAX_YAML_NODES:
+        raise ConfigError(f"the document expands to more than {MAX_YAML_NODES} nodes through its "
+                          "aliases; refusing a possible alias bomb")
+    memo[key] = size
+    return size
 
 
 @dataclass
@@ -246,7 +311,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=1)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = safe_yaml(raw, source=f"override {key.strip()}") if raw != "" else None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -274,10 +339,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size} bytes is over the {MAX_YAML_BYTES}-byte limit for a config file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    data = safe_yaml(text, source=str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -294,4 +363,19 @@ def load_config(
     """Defaults <- YAML file <- dotted overrides, validated into ``cls``."""
     data = read_yaml(path) if path else {}
     data = merge(data, parse_overrides(overrides))
-    return from_dict(cls, data)
+    cfg = from_dict(cls, data)
+    for check in VALIDATORS.get(cls, ()):  # ranges and registry names, before any work starts
+        check(cfg)
+    return cfg
+
+
+# Checks beyond types, per config class, run by load_config. deploy_prune.validate registers the
+# RunConfig one (it needs the registries, which import this module: registering keeps config.py
+# free of an import cycle).
+VALIDATORS: dict[type, list[Callable[[Any], Any]]] = {}
+
+
+def register_validator(cls: type, check: Callable[[Any], Any]) -> None:
+    VALIDATORS.setdefault(cls, [])
+    if check not in VALIDATORS[cls]:
+        VALIDATORS[cls].append(check)

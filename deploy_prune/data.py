@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import logging
+import pickle
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from deploy_prune import distributed
+from deploy_prune._registry import Registry
 from deploy_prune.config import DataConfig
 from deploy_prune.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, resolve
 
@@ -125,19 +128,43 @@ def _augment(x: torch.Tensor, *, seed: int) -> torch.Tensor:
     return pad[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
 
 
+class DataError(ValueError):
+    """A data file is corrupt, truncated, or holds labels out of range; the message names it."""
+
+
+MAX_IDX_BYTES = 2 << 30  # a decompressed IDX file larger than this is refused (a gzip bomb)
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array."""
+    """Read an IDX file (optionally gzipped) into a numpy array; a corrupt or truncated file is
+    one :class:`DataError` naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: not an IDX file")
+    try:
+        with opener(path, "rb") as f:
+            data = f.read(MAX_IDX_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: corrupt or truncated data file ({type(e).__name__}: {e})") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise DataError(f"{path}: larger than {MAX_IDX_BYTES} bytes; not a dataset file deploy-prune reads")
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (corrupt header)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated IDX file (expected {dims})")
+        raise DataError(f"{path}: truncated or corrupt IDX file (header says {dims}, "
+                        f"{arr.size} values follow)")
     return arr.reshape(dims)
+
+
+def check_labels(y: np.ndarray, num_classes: int, source: str | Path) -> None:
+    """Labels must lie in [0, num_classes): one bad label would silently add classes."""
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = y[(y < 0) | (y >= num_classes)]
+        raise DataError(f"{source}: {bad.size} label(s) out of range [0, {num_classes}) "
+                        f"(e.g. {int(bad[0])}); corrupt label file?")
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
@@ -150,9 +177,9 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 
 def find_fashion_mnist(root: str | Path | None) -> Path | None:
-    """The folder holding the four Fashion-MNIST IDX files, or None."""
-    candidates = [Path(root)] if root else []
-    candidates += [FASHION_SYSTEM_DIR, DEFAULT_CACHE / "fashion_mnist"]
+    """The folder holding the four Fashion-MNIST IDX files, or None. A given ``root`` is the
+    only place looked at: no silent fallback to another copy."""
+    candidates = [Path(root)] if root else [FASHION_SYSTEM_DIR, DEFAULT_CACHE / "fashion_mnist"]
     for c in candidates:
         if all(_find_idx(c, s) for s in FASHION_FILES.values()):
             return c
@@ -209,6 +236,10 @@ def load_fashion_mnist(cfg: DataConfig, *, seed: int) -> DataBundle:
         for train in (True, False):
             torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
         folder = find_fashion_mnist(root)
+    if folder is None and cfg.root:
+        raise DataNotFoundError(
+            f"Fashion-MNIST not found under data.root / --data-root {cfg.root} (expected "
+            f"{', '.join(FASHION_FILES.values())}, optionally .gz); not falling back to another copy")
     if folder is None:
         raise DataNotFoundError(
             "Fashion-MNIST not found (looked in --data-root / data.root, "
@@ -216,7 +247,14 @@ def load_fashion_mnist(cfg: DataConfig, *, seed: int) -> DataBundle:
             "'apt-get install -y dataset-fashion-mnist', or pass data.download=true on a "
             "machine with a network."
         )
-    arr = {k: _read_idx(_find_idx(folder, s)) for k, s in FASHION_FILES.items()}
+    files = {k: _find_idx(folder, s) for k, s in FASHION_FILES.items()}
+    arr = {k: _read_idx(f) for k, f in files.items()}
+    for split in ("train", "test"):
+        images, labels = arr[f"{split}_images"], arr[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{files[f'{split}_images']} and {files[f'{split}_labels']}: shapes "
+                            f"{images.shape} and {labels.shape} do not pair up as images and labels")
+        check_labels(labels, 10, files[f"{split}_labels"])
     log.info("Fashion-MNIST from %s", folder)
     return _bundle_from_arrays(
         "fashion_mnist", arr["train_images"][:, None], arr["train_labels"],
@@ -253,6 +291,11 @@ def load_cifar10(cfg: DataConfig, *, seed: int) -> DataBundle:
             f"CIFAR-10 not found under {root} ({e}). Pass data.root=DIR holding "
             "cifar-10-batches-py, or data.download=true on a machine with a network."
         ) from None
+    except (EOFError, OSError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as e:
+        raise DataError(f"{root / 'cifar-10-batches-py'}: corrupt or truncated CIFAR-10 batch file "
+                        f"({type(e).__name__})") from None
+    check_labels(np.asarray(tr.targets), 10, root / "cifar-10-batches-py")
+    check_labels(np.asarray(te.targets), 10, root / "cifar-10-batches-py")
     to_nchw = lambda a: np.asarray(a).transpose(0, 3, 1, 2)  # noqa: E731  (N, H, W, C) -> (N, C, H, W)
     return _bundle_from_arrays(
         "cifar10", to_nchw(tr.data), np.asarray(tr.targets), to_nchw(te.data), np.asarray(te.targets),
@@ -312,19 +355,21 @@ def _capped(ds: Dataset, cap: int | None, seed: int) -> Dataset:
     return torch.utils.data.Subset(ds, idx.tolist())
 
 
-LOADERS = {
-    "fashion_mnist": load_fashion_mnist,
-    "digits": load_digits,
-    "cifar10": load_cifar10,
-    "imagefolder": load_imagefolder,
-}
+# data.name values; config validation checks names against this registry before any work
+DATASETS: Registry = Registry("dataset")
+for _name, _loader in [("fashion_mnist", load_fashion_mnist), ("digits", load_digits),
+                       ("cifar10", load_cifar10), ("imagefolder", load_imagefolder)]:
+    DATASETS.register(_name)(_loader)
+LOADERS = {name: DATASETS.get(name) for name in DATASETS}
 
 
 def load_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
     """Load the dataset named by ``cfg.name``; under torchrun the training split is sharded."""
-    if cfg.name not in LOADERS:
-        raise ValueError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(LOADERS)}")
-    bundle = LOADERS[cfg.name](cfg, seed=seed)
+    if cfg.name not in DATASETS:
+        raise ValueError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
+    if cfg.root and not Path(cfg.root).is_dir() and not cfg.download:
+        raise DataNotFoundError(f"data.root / --data-root {cfg.root}: no such directory")
+    bundle = DATASETS.get(cfg.name)(cfg, seed=seed)
     if distributed.active():
         bundle.train = _shard(bundle.train, seed)
     return bundle

@@ -92,6 +92,17 @@ def from_main(make: Callable[[], T]) -> T:
     return box[0]
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce; every rank must call it together), so
+    all ranks stop at the same step when one of them sees a non-finite loss."""
+    if not active():
+        return flag
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def sync_grads(params: list[torch.Tensor]) -> None:
     """Average gradients over ranks (for parameters DDP does not manage)."""
     if not active():

@@ -29,7 +29,15 @@ from deploy_prune.allocation import (
     rounding_note,
     select_crucial,
 )
-from deploy_prune.artifacts import ModelPlan, load_model_dir, read_json_object, versions
+from deploy_prune.artifacts import (
+    ModelPlan,
+    NonFiniteError,
+    check_model_size,
+    load_model_dir,
+    read_json_object,
+    versions,
+    weights_digest,
+)
 from deploy_prune.config import (
     DataConfig,
     RunConfig,
@@ -49,6 +57,7 @@ from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import evaluate, resolve_device, train_baseline
+from deploy_prune.validate import validate_run_config
 from deploy_prune.weights import load_into, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -74,7 +83,7 @@ def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[s
     data: dict[str, Any] = dict(base.info.get("config", {})) if base else {}
     if config:
         data = merge(data, read_yaml(config))
-    return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
+    return validate_run_config(from_dict(RunConfig, merge(data, parse_overrides(overrides))))
 
 
 # What a base directory fixes about its model: a config file given to a later stage does not
@@ -173,6 +182,8 @@ def describe(model: nn.Module, plan: ModelPlan, nodes: list[Node] | None = None)
 def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[nn.Module, ModelPlan, dict]:
     """Build (and load local weights, if given) then train the baseline; evaluate it."""
     plan = new_base_plan(cfg, data)
+    check_model_size(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels,
+                     source="model.kwargs", **plan.arch_kwargs)
     model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
     if cfg.model.weights:
         load_weights_file(model, cfg.model.weights)
@@ -181,6 +192,9 @@ def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[
         train_baseline(model, data.train, cfg.train, device=device)
     seconds = time.perf_counter() - t0
     metrics = evaluate(model, data.test, device)
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise NonFiniteError(f"train: the trained model's test loss is {metrics['loss']} after "
+                             f"{cfg.train.epochs} epoch(s): it diverged (lower train.lr); nothing saved")
     model.cpu().eval()
     plan.info.update(config=to_dict(cfg), metrics=metrics, train_seconds=seconds, **describe(model, plan))
     return model, plan, metrics
@@ -204,12 +218,15 @@ def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | 
     widths it decided, under ``decision``, when the scorer decides them: RBP)."""
     method = method or cfg.scoring.method
     scorer = SCORERS.get(method)()
+    weights = weights_digest(model.state_dict())  # the weights the scores are learnt on
     ctx = score_context(model, plan, cfg, data, device, method=method)
     t0 = time.perf_counter()
     scores = scorer.score(ctx)
     model.cpu()
     seconds = time.perf_counter() - t0
-    out = {"format": SCORES_FORMAT, "scorer": method, "base_sha256": plan.digest(), "seconds": seconds,
+    check_finite_scores(scores, f"{method} scores")
+    out = {"format": SCORES_FORMAT, "scorer": method, "base_sha256": plan.digest(),
+           "weights_sha256": weights, "seconds": seconds,
            "nodes": [{"name": n.name, "channels": n.channels, "junction": n.is_junction,
                       "prunable": n.prunable} for n in ctx.nodes],
            "node_scores": node_scores(scores),
@@ -219,18 +236,46 @@ def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | 
     return out
 
 
-def read_scores(path: str | Path, plan: ModelPlan) -> Scores:
-    """Load a scores JSON and check it belongs to this base model."""
-    return scores_from(read_json_object(path), plan, source=path)
+def check_finite_scores(scores: Scores, what: str) -> None:
+    """Refuse channel scores with a NaN or infinite value (they would give arbitrary widths)."""
+    for k, v in scores.items():
+        a = np.asarray(v, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise NonFiniteError(f"{what}: {int((~np.isfinite(a)).sum())} of {a.size} scores of node "
+                                 f"{k} are NaN or infinite; refusing them")
 
 
-def scores_from(data: dict, plan: ModelPlan, *, source: str | Path) -> Scores:
-    """The channel scores of a parsed scores JSON (read from ``source``), checked against ``plan``."""
+def read_scores(path: str | Path, plan: ModelPlan, model: nn.Module | None = None) -> Scores:
+    """Load a scores JSON and check it belongs to this base model (and, given ``model``, to
+    these very weights)."""
+    return scores_from(read_json_object(path, finite=True, max_bytes=256 << 20), plan, source=path,
+                       model=model)
+
+
+def scores_from(data: dict, plan: ModelPlan, *, source: str | Path, model: nn.Module | None = None) -> Scores:
+    """The channel scores of a parsed scores JSON (read from ``source``), checked against ``plan``
+    and, given ``model``, against the hash of the weights they were learnt on."""
     if data.get("format") != SCORES_FORMAT:
         raise ValueError(f"{source}: not a deploy-prune scores file")
     if data.get("base_sha256") != plan.digest():
         raise ValueError(f"{source}: these scores were computed for another model (base hash differs)")
-    return {k: np.asarray(v, dtype=np.float64) for k, v in data["channel_scores"].items()}
+    if model is not None:
+        learnt_on = data.get("weights_sha256")
+        if learnt_on is None:
+            raise ValueError(f"{source}: these scores do not record the weights they were learnt on "
+                             "(weights_sha256); score this model again")
+        if learnt_on != weights_digest(model.state_dict()):
+            raise ValueError(f"{source}: these scores were learnt on other weights of the same "
+                             "architecture (weights_sha256 differs); score this model")
+    raw = data.get("channel_scores")
+    if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
+        raise ValueError(f"{source}: channel_scores must map node names to lists of numbers")
+    try:
+        scores = {k: np.asarray(v, dtype=np.float64) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: channel_scores must map node names to lists of numbers") from None
+    check_finite_scores(scores, str(source))
+    return scores
 
 
 def decision_from(data: dict, *, source: str | Path) -> Decision | None:
@@ -239,15 +284,17 @@ def decision_from(data: dict, *, source: str | Path) -> Decision | None:
     return Decision.from_json(data["decision"], source=str(source)) if "decision" in data else None
 
 
-def scored(data: dict, plan: ModelPlan, *, source: str | Path) -> tuple[Scores, Decision | None]:
+def scored(data: dict, plan: ModelPlan, *, source: str | Path,
+           model: nn.Module | None = None) -> tuple[Scores, Decision | None]:
     """Scores and decision of a parsed scores JSON (or of :func:`score`'s result): what
-    :func:`prune` takes."""
-    return scores_from(data, plan, source=source), decision_from(data, source=source)
+    :func:`prune` takes. Given ``model``, the scores must have been learnt on its weights."""
+    return scores_from(data, plan, source=source, model=model), decision_from(data, source=source)
 
 
-def read_scored(path: str | Path, plan: ModelPlan) -> tuple[Scores, Decision | None]:
-    """:func:`scored` of a scores file."""
-    return scored(read_json_object(path), plan, source=path)
+def read_scored(path: str | Path, plan: ModelPlan,
+                model: nn.Module | None = None) -> tuple[Scores, Decision | None]:
+    """:func:`scored` of a scores file (strict JSON: NaN/Infinity refused; at most 256 MiB)."""
+    return scored(read_json_object(path, finite=True, max_bytes=256 << 20), plan, source=path, model=model)
 
 
 @dataclass
@@ -272,6 +319,9 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
     missing = [n.name for n in nodes if n.name not in scores or len(scores[n.name]) != n.channels]
     if missing:
         raise ValueError(f"scores do not cover nodes {missing[:4]} of this model")
+    check_finite_scores(scores, "scores")
+    if selection is not None:
+        check_finite_scores(selection, "selection scores")
     alloc = _allocation(model, plan, nodes, cfg, scores, selection=selection, crucial=crucial,
                         decision=decision)
     crucial = alloc.crucial

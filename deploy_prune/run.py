@@ -21,9 +21,17 @@ from torch import nn
 
 from deploy_prune import distributed, pipeline, speed
 from deploy_prune.artifacts import (
+    ArtifactError,
     ModelPlan,
+    OutputLock,
     atomic_write_text,
+    check_finite_state,
+    check_model_size,
+    finite_json,
     load_model_dir,
+    open_job_dir,
+    read_json_object,
+    read_plan,
     save_model_dir,
     versions,
 )
@@ -43,7 +51,9 @@ class RunState:
 
     def __init__(self, out: Path) -> None:
         self.path = out / "state.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+        self.data: dict[str, Any] = read_json_object(self.path) if self.path.is_file() else {"stages": {}}
+        if not isinstance(self.data.get("stages"), dict):
+            raise ValueError(f"{self.path}: corrupt run state (no 'stages' mapping); --force to start over")
 
     def done(self, stage: str) -> bool:
         return stage in self.data["stages"]
@@ -66,6 +76,7 @@ class Checkpointer:
     def save(self, step: int) -> None:
         if step % self.every and step != self.state.steps:
             return
+        check_finite_state(self.model.state_dict(), f"{self.path.stem} checkpoint at step {step}")
         blob = {"model": self.model.state_dict(), "optimizer": self.state.optimizer.state_dict(),
                 "scheduler": self.state.scheduler.state_dict() if self.state.scheduler else None,
                 "step": step}
@@ -78,34 +89,51 @@ class Checkpointer:
         """Load a checkpoint if one exists; returns whether it did."""
         if not self.path.is_file():
             return False
-        blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(blob["model"])
-        self.state.optimizer.load_state_dict(blob["optimizer"])
-        if self.state.scheduler is not None and blob["scheduler"] is not None:
-            self.state.scheduler.load_state_dict(blob["scheduler"])
-        self.state.start = int(blob["step"])
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            check_finite_state(blob["model"], str(self.path))
+            self.model.load_state_dict(blob["model"])
+            self.state.optimizer.load_state_dict(blob["optimizer"])
+            if self.state.scheduler is not None and blob["scheduler"] is not None:
+                self.state.scheduler.load_state_dict(blob["scheduler"])
+            self.state.start = int(blob["step"])
+        except Exception as e:  # truncated, foreign or non-finite: one line, not a traceback
+            raise ArtifactError(f"{self.path}: unreadable checkpoint ({type(e).__name__}); delete it "
+                                "to redo this stage from its start") from None
         log.info("resumed %s at step %d/%d", self.path.name, self.state.start, self.state.steps)
         return True
 
 
-def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if force and not resume:
-            shutil.rmtree(out)
-        elif not resume:
-            raise FileExistsError(f"run directory {out} is not empty; pass --resume to continue it "
-                                  "or --force to start over")
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out(out: Path, *, resume: bool, force: bool) -> OutputLock:
+    """Create, reuse (--resume) or empty (--force, only a directory deploy-prune made) the job
+    directory and lock it against a second process; the caller releases the returned lock."""
+    return open_job_dir(out, resume=resume, force=force)
+
+
+def preflight(cfg: RunConfig, *, base_dir: str | None = None) -> DataBundle:
+    """Everything that can be checked before the output is touched: the device, the --base
+    directory and the data (loaded here, so a missing data root fails before --force deletes)."""
+    pipeline.setup(cfg)
+    if base_dir:
+        read_plan(base_dir)
+    data = load_data(cfg.data, seed=cfg.seed)
+    if not base_dir:  # the model the base training will build, on the meta device
+        check_model_size(cfg.model.arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                         source="model.kwargs", **cfg.model.kwargs)
+        if cfg.model.weights and not Path(cfg.model.weights).is_file():
+            raise FileNotFoundError(f"model.weights: file not found: {cfg.model.weights}")
+    return data
 
 
 class Runner:
     """Holds what the stages share; each stage method is idempotent given ``state.json``."""
 
-    def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None,
+                 data: DataBundle | None = None) -> None:
         self.cfg, self.out, self.base_dir = cfg, out, base_dir
         self.device = pipeline.setup(cfg)
         self.state = RunState(out)
-        self._data: DataBundle | None = None
+        self._data: DataBundle | None = data
 
     @property
     def data(self) -> DataBundle:
@@ -141,12 +169,12 @@ class Runner:
     def stage_score(self) -> dict:
         model, plan = load_model_dir(self.out / "base")
         result = pipeline.score(model, plan, self.cfg, self.data, self.device)
-        atomic_write_text(self.out / "scores.json", json.dumps(result, indent=1))
+        atomic_write_text(self.out / "scores.json", finite_json(result, what=str(self.out / "scores.json")))
         return {"scorer": result["scorer"]}
 
     def stage_prune(self) -> dict:
         model, plan = load_model_dir(self.out / "base")
-        scores, decision = pipeline.read_scored(self.out / "scores.json", plan)
+        scores, decision = pipeline.read_scored(self.out / "scores.json", plan, model)
         res = pipeline.prune(model, plan, self.cfg, scores, decision=decision)
         save_model_dir(res.slim, res.plan, self.out / "pruned", force=True)
         m = self.evaluate(res.slim)
@@ -296,7 +324,7 @@ def check_resume_config(out: Path, cfg: RunConfig) -> None:
     path = out / "config.json"
     now = to_dict(cfg)
     if path.is_file():
-        then = json.loads(path.read_text())
+        then = read_json_object(path)
         diff = sorted(_diff_keys(then, now))
         if diff:
             raise ValueError(f"{out} was started with a different config (keys differ: {', '.join(diff[:6])}); "
@@ -318,19 +346,25 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = 
         base_dir: str | None = None) -> dict[str, Any]:
     """Run (or resume) the whole job into ``out``; returns report.json's content."""
     out = Path(out)
-    if distributed.is_main():
-        prepare_out(out, resume=resume, force=force)
-        check_resume_config(out, cfg)
-    distributed.barrier()
-    # under torchrun every rank computes the same models; rank 0 owns DIR, the others a scratch
-    # folder inside it (kept until the run finishes, so a resumed run finds it)
-    work = out if distributed.is_main() else out / f".rank{distributed.rank()}"
-    work.mkdir(parents=True, exist_ok=True)
-    report = Runner(cfg, work, base_dir=base_dir).run()
-    distributed.barrier()
-    if distributed.is_main():
-        for scratch in out.glob(".rank*"):
-            shutil.rmtree(scratch, ignore_errors=True)
+    data = preflight(cfg, base_dir=base_dir)  # nothing under --out is touched before this passes
+    lock = None
+    try:
+        if distributed.is_main():
+            lock = prepare_out(out, resume=resume, force=force)
+            check_resume_config(out, cfg)
+        distributed.barrier()
+        # under torchrun every rank computes the same models; rank 0 owns DIR, the others a scratch
+        # folder inside it (kept until the run finishes, so a resumed run finds it)
+        work = out if distributed.is_main() else out / f".rank{distributed.rank()}"
+        work.mkdir(parents=True, exist_ok=True)
+        report = Runner(cfg, work, base_dir=base_dir, data=data).run()
+        distributed.barrier()
+        if distributed.is_main():
+            for scratch in out.glob(".rank*"):
+                shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if lock is not None:
+            lock.release()
     return report
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from deploy_prune import distributed
+from deploy_prune.artifacts import NonFiniteError
 from deploy_prune.config import TrainConfig
 from deploy_prune.progress import progress
 
@@ -34,11 +35,15 @@ def batches(loader: Iterable, steps: int) -> Iterator[tuple[torch.Tensor, torch.
     """Cycle ``loader`` for exactly ``steps`` batches (a new shuffle each pass)."""
     done = 0
     while done < steps:
+        before = done
         for xb, yb in loader:
             yield xb, yb
             done += 1
             if done >= steps:
                 return
+        if done == before:  # an empty loader would loop here for ever
+            raise ValueError("the training split is empty (check data.max_train_samples, "
+                             "data.val_fraction and the dataset)")
 
 
 @torch.no_grad()
@@ -57,6 +62,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
         correct5 += (top == yb[:, None]).any(dim=1).sum().item()
         n += len(yb)
     model.train(was_training)
+    if n == 0:  # 0% on no samples would be a wrong number, not a result
+        raise ValueError("the evaluation split is empty (check data.max_eval_samples and the dataset)")
     return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1),
             "loss": loss / max(n, 1), "samples": n}
 
@@ -107,19 +114,40 @@ def fit(
     for i, (xb, yb) in enumerate(bar, start=start_step):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         loss = loss_fn(net, xb, yb)
+        value = loss.item()
+        if distributed.any_rank(not math.isfinite(value)):  # every rank stops at the same step
+            what = f"the loss became {value}" if not math.isfinite(value) else "another rank's loss went non-finite"
+            raise NonFiniteError(f"{desc}: {what} at step {i + 1}/{steps}; stopped before anything "
+                                 "was saved (lower the learning rate?)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         distributed.sync_grads(by_hand)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        running, count = running + loss.item(), count + 1
+        running, count = running + value, count + 1
         if count % 20 == 0:
             bar.set_postfix(loss=f"{running / count:.4f}")
+        if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == steps:
+            check_finite_params(model, desc, i + 1, steps)
         if on_step is not None:
             on_step(i + 1)
     distributed.sync_buffers(model)
+    check_finite_params(model, desc, steps, steps)
     return running / max(count, 1)
+
+
+FINITE_CHECK_EVERY = 25  # steps between weight checks (the loss is checked every step)
+
+
+def check_finite_params(model: nn.Module, desc: str, step: int, steps: int) -> None:
+    """Stop with one line naming the stage and step when a weight or buffer went NaN/Inf."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{desc}: weights went NaN or infinite ({name}) at step "
+                                     f"{step}/{steps}; stopped before anything was saved "
+                                     "(lower the learning rate?)")
 
 
 def cross_entropy(label_smoothing: float = 0.0):

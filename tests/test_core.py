@@ -101,7 +101,7 @@ def test_mismatched_weights_are_refused(tmp_path):
     plan = random_plan(discover(model, x), frac=0.5)
     save_model_dir(cut(model, plan, x), ModelPlan("small_vgg", 10, 1, 28, kept=plan), tmp_path / "slim")
     (tmp_path / "slim" / "model.safetensors").write_bytes((tmp_path / "base" / "model.safetensors").read_bytes())
-    with pytest.raises(ArtifactError, match="do not match the plan"):
+    with pytest.raises(ArtifactError, match="another plan|do not match the plan"):
         load_model_dir(tmp_path / "slim")
     (tmp_path / "slim" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match="truncated|unreadable"):

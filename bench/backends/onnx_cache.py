@@ -24,9 +24,10 @@ def onnx_key(precision: str = "fp32") -> str:
 def write_onnx(model: torch.nn.Module, plan: ModelPlan, variant: str, example: torch.Tensor, out: Path, *,
                opset: int, precision: str = "fp32") -> Path:
     """Export ``model`` as the bench backends take it: dynamic batch, verified in ONNX Runtime."""
+    from deploy_prune.artifacts import weights_digest
     from export.to_onnx import export_onnx
 
-    meta = {"variant": variant, "plan_sha256": plan.digest()}
+    meta = {"variant": variant, "plan_sha256": plan.digest(), "weights_sha256": weights_digest(model.state_dict())}
     return Path(export_onnx(model, example, out, opset=opset, dynamic_batch=True, verify=True,
                             metadata=meta, force=True, precision=precision))
 

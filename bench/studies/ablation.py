@@ -28,7 +28,7 @@ from deploy_prune.flops import count
 from deploy_prune.nodes import discover
 from deploy_prune.recovery.layerwise import layerwise
 from deploy_prune.recovery.mimic import finetune, recover
-from deploy_prune.run import Runner, prepare_out
+from deploy_prune.run import Runner, preflight, prepare_out
 from deploy_prune.scoring import SCORERS
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ def variants(n_crucial: int, studies: tuple[str, ...]) -> list[Variant]:
 
 
 class Ablation:
-    def __init__(self, cfg: RunConfig, out: Path, *, from_run: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, *, from_run: str | None = None, data=None) -> None:
         self.cfg, self.out = cfg, out
-        self.runner = Runner(cfg, out, base_dir=str(Path(from_run) / "base") if from_run else None)
+        self.runner = Runner(cfg, out, base_dir=str(Path(from_run) / "base") if from_run else None, data=data)
         self.from_run = Path(from_run) if from_run else None
         self.rows_path = out / "ablation.jsonl"
         self.done = {(r["study"], r["variant"]): r for r in self._read_rows()}
@@ -87,7 +87,7 @@ class Ablation:
         reuse = self.from_run / "scores.json" if self.from_run else None
         if name == self.cfg.scoring.method and name not in self.scores and reuse and reuse.is_file():
             data = read_json_object(reuse)  # parsed once: the scores and the time they took
-            self.scores[name], self.decisions[name] = pipeline.scored(data, plan, source=reuse)
+            self.scores[name], self.decisions[name] = pipeline.scored(data, plan, source=reuse, model=model)
             self.score_seconds[name] = float(data.get("seconds", 0.0))
         if name not in self.scores:
             cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
@@ -226,8 +226,12 @@ def _plot(df, path: Path, base_top1: float) -> None:
 def ablate(cfg: RunConfig, out: str | Path, *, studies: tuple[str, ...] = STUDIES, from_run: str | None = None,
            resume: bool = False, force: bool = False) -> list[dict]:
     out = Path(out)
-    prepare_out(out, resume=resume, force=force)
-    return Ablation(cfg, out, from_run=from_run).run(studies)
+    data = preflight(cfg, base_dir=str(Path(from_run) / "base") if from_run else None)
+    lock = prepare_out(out, resume=resume, force=force)
+    try:
+        return Ablation(cfg, out, from_run=from_run, data=data).run(studies)
+    finally:
+        lock.release()
 
 
 def cmd_ablate(args) -> int:

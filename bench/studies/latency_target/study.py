@@ -78,7 +78,7 @@ def run_study(args: argparse.Namespace) -> int:
     model, plan = load_model_dir(run / "base")
     pruned = read_plan(run / "pruned")  # its config and crucial nodes; no weights needed
     cfg = from_dict(RunConfig, pruned.info["config"])
-    scores = pipeline.read_scores(run / "scores.json", plan)
+    scores = pipeline.read_scores(run / "scores.json", plan, model)
     crucial = pruned.info["crucial_nodes"]
     a = cfg.allocation
     all_nodes = discover(model, plan.example())

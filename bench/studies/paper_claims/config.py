@@ -7,6 +7,7 @@ that name the key. The defaults are the papers' operating points (METHOD.md sect
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,16 @@ class SuiteConfig:
         check_suite(self)
 
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+def check_name(key: str, value: str) -> None:
+    """A name that becomes a file or folder name under --out: no separators, no '..'."""
+    if not isinstance(value, str) or not SAFE_NAME.match(value) or ".." in value:
+        raise ConfigError(f"{key}: {value!r} is not a safe name (letters, digits, '.', '_', '+', '-'; "
+                          "it becomes a path under --out)")
+
+
 def _check(key: str, values: list, allowed: tuple) -> None:
     bad = [v for v in values if v not in allowed]
     if bad or not values:
@@ -127,7 +138,10 @@ def check_suite(cfg: SuiteConfig) -> None:
             raise ConfigError(f"points[{i}].source: expected one of {', '.join(SOURCES)}, got {p.source!r}")
         if p.flops_reduction < 1.0:
             raise ConfigError(f"points[{i}].flops_reduction must be >= 1, got {p.flops_reduction}")
+    for i, p in enumerate(cfg.points):  # names become paths under --out
+        check_name(f"points[{i}].arch", p.arch)
     for i, s in enumerate(cfg.stages):
+        check_name(f"stages[{i}].name", s.name)
         _check(f"stages[{i}].backends", s.backends, tuple(BACKENDS.names()))
         _check(f"stages[{i}].devices", s.devices, DEVICES)
         _check(f"stages[{i}].precisions", s.precisions, PRECISIONS)

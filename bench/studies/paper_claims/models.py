@@ -18,7 +18,7 @@ import torch
 
 from bench.studies.paper_claims.config import PointConfig, SuiteConfig
 from deploy_prune import pipeline
-from deploy_prune.artifacts import PLAN_FILE, ModelPlan, save_model_dir
+from deploy_prune.artifacts import PLAN_FILE, ModelPlan, inside, save_model_dir
 from deploy_prune.config import (
     AllocationConfig,
     CrucialConfig,
@@ -35,6 +35,23 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"  # the ort backend's export, kept beside the weights so reruns skip it
 
 
+def onnx_matches(onnx_path: Path, model_dir: Path) -> bool:
+    """Whether a cached ONNX file was exported from this directory's model: its metadata's
+    plan_sha256 (and weights_sha256, when recorded) equal the directory's plan."""
+    from deploy_prune.artifacts import read_plan
+    from export.to_onnx import read_metadata
+
+    plan = read_plan(model_dir)
+    try:
+        meta = read_metadata(onnx_path)
+    except ValueError:  # a truncated or foreign file: not ours, export again
+        return False
+    if meta.get("plan_sha256") != plan.digest():
+        return False
+    weights = plan.info.get("weights_sha256")
+    return weights is None or meta.get("weights_sha256") in (None, weights)
+
+
 def ensure_onnx(model_dir: Path) -> Path:
     """``model_dir/model.onnx`` (fp32, dynamic batch, verified in ONNX Runtime), exported once.
 
@@ -46,6 +63,10 @@ def ensure_onnx(model_dir: Path) -> Path:
     from export.to_onnx import DEFAULT_OPSET
 
     out = model_dir / ONNX_FILE
+    if out.is_file() and not onnx_matches(out, model_dir):
+        log.warning("%s does not match %s/plan.json (plan or weights hash differs); exporting it again",
+                    out, model_dir)
+        out.unlink()
     if not out.is_file():
         model, plan = load_model_dir(model_dir)
         example = torch.randn(plan.example(2).shape, generator=torch.Generator().manual_seed(0))  # (2, C, H, W)
@@ -59,11 +80,11 @@ def width_source(cfg: SuiteConfig) -> str:
 
 
 def base_dir(root: Path, arch: str) -> Path:
-    return root / "models" / f"{arch}-base"
+    return inside(root, root / "models" / f"{arch}-base")
 
 
 def slim_dir(root: Path, point: PointConfig, rounding: int, source: str) -> Path:
-    return root / "models" / f"{point.name}-{source}-r{rounding}"
+    return inside(root, root / "models" / f"{point.name}-{source}-r{rounding}")
 
 
 def _plan(cfg: SuiteConfig, arch: str, kept: dict[str, list[int]] | None, info: dict[str, Any]) -> ModelPlan:

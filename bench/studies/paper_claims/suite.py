@@ -38,7 +38,7 @@ from bench.studies.paper_claims.models import (
 )
 from bench.sweep import BenchConfig, Shared, load_artifact, make_shared, pinned_threads, sweep
 from deploy_prune.allocation import AllocationError
-from deploy_prune.artifacts import atomic_write_text
+from deploy_prune.artifacts import atomic_write_text, inside
 from deploy_prune.nodes import UnsupportedModel
 from deploy_prune.progress import progress
 
@@ -204,7 +204,7 @@ class Measurer:
 
 
 def unit_path(root: Path, unit: Unit) -> Path:
-    return root / "units" / f"{unit.key}.csv"
+    return inside(root, root / "units" / f"{unit.key}.csv")
 
 
 def cached_unit(root: Path, unit: Unit) -> pd.DataFrame | None:
@@ -215,7 +215,31 @@ def cached_unit(root: Path, unit: Unit) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     df = pd.read_csv(path)
-    return df if (df["status"] == "ok").any() else None
+    if not (df["status"] == "ok").any():
+        return None
+    if not unit_matches_models(df):
+        log.warning("%s: measured on models that have changed since (plan_sha256 differs); measuring again",
+                    path)
+        return None
+    return df
+
+
+def unit_matches_models(df: pd.DataFrame) -> bool:
+    """Whether a cached unit's rows were measured on the model directories as they are now: each
+    row's plan_sha256 equals its model_dir's plan (rows without both columns are not checked)."""
+    from deploy_prune.artifacts import ArtifactError, read_plan
+
+    if not {"plan_sha256", "model_dir"} <= set(df.columns):
+        return True
+    for model_dir, sha in df[["model_dir", "plan_sha256"]].dropna().drop_duplicates().itertuples(index=False):
+        if not Path(model_dir).is_dir():
+            continue
+        try:
+            if read_plan(model_dir).digest() != sha:
+                return False
+        except ArtifactError:
+            return False
+    return True
 
 
 def run_suite(cfg: SuiteConfig, out: str | Path, *, build_workers: int = 1) -> pd.DataFrame:
