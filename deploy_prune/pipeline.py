@@ -31,7 +31,7 @@ from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, re
 from deploy_prune.data import DataBundle
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
-from deploy_prune.nodes import Node, discover
+from deploy_prune.nodes import Node, discover, stage_of
 from deploy_prune.scoring import SCORERS, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import evaluate, resolve_device, train_baseline
@@ -143,7 +143,9 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
     missing = [n.name for n in nodes if n.name not in scores or len(scores[n.name]) != n.channels]
     if missing:
         raise ValueError(f"scores do not cover nodes {missing[:4]} of this model")
-    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
+    stages = stage_of(model, nodes, example) if cfg.crucial.select == "per_stage" else None
+    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes,
+                                        select=cfg.crucial.select, stages=stages)
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP
         # needs identical shapes on every rank)

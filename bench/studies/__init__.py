@@ -1,0 +1,1 @@
+"""Studies: experiments that produce a committed results page (docs/results/)."""
