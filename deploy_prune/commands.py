@@ -174,7 +174,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "layer-by-layer, and RBP vs beta, on the same widths and budget.")
     job_args(p)
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="reuse RUN_DIR/base instead of training")
-    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer")
+    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer,recipe")
     p.set_defaults(func=cmd_ablate)
 
 
