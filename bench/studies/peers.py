@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -279,7 +280,8 @@ def run_seed(study: Study, seed: int, out: Path) -> list[dict[str, Any]]:
         res["cpu_seconds"] = res["seconds"]
         atomic_write_text(scores_path, json.dumps(res))
     scores = pipeline.scores_from(res, plan, source=scores_path)
-    meter = SpeedMeter(model, plan, sdir / "onnx", enabled=study.timing != "none")
+    # one export folder per process: two processes may share a seed (one target each)
+    meter = SpeedMeter(model, plan, sdir / f"onnx-{os.getpid()}", enabled=study.timing != "none")
     rows = []
     try:
         for target in study.targets:
