@@ -69,7 +69,10 @@ def test_frontier_interpolates_and_never_extrapolates():
     assert peers.frontier_at(pts, 1.5) == pytest.approx(89.0)
     assert peers.frontier_at(pts, 2.5) == pytest.approx(86.5)
     assert peers.frontier_at(pts, 3.0) == pytest.approx(85.0)
-    assert math.isnan(peers.frontier_at(pts, 3.2)) and math.isnan(peers.frontier_at(pts, 0.9))
+    assert math.isnan(peers.frontier_at(pts, 3.2))  # never extrapolated past the fastest point
+    assert peers.frontier_at(pts, 0.9) == pytest.approx(90.0)  # slower than the base: the base
+    # a faster point that is also more accurate is what a user would take
+    assert peers.frontier_at([(1.0, 90.0), (1.2, 89.0), (1.5, 89.8)], 1.1) == pytest.approx(89.8)
 
 
 def test_equal_latency_compares_dp_with_each_peer_point_on_its_seed():

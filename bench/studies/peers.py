@@ -17,9 +17,9 @@ with SGD + cosine (lr 0.01, as Torch-Pruning's benchmarks do) for the dp recipe'
 recovery + fine-tuning epochs.
 
 Equal latency: each method and seed has a frontier through (1x, base top-1) and its measured
-(ORT speedup, top-1) points; a method's accuracy at another method's speedup is read off that
-frontier by linear interpolation (never extrapolated). ``report`` compares every dp method with
-each peer point on the same seed.
+(ORT speedup, top-1) points; a method's accuracy at another method's speedup is the best its
+frontier offers at that speed or faster, by linear interpolation (never extrapolated past its
+fastest point). ``report`` compares every dp method with each peer point on the same seed.
 
     python -m bench.studies.peers --out runs/peers --seeds 0 1 2 --targets 2 3 --set threads=1
     python -m bench.studies.peers --out runs/peers --report-only --page docs/results
@@ -358,14 +358,18 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def frontier_at(points: list[tuple[float, float]], s: float) -> float:
-    """Top-1 at speedup ``s`` by linear interpolation along the sorted (speedup, top-1) points;
-    NaN outside their range. Where two points share a speedup the better top-1 counts."""
+    """The best top-1 a method offers at speedup ``s`` or faster: the maximum of its frontier
+    (linear interpolation between its sorted (speedup, top-1) points) over speedups >= ``s``.
+    A point slower than every point of the method is matched by the best of them (the
+    unpruned base at 1x among them); NaN when ``s`` is beyond the method's fastest point."""
     pts = sorted(points)
     xs = np.array([p[0] for p in pts])
     ys = np.array([p[1] for p in pts])
-    if len(xs) == 0 or s < xs[0] - 1e-9 or s > xs[-1] + 1e-9:
+    if len(xs) == 0 or s > xs[-1] + 1e-9:
         return float("nan")
-    return float(np.interp(s, xs, ys))
+    at = float(np.interp(max(s, xs[0]), xs, ys))
+    faster = ys[xs >= s]
+    return max(at, float(faster.max())) if len(faster) else at
 
 
 def equal_latency(df, *, backend: str = "ort"):
