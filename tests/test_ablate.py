@@ -3,8 +3,8 @@
 import pandas as pd
 import torch
 
+from bench.studies.ablation import ablate, variants
 from conftest import digits_cfg
-from deploy_prune.ablate import ablate, variants
 from deploy_prune.models import build_model
 from deploy_prune.nodes import discover, stage_of
 
