@@ -1,6 +1,7 @@
 """The ablation table: every requested row is filled, identical experiments are shared."""
 
 import pandas as pd
+import pytest
 import torch
 
 from bench.studies.ablation import ablate, variants
@@ -35,6 +36,7 @@ def test_ablation_table_is_filled(tmp_path):
     assert lw.recovery_epochs > df[df.variant == "one_step"].iloc[0].recovery_epochs
 
 
+@pytest.mark.slow  # the rule and the loss terms have fast tests in test_peers.py
 def test_recipe_rows_measure_crucial_selection_and_distillation(tmp_path):
     assert [v.name for v in variants(3, ("recipe",))] == ["score", "score+ce_kd", "per_stage", "per_stage+ce_kd"]
     cfg = digits_cfg(train__epochs=2, scoring__epochs=0.5, recovery__epochs=0.25, finetune__epochs=0.25,
