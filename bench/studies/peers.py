@@ -489,8 +489,7 @@ def _plot(df, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.studies.peers", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="study folder (seed*/rows.jsonl; resumed when present)")
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -498,10 +497,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     p.add_argument("--no-timing", action="store_true", help="skip speed measurement (tests)")
     p.add_argument("--report-only", action="store_true", help="only (re)write the tables from --out")
-    p.add_argument("--page", default=None, help="write peers.csv / peers.png / peers_summary.md here")
+    p.add_argument("--page", default=None, help="write peers.csv / peers_equal_latency.csv / peers.png here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable (e.g. --set data.max_train_samples=10000)")
-    args = p.parse_args(argv)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench peers`` (entry point ``deploy_prune.bench_actions``)."""
+    p = sub.add_parser("peers", help="deploy-prune against Torch-Pruning's recipes at equal epochs and "
+                       "equal measured latency (docs/results/peers.md)", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=lambda args: _run(args, "deploy-prune bench peers " + " ".join(sys.argv[3:])))
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     study = Study(config=args.config, overrides=list(args.overrides), seeds=args.seeds, targets=args.targets,
@@ -510,13 +519,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             for seed in study.seeds:
                 run_seed(study, seed, out)
-        command = "python -m bench.studies.peers " + " ".join(sys.argv[1:] if argv is None else argv)
         dest = report(out, Path(args.page) if args.page else None, command)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {dest}/peers.csv and peers_summary.md")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.studies.peers", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return _run(args, "python -m bench.studies.peers " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
