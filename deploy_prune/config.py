@@ -159,6 +159,10 @@ class ScoringConfig:
 class CrucialConfig:
     n: int = 2  # N highest-scoring nodes are crucial (N >= 2); the last conv node always is
     nodes: list[str] | None = None  # explicit list instead of top-N (last conv node still added)
+    # how the top-N are chosen: "score" (the N highest node scores, OSPR) | "per_stage" (at most
+    # one per spatial resolution, so two neighbouring full-resolution nodes cannot take the
+    # whole crucial set and force the FLOPs cut onto the rest; docs/results/peers.md)
+    select: str = "score"
 
 
 @dataclass
@@ -197,6 +201,10 @@ class RecoveryConfig:
     # mode=layerwise: reconstruction epochs after each layer is cut; None = recovery.epochs, as
     # in the conventional pipeline where every cut gets its own full recovery
     layer_epochs: float | None = None
+    # mode=onestep: extra terms beside the mimic loss (0 = OSPR's pure mimicking)
+    ce_weight: float = 0.0  # + ce_weight * cross-entropy on the labels (the task loss)
+    kd_weight: float = 0.0  # + kd_weight * T^2 * KL(teacher logits/T || student logits/T)
+    kd_temperature: float = 4.0
 
 
 @dataclass

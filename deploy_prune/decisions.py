@@ -32,8 +32,16 @@ def node_scores(scores: Scores) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
-def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list[str] | None = None) -> list[str]:
-    """Top-``n`` nodes by node score (or the explicit ``names``), plus the last conv node."""
+CRUCIAL_SELECT = ("score", "per_stage")
+
+
+def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list[str] | None = None,
+                   select: str = "score", stages: Mapping[str, Any] | None = None) -> list[str]:
+    """Top-``n`` nodes by node score (or the explicit ``names``), plus the last conv node.
+
+    ``select="per_stage"`` takes the top-``n`` with at most one node per stage (``stages``: node
+    name -> its feature map's spatial size, :func:`deploy_prune.nodes.stage_of`).
+    """
     known = {nd.name for nd in nodes}
     if names:
         bad = [x for x in names if x not in known]
@@ -44,7 +52,19 @@ def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list
         if n < 2:
             raise AllocationError(f"crucial.n must be >= 2 (OSPR section 3), got {n}")
         ns = node_scores(scores)
-        chosen = sorted(ns, key=lambda k: -ns[k])[:n]
+        ranked = sorted(ns, key=lambda k: -ns[k])
+        if select == "score":
+            chosen = ranked[:n]
+        elif select == "per_stage":
+            if stages is None:
+                raise AllocationError("crucial.select=per_stage needs the nodes' stages")
+            chosen, seen = [], set()
+            for k in ranked:
+                if stages[k] not in seen and len(chosen) < n:
+                    chosen.append(k)
+                    seen.add(stages[k])
+        else:
+            raise AllocationError(f"crucial.select: expected one of {', '.join(CRUCIAL_SELECT)}, got {select!r}")
     last = last_node(nodes).name
     if last not in chosen:
         chosen.append(last)

@@ -215,6 +215,30 @@ def _make_node(dg, convs, names, modules, order, chans) -> Node:
                 capture_relu=relu, channels=width, order=order[capture], junctions=junctions)
 
 
+def stage_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Node name -> the spatial size of its feature map: nodes of one resolution share a stage."""
+    modules = dict(model.named_modules())
+    sizes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def fn(mod, inp, out) -> None:
+            sizes.setdefault(name, tuple(out.shape[2:]))
+
+        return fn
+
+    hooks = [modules[n.capture].register_forward_hook(hook(n.name)) for n in nodes]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return sizes
+
+
 def last_node(nodes: list[Node]) -> Node:
     """The last conv node: the one feeding the classifier."""
     return max(nodes, key=lambda n: n.order)

@@ -51,7 +51,7 @@ from deploy_prune.data import DataBundle
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.models.tv import is_torchvision
-from deploy_prune.nodes import Node, discover
+from deploy_prune.nodes import Node, discover, stage_of
 from deploy_prune.precision import check_precision
 from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
@@ -355,7 +355,9 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         log.info("widths as %s decided them (allocation.target=%s not searched)", decision.by,
                  cfg.allocation.target)
         return decided(model, nodes, scores, example, decision)
-    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
+    stages = stage_of(model, nodes, example) if cfg.crucial.select == "per_stage" else None
+    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes,
+                                        select=cfg.crucial.select, stages=stages)
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
         check_precision(cfg.allocation.precision, key="allocation.precision")
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP

@@ -1,9 +1,13 @@
 """The ablation table: every requested row is filled, identical experiments are shared."""
 
 import pandas as pd
+import pytest
+import torch
 
 from bench.studies.ablation import ablate, variants
 from conftest import digits_cfg
+from deploy_prune.models import build_model
+from deploy_prune.nodes import discover, stage_of
 
 
 def test_variants_cover_the_paper_studies():
@@ -30,3 +34,23 @@ def test_ablation_table_is_filled(tmp_path):
     # layer-by-layer cuts one node at a time, each with its own recovery
     lw = df[df.variant == "layerwise"].iloc[0]
     assert lw.recovery_epochs > df[df.variant == "one_step"].iloc[0].recovery_epochs
+
+
+@pytest.mark.slow  # the rule and the loss terms have fast tests in test_peers.py
+def test_recipe_rows_measure_crucial_selection_and_distillation(tmp_path):
+    assert [v.name for v in variants(3, ("recipe",))] == ["score", "score+ce_kd", "per_stage", "per_stage+ce_kd"]
+    cfg = digits_cfg(train__epochs=2, scoring__epochs=0.5, recovery__epochs=0.25, finetune__epochs=0.25,
+                     data__max_train_samples=400, data__max_eval_samples=200)
+    ablate(cfg, tmp_path / "abl", studies=("recipe",))
+    df = pd.read_csv(tmp_path / "abl" / "ablation.csv").set_index("variant")
+    assert list(df.ce_weight) == [0.0, 1.0, 0.0, 1.0] and list(df.kd_weight) == [0.0, 1.0, 0.0, 1.0]
+    # the two rows of one crucial rule share their crucial nodes, so their widths
+    assert df.loc["score", "crucial_nodes"] == df.loc["score+ce_kd", "crucial_nodes"]
+    assert df.loc["per_stage", "crucial_nodes"] == df.loc["per_stage+ce_kd", "crucial_nodes"]
+    # one crucial node per stage (digits: 8x8, 4x4, 2x2, 1x1); the last conv node may share one
+    model = build_model("small_vgg", num_classes=10, in_channels=1)
+    example = torch.zeros(1, 1, 8, 8)
+    stages = stage_of(model, discover(model, example), example)
+    chosen = df.loc["per_stage", "crucial_nodes"].split()
+    assert len({stages[n] for n in chosen[:-1]}) == len(chosen) - 1
+    assert not df[["finetuned_top1", "flops_reduction"]].isna().any().any()

@@ -8,7 +8,9 @@ One module (or one small package) per study, named after its results page in doc
 - :mod:`bench.studies.latency_target`: the latency-targeted allocation against FLOPs targeting
   (latency_target.md);
 - :mod:`bench.studies.fashion_accuracy`: top-1 of the timed artifacts next to their speedups
-  (fashion_accuracy.md).
+  (fashion_accuracy.md);
+- :mod:`bench.studies.peers`: deploy-prune's recipes against Torch-Pruning's at equal epochs and
+  equal measured latency, over several bases (peers.md).
 
 Studies import from ``deploy_prune``, ``export`` and ``bench``; nothing outside this package
 imports a study (``tests/test_architecture.py`` checks it). A study reaches the command line

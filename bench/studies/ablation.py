@@ -5,7 +5,10 @@ Studies (rows share the base model, the beta allocation's per-node widths and th
 - ``loss``: the mimic function: KL, JS, MSE, LASSO, and cross-entropy only ("Model_CE");
 - ``nodes``: how many crucial nodes are mimicked, 1..N, with MSE (Fig. 2b; KL needs N >= 2);
 - ``pipeline``: one-step recovery versus layer-by-layer (accuracy and wall time);
-- ``scorer``: RBP scoring at the same FLOPs target (its own widths) versus beta, both + KL.
+- ``scorer``: RBP scoring at the same FLOPs target (its own widths) versus beta, both + KL;
+- ``recipe``: the recipe options of issue 18: crucial nodes by score (OSPR) or one per stage
+  (``crucial.select``, its own widths), mimic alone or + task CE + logit KD (``recovery.ce_weight``,
+  ``recovery.kd_weight``), as a 2x2 table.
 Rows are appended to ``ablation.jsonl`` as they finish, so an interrupted ablation resumes.
 """
 
@@ -32,7 +35,7 @@ from deploy_prune.run import Runner, preflight, prepare_out
 from deploy_prune.scoring import SCORERS
 
 log = logging.getLogger(__name__)
-STUDIES = ("selection", "loss", "nodes", "pipeline", "scorer")
+STUDIES = ("selection", "loss", "nodes", "pipeline", "scorer", "recipe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Variant:
     mode: str = "onestep"  # onestep | ce | layerwise
     nodes: int | None = None  # mimic the last k crucial nodes (None: all)
     scorer: str = "beta"  # scorer deciding the widths too (RBP row)
+    select: str | None = None  # crucial.select (None: the config's); another rule -> its own widths
+    kd: bool | None = None  # recovery with CE + logit KD at weight 1 each (None: the config's weights)
 
 
 def variants(n_crucial: int, studies: tuple[str, ...]) -> list[Variant]:
@@ -59,6 +64,9 @@ def variants(n_crucial: int, studies: tuple[str, ...]) -> list[Variant]:
         out += [Variant("pipeline", "one_step"), Variant("pipeline", "layerwise", mode="layerwise")]
     if "scorer" in studies:
         out += [Variant("scorer", s, scorer=s, selection=s) for s in ("beta", "rbp") if s in SCORERS]
+    if "recipe" in studies:
+        out += [Variant("recipe", f"{sel}{'+ce_kd' if kd else ''}", select=sel, kd=kd)
+                for sel in ("score", "per_stage") for kd in (False, True)]
     return out
 
 
@@ -102,7 +110,11 @@ class Ablation:
         """Prune (same widths unless the scorer decides them), recover, fine-tune, evaluate."""
         example = plan.example()
         loader = self._fresh_loader()
-        if v.scorer != "beta":  # the scorer decides widths too, with beta's crucial nodes (fair)
+        if v.select is not None and v.select != self.cfg.crucial.select:
+            cfg = dataclasses.replace(self.cfg, crucial=dataclasses.replace(self.cfg.crucial, select=v.select))
+            res = pipeline.prune(model, plan, cfg, self.scores_for("beta", model, plan))
+            slim, kept, crucial = res.slim, res.plan.kept or {}, res.plan.info["crucial_nodes"]
+        elif v.scorer != "beta":  # the scorer decides widths too, with beta's crucial nodes (fair)
             crucial = ref.plan.info["crucial_nodes"]
             scores = self.scores_for(v.scorer, model, plan, crucial=crucial)
             res = pipeline.prune(model, plan, self.cfg, scores, crucial=crucial,
@@ -116,6 +128,8 @@ class Ablation:
         pruned = self.runner.evaluate(slim)
         names = crucial if v.nodes is None else crucial[-v.nodes:]
         rc = dataclasses.replace(self.cfg.recovery, loss=v.loss, mode=v.mode)
+        if v.kd is not None:
+            rc = dataclasses.replace(rc, ce_weight=float(v.kd), kd_weight=float(v.kd))
         t0, c0 = time.perf_counter(), time.process_time()  # wall, and CPU (load-independent)
         nodes = discover(model, example)
         if v.mode == "layerwise":
@@ -134,6 +148,7 @@ class Ablation:
         final = self.runner.evaluate(slim)
         model.cpu()
         return {"study": v.study, "variant": v.name, "scorer": v.scorer, "selection": v.selection,
+                "crucial_nodes": " ".join(crucial), "ce_weight": rc.ce_weight, "kd_weight": rc.kd_weight,
                 "loss": v.loss if v.mode == "onestep" else v.mode, "mode": v.mode, "mimic_nodes": len(names),
                 "flops_reduction": base_flops / flops, "pruned_top1": pruned["top1"],
                 "recovered_top1": recovered["top1"], "finetuned_top1": final["top1"],
@@ -156,7 +171,9 @@ class Ablation:
         same: dict[tuple, dict] = {}  # one experiment under several labels is run once
         rows = []
         for i, v in enumerate(todo):
-            key = (v.scorer, v.selection, v.loss, v.mode, v.nodes or n_crucial)
+            rc = self.cfg.recovery
+            kd = (rc.ce_weight, rc.kd_weight) if v.kd is None else (float(v.kd), float(v.kd))
+            key = (v.scorer, v.selection, v.loss, v.mode, v.nodes or n_crucial, v.select or self.cfg.crucial.select, kd)
             if (v.study, v.name) not in self.done:
                 if key in same:
                     r = {**same[key], "study": v.study, "variant": v.name}
@@ -259,5 +276,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "layer-by-layer, and RBP vs beta, on the same widths and budget.")
     commands.job_args(p)
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="reuse RUN_DIR/base instead of training")
-    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer")
+    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer,recipe")
     p.set_defaults(func=cmd_ablate)

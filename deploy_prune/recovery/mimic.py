@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deploy_prune import distributed
@@ -72,17 +73,31 @@ class StepState:
     start: int = 0
 
 
-def mimic_loss_fn(teacher: nn.Module, nodes: list[Node], loss: MimicLoss) -> Callable:
-    """loss(student, x, y): mean over nodes of loss(teacher map, student map)  (OSPR eq. 8)."""
+def mimic_loss_fn(teacher: nn.Module, nodes: list[Node], loss: MimicLoss, *, ce_weight: float = 0.0,
+                  kd_weight: float = 0.0, kd_temperature: float = 4.0) -> Callable:
+    """loss(student, x, y): mean over nodes of loss(teacher map, student map)  (OSPR eq. 8),
+    plus ``ce_weight`` * cross-entropy on the labels and ``kd_weight`` * logit distillation
+    (Hinton et al.: T^2 * KL(softmax(t/T) || softmax(s/T))) when those weights are non-zero."""
     teacher.eval()
+    if ce_weight < 0 or kd_weight < 0 or kd_temperature <= 0:
+        raise RecoveryError("recovery.ce_weight and recovery.kd_weight must be >= 0 and "
+                            f"recovery.kd_temperature > 0; got {ce_weight}, {kd_weight}, {kd_temperature}")
 
     def fn(student, x, y):
         with torch.no_grad(), FeatureCapture(teacher, nodes) as tcap:
-            teacher(x)
+            t_logits = teacher(x)  # (B, K)
         with FeatureCapture(distributed.unwrap(student), nodes) as scap:
-            student(x)
+            s_logits = student(x)  # (B, K)
         terms = [loss(tcap.maps[n.name], scap.maps[n.name]) for n in nodes]
-        return torch.stack(terms).mean()
+        total = torch.stack(terms).mean()
+        if ce_weight:
+            total = total + ce_weight * F.cross_entropy(s_logits, y)
+        if kd_weight:
+            t = kd_temperature
+            kd = F.kl_div(F.log_softmax(s_logits / t, 1), F.log_softmax(t_logits / t, 1), log_target=True,
+                          reduction="batchmean")
+            total = total + kd_weight * t * t * kd
+        return total
 
     return fn
 
@@ -119,7 +134,9 @@ def recover(teacher: nn.Module, student: nn.Module, *, teacher_nodes: list[Node]
     else:
         loss = MIMIC_LOSSES.get(cfg.loss)()
         check_mimic_set(loss, names, teacher_nodes)
-        loss_fn = mimic_loss_fn(teacher, mimic_nodes(student, teacher_nodes, names, student_nodes), loss)
+        loss_fn = mimic_loss_fn(teacher, mimic_nodes(student, teacher_nodes, names, student_nodes), loss,
+                                ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight,
+                                kd_temperature=cfg.kd_temperature)
     log.info("recovery (%s, %s) on %s: %d steps", cfg.mode, cfg.loss, names, state.steps)
     return fit(student, loader, steps=state.steps, loss_fn=loss_fn, optimizer=state.optimizer,
                scheduler=state.scheduler, device=device, desc=f"recover[{cfg.loss}]",

@@ -1,0 +1,106 @@
+"""The peer study and the recipe options it measures (crucial.select, recovery.ce/kd_weight)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.studies import peers
+from deploy_prune.allocation import AllocationError, select_crucial
+from deploy_prune.models import build_model
+from deploy_prune.nodes import discover, stage_of
+from deploy_prune.recovery.losses import KLMimic
+from deploy_prune.recovery.mimic import RecoveryError, mimic_loss_fn
+
+
+def _vgg():
+    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
+    example = torch.zeros(1, 1, 28, 28)
+    return model, discover(model, example), example
+
+
+def test_stages_follow_the_spatial_size():
+    model, nodes, example = _vgg()
+    st = stage_of(model, nodes, example)
+    assert st["features.0"] == st["features.3"] == (28, 28)
+    assert st["features.7"] == st["features.10"] == (14, 14)
+    assert st["features.18"] == (4, 4)
+    assert len(set(st.values())) == 4
+
+
+def test_per_stage_crucial_never_takes_two_nodes_of_one_stage():
+    model, nodes, example = _vgg()
+    # the two full-resolution nodes score highest: the OSPR rule takes both (the issue's fragile case)
+    ns = {"features.0": 5.0, "features.3": 4.0, "features.7": 1.0, "features.10": 3.0,
+          "features.14": 2.0, "features.18": 0.5}
+    scores = {n.name: np.full(n.channels, ns[n.name]) for n in nodes}
+    assert select_crucial(nodes, scores, n=2) == ["features.0", "features.3", "features.18"]
+    got = select_crucial(nodes, scores, n=2, select="per_stage", stages=stage_of(model, nodes, example))
+    assert got == ["features.0", "features.10", "features.18"]
+    with pytest.raises(AllocationError, match="crucial.select"):
+        select_crucial(nodes, scores, n=2, select="best", stages={})
+
+
+def test_recovery_adds_task_and_distillation_terms():
+    torch.manual_seed(0)
+    teacher, nodes, _ = _vgg()
+    student, _, _ = _vgg()  # other random weights
+    mimic = [n for n in nodes if n.name in ("features.10", "features.18")]
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    plain = mimic_loss_fn(teacher, mimic, KLMimic())(student, x, y)
+    with torch.no_grad():
+        t, s = teacher(x), student(x)
+    ce = F.cross_entropy(s, y)
+    kd = 16.0 * F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean")
+    both = mimic_loss_fn(teacher, mimic, KLMimic(), ce_weight=0.5, kd_weight=2.0)(student, x, y)
+    assert math.isclose(both.item(), (plain + 0.5 * ce + 2.0 * kd).item(), rel_tol=1e-5)
+    # a student equal to its teacher has nothing to distil: only the task loss is left
+    same = mimic_loss_fn(teacher, mimic, KLMimic(), ce_weight=1.0, kd_weight=3.0)(teacher, x, y)
+    assert math.isclose(same.item(), F.cross_entropy(t, y).item(), rel_tol=1e-5, abs_tol=1e-6)
+    with pytest.raises(RecoveryError, match="kd_weight"):
+        mimic_loss_fn(teacher, mimic, KLMimic(), kd_weight=-1.0)
+
+
+def test_frontier_interpolates_and_never_extrapolates():
+    pts = [(1.0, 90.0), (2.0, 88.0), (3.0, 85.0)]
+    assert peers.frontier_at(pts, 1.5) == pytest.approx(89.0)
+    assert peers.frontier_at(pts, 2.5) == pytest.approx(86.5)
+    assert peers.frontier_at(pts, 3.0) == pytest.approx(85.0)
+    assert math.isnan(peers.frontier_at(pts, 3.2))  # never extrapolated past the fastest point
+    assert peers.frontier_at(pts, 0.9) == pytest.approx(90.0)  # slower than the base: the base
+    # a faster point that is also more accurate is what a user would take
+    assert peers.frontier_at([(1.0, 90.0), (1.2, 89.0), (1.5, 89.8)], 1.1) == pytest.approx(89.8)
+
+
+def test_equal_latency_compares_dp_with_each_peer_point_on_its_seed():
+    rows = [dict(seed=0, base_top1=90.0, method="dp-ospr", kind="dp", target=2.0, ort_speedup=2.0, top1=88.0),
+            dict(seed=0, base_top1=90.0, method="tp-l1", kind="tp", target=2.0, ort_speedup=1.5, top1=88.5),
+            dict(seed=0, base_top1=90.0, method="tp-bn", kind="tp", target=3.0, ort_speedup=2.5, top1=80.0)]
+    eq = peers.equal_latency(pd.DataFrame(rows))
+    l1 = eq[eq.peer == "tp-l1"].iloc[0]
+    assert l1.dp_top1_at_speedup == pytest.approx(89.0) and l1.delta == pytest.approx(0.5)
+    assert math.isnan(eq[eq.peer == "tp-bn"].iloc[0].delta)  # dp's frontier stops at 2.0x
+
+
+def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
+    sets = ["data.name=digits", "data.batch_size=64", "train.epochs=1", "scoring.epochs=0.25",
+            "scoring.l1_lambda=0.001", "recovery.epochs=0.25", "finetune.epochs=0.25", "threads=1"]
+    argv = ["--out", str(tmp_path / "p"), "--seeds", "0", "--targets", "2", "--no-timing",
+            "--methods", "dp-ospr", "dp-stage-kd", "tp-l1", "tp-taylor"]
+    for s in sets:
+        argv += ["--set", s]
+    assert peers.main(argv) == 0
+    df = pd.read_csv(tmp_path / "p" / "peers.csv")
+    assert sorted(df.method) == ["dp-ospr", "dp-stage-kd", "tp-l1", "tp-taylor"]
+    assert df.flops_reduction.between(1.9, 2.1).all()  # every method pruned to the same target
+    assert df.top1.between(0, 100).all() and not df.top1.isna().any()
+    tp_epochs = df[df.method == "tp-l1"].epochs.iloc[0]
+    assert tp_epochs == pytest.approx(0.75)  # the peers get scoring + recovery + fine-tuning epochs
+    # resumed: nothing is re-run, the rows are the same
+    assert peers.main(argv) == 0
+    assert pd.read_csv(tmp_path / "p" / "peers.csv").equals(df)
+    assert peers.main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "no study rows" in capsys.readouterr().err
