@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "constant")
 COLLAPSE = ("mean", "one")
 ALLOCATION_METHODS = ("global", "uniform")
+CRUCIAL_SELECT = ("score", "per_stage")
 
 
 def _num(key: str, v: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -110,6 +111,7 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
 
     if cfg.crucial.nodes is None:  # an explicit list replaces the top-N choice
         _num("crucial.n", cfg.crucial.n, lo=2)
+    _choice("crucial.select", cfg.crucial.select, CRUCIAL_SELECT)
 
     a = cfg.allocation
     try:
@@ -142,11 +144,15 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _num("recovery.gamma", rc.gamma, lo=0, lo_open=True)
     _num("recovery.batch_size", rc.batch_size, lo=1, optional=True)
     _num("recovery.layer_epochs", rc.layer_epochs, lo=0, optional=True)
+    _num("recovery.ce_weight", rc.ce_weight, lo=0)
+    _num("recovery.kd_weight", rc.kd_weight, lo=0)
+    _num("recovery.kd_temperature", rc.kd_temperature, lo=0, lo_open=True)
 
     f = cfg.finetune
     _num("finetune.epochs", f.epochs, lo=0)
     _num("finetune.lr", f.lr, lo=0, lo_open=True)
     _choice("finetune.optimizer", f.optimizer, OPTIMIZERS)
+    _num("speed_check.require_speedup", cfg.speed_check.require_speedup, lo=0, lo_open=True, optional=True)
     return cfg
 
 
