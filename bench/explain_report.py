@@ -80,11 +80,14 @@ def diagnosis_lines(result: dict[str, Any]) -> list[str]:
                  f"With the rows this plan leaves whole ({', '.join(f'`{r}`' for r in d['unpruned_rows']) or 'none'}: "
                  f"{d['unpruned_ms']:.3f} ms) the ceiling is {_f(d['ceiling_speedup_with_unpruned'], '.2f')}x.")
     status = "within" if rec["reconciled"] else "outside"
-    gaps = ", ".join(f"{v} {rec[v]['profiled_ms']:.3f} vs {rec[v]['measured_p50_ms']:.3f} ms "
+    gaps = ", ".join(f"{v} {rec[v]['profiled_ms']:.3f} vs {rec[v]['unprofiled_ms']:.3f} ms "
                      f"({100 * rec[v]['gap_fraction']:+.1f}%)" for v in ("base", "slim"))
+    drifts = ", ".join(f"{v} {rec[v]['drift']:.3f}" for v in ("base", "slim"))
     cal = result.get("calibration") or {}
-    lines.append(f"- **Reconciliation:** profiled rows + per-call overhead vs measured p50: {gaps}; {status} "
-                 f"the {100 * rec['tolerance']:.0f}% tolerance. The `gap` row carries the difference "
+    lines.append(f"- **Reconciliation:** profiled rows + per-call overhead vs unprofiled calls interleaved "
+                 f"with the profiled ones: {gaps}; {status} the {100 * rec['tolerance']:.0f}% tolerance. "
+                 f"Rows are put on the paired measurement's scale by the load drift (paired p50 / "
+                 f"interleaved unprofiled median: {drifts}). The `gap` row carries the difference "
                  f"(positive: time between profiled events, e.g. Python between modules or launch gaps; "
                  f"negative: profiler overhead left in the rows). Calibration: "
                  f"{_f(cal.get('per_event_ms'), '.4f')} ms per profiled event removed from each, "
