@@ -192,3 +192,33 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
 
         logging.getLogger(__name__).warning("explain plot failed: %s", e)
     atomic_write_text(out / "report.md", markdown(result, picture))
+
+
+def _top_excess(result: dict[str, Any], n: int = 2) -> str:
+    d = result["diagnosis"]
+    return "; ".join(f"{w['row']} {w['excess_ms']:.2f} ms" for w in d["where_missing"][:n]) or "-"
+
+
+def index(results: dict[str, dict[str, Any]]) -> str:
+    """One summary row per run (``name -> explain.json``), for docs/results/explain/README.md."""
+    lines = ["| run | backend | batch | base -> slim p50 ms | speedup | FLOPs red. | efficiency | "
+             "classifier share of slim | unpruned rows, ms (share) | most missing time | reconciled (profiled vs unprofiled) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        m, d, rec = r["measured"], r["diagnosis"], r["reconciliation"]
+        cls = sum(x["share_slim"] for x in r["rows"] if x["kind"] == "classifier")
+        gaps = " / ".join(f"{100 * rec[v]['gap_fraction']:+.1f}%" for v in ("base", "slim"))
+        lines.append(f"| [{name}]({name}/report.md) | {r['backend']} {r['device']} | {r['batch']} "
+                     f"| {m['base_p50_ms']:.2f} -> {m['slim_p50_ms']:.2f} | {m['speedup']:.2f}x "
+                     f"| {m['flops_reduction']:.2f}x | {m['efficiency']:.2f} | {100 * cls:.1f}% "
+                     f"| {d['unpruned_ms']:.2f} ({100 * d['unpruned_ms'] / m['slim_p50_ms']:.0f}%) "
+                     f"| {_top_excess(r)} | {'yes' if rec['reconciled'] else 'no'} ({gaps}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m bench.explain_report DIR: print the index of DIR/*/explain.json
+    import sys
+
+    root = Path(sys.argv[1])
+    found = {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/explain.json"))}
+    print(index(found))
