@@ -113,6 +113,7 @@ def plot(result: dict[str, Any], path: Path, top: int = 12) -> Path:
     from matplotlib import colormaps
 
     cmap = colormaps["tab20"]
+    gap_label = "gap: measured - profiled"
     for i, variant in enumerate(("base", "slim")):
         left = 0.0
         for j, r in enumerate(shown):
@@ -123,10 +124,15 @@ def plot(result: dict[str, Any], path: Path, top: int = 12) -> Path:
         w = sum(r[f"time_{variant}_ms"] for r in rest)
         if w > 0:
             ax.barh(i, w, left=left, color="lightgrey", label=f"{len(rest)} smaller rows" if i == 0 else None)
+            left += w
+        gap = next((r[f"time_{variant}_ms"] for r in result["rows"] if r["kind"] == "gap"), 0.0)
+        if gap > 0:
+            ax.barh(i, gap, left=left, color="white", edgecolor="grey", hatch="//", label=gap_label)
+            gap_label = None
     m = result["measured"]
     ax.set_yticks([0, 1], [f"base\n{m['base_p50_ms']:.2f} ms", f"slim\n{m['slim_p50_ms']:.2f} ms"])
     ax.invert_yaxis()
-    ax.set_xlabel("profiled time per call (ms)")
+    ax.set_xlabel("time per call (ms; profiled rows on the measured p50's scale)")
     ax.set_title(f"{result['model']}: {result['backend']} {result['device']} {result['precision']}, "
                  f"batch {result['batch']}: {m['speedup']:.2f}x for {m['flops_reduction']:.2f}x fewer FLOPs",
                  fontsize=10)
