@@ -647,7 +647,7 @@ def _profile_torch_cuda(backend: Backend, host: torch.Tensor, rowmap: RowMap, mo
 
 
 def profile_tensorrt(backend: Backend, host: torch.Tensor, rowmap: RowMap, model: nn.Module, *,
-                     calls: int, warmup: int, clock: str) -> Profile:
+                     calls: int, warmup: int, clock: str, onnx_path: Path | None = None) -> Profile:
     """TensorRT's per-layer ``IProfiler`` on the backend's engine (CUDA; untested without one).
 
     ``report_layer_time(layer_name, ms)`` is called once per layer after each synchronised
@@ -671,9 +671,8 @@ def profile_tensorrt(backend: Backend, host: torch.Tensor, rowmap: RowMap, model
     prof = LayerTimes()
     context.profiler = prof
     modules = {n for n, _ in model.named_modules()}
-    onnx_path = Path(str(backend.path)).with_suffix(".onnx")
     exported = OnnxMapper(onnx.load(str(onnx_path), load_external_data=False).graph, modules) \
-        if onnx_path.is_file() else None
+        if onnx_path is not None and Path(onnx_path).is_file() else None
     tick = CLOCKS[clock]
     call_ms = []
     for i in range(warmup + calls):
@@ -834,7 +833,7 @@ def calibrate(backend: Backend, host: torch.Tensor, *, clock: str, workdir: Path
 
 def profile_backend(backend: Backend, host: torch.Tensor, rowmap: RowMap, model: nn.Module, *,
                     calls: int, warmup: int, workdir: Path, clock: str, event_ms: float = 0.0,
-                    hook_ms: float = 0.0, gap_ms: float = 0.0) -> Profile:
+                    hook_ms: float = 0.0, gap_ms: float = 0.0, onnx_path: Path | None = None) -> Profile:
     if backend.name == "ort":
         return profile_ort(backend, host, rowmap, model, calls=calls, warmup=warmup, workdir=workdir,
                            clock=clock, event_ms=event_ms, gap_ms=gap_ms)
@@ -842,7 +841,8 @@ def profile_backend(backend: Backend, host: torch.Tensor, rowmap: RowMap, model:
         return profile_torch(backend, host, rowmap, model, calls=calls, warmup=warmup, clock=clock,
                              event_ms=event_ms, hook_ms=hook_ms)
     if backend.name == "tensorrt":
-        return profile_tensorrt(backend, host, rowmap, model, calls=calls, warmup=warmup, clock=clock)
+        return profile_tensorrt(backend, host, rowmap, model, calls=calls, warmup=warmup, clock=clock,
+                                onnx_path=onnx_path)
     raise ValueError(explain_unavailable(backend.name) or f"backend {backend.name}")
 
 
@@ -1194,7 +1194,8 @@ def explain(base_dir: str | Path, slim_dir: str | Path, out: str | Path, cfg: Ex
                 profiles[v] = profile_backend(pair[v], host, rowmap, sh.artifacts[v].model, calls=cfg.calls,
                                               warmup=cfg.warmup, workdir=out / "profile" / v, clock=cfg.clock,
                                               event_ms=calib.per_event_ms, hook_ms=calib.hook_ms,
-                                              gap_ms=calib.gap_ms)
+                                              gap_ms=calib.gap_ms,
+                                              onnx_path=sh.artifacts[v]._cache.get("onnx"))
                 log.info("profiled %s: %d calls in %.1fs", v, profiles[v].calls, now_s() - t0)
             rows = build_rows(profiles, measured, flops, totals, widths, [n.name for n in nodes],
                               per_call_ms=calib.per_call_ms)
