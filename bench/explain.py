@@ -167,6 +167,12 @@ class CallProfile:
     call_ms: float  # host time around upload + run + download of this call
     plain_ms: float = math.nan  # an unprofiled call made right before it (same clock)
     clean: bool = True  # neither call was preempted (CPU time >= CLEAN x wall time)
+    scale: float = 1.0  # CPU / wall time of the profiled call: brings wall-clock events to the CPU clock
+    sub: dict[str, float] = field(default_factory=dict)  # ms to take off each row (profiler's own cost)
+
+    def adjusted(self, scaled: bool) -> dict[str, float]:
+        k = self.scale if scaled else 1.0
+        return {r: max(0.0, k * ms - self.sub.get(r, 0.0)) for r, ms in self.rows.items()}
 
 
 @dataclass
@@ -193,23 +199,26 @@ class Profile:
             raise ValueError("the profiler recorded no complete call")
         clean = [c for c in calls if c.clean]
         n_clean = len(clean)
-        q = 50.0
-        if n_clean >= max(5, len(calls) // 4):
+        scaled = n_clean < max(5, len(calls) // 4)
+        if not scaled:
             calls = clean
-        else:  # mostly preempted: a profiler's wall-clock events only ever grow, take a low quantile
-            q = 25.0
-            source += "; 25th percentiles (too few unpreempted calls)"
+        elif any(c.scale != 1.0 for c in calls):
+            # mostly preempted (long calls on a busy machine): each call's wall-clock events are
+            # scaled by its CPU / wall time, the preemption spread evenly over the call
+            source += "; events scaled by each call's CPU / wall time (too few unpreempted calls)"
+        adjusted = [c.adjusted(scaled) for c in calls]
 
         def stat(values: list[float]) -> float:
-            return float(np.percentile(values, q))
+            return float(np.median(values))
 
         names = {r for c in calls for r in c.rows}
         kinds = {r: k for c in calls for r, k in c.kinds.items()}
-        rows = {r: stat([c.rows.get(r, 0.0) for c in calls]) for r in names}
+        rows = {r: stat([a.get(r, 0.0) for a in adjusted]) for r in names}
         return cls(rows=rows, kinds=kinds, inside_ms=stat([c.inside_ms for c in calls]),
                    call_ms=stat([c.call_ms for c in calls]), calls=len(calls), source=source,
                    plain_ms=stat([c.plain_ms for c in calls]),
-                   pairs=[(sum(c.rows.values()), c.plain_ms) for c in calls], clean_calls=n_clean)
+                   pairs=[(sum(a.values()), c.plain_ms) for a, c in zip(adjusted, calls, strict=True)],
+                   clean_calls=n_clean)
 
 
 CLEAN = 0.9  # a call whose CPU time is at least this fraction of its wall time was not preempted
@@ -346,7 +355,7 @@ def profile_ort(backend: Backend, host: torch.Tensor, rowmap: RowMap, model: nn.
     sess = ort.InferenceSession(str(backend.path), sess_options=so, providers=providers)
     name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
     x = host.contiguous().numpy()
-    call_ms, plain, clean = [], [], []
+    call_ms, plain, clean, scales = [], [], [], []
     for i in range(warmup + calls):
         # each timed call follows an untimed one of the same session (warm caches, as in the
         # paired timing): the timed backend itself, unprofiled, for the load drift; then profiled
@@ -360,6 +369,7 @@ def profile_ort(backend: Backend, host: torch.Tensor, rowmap: RowMap, model: nn.
             call_ms.append(cc.ms)
             plain.append(pc.ms)
             clean.append(pc.clean and cc.clean)
+            scales.append(cc.scale)
     trace = Path(sess.end_profiling())
     events = json.loads(trace.read_text())
     modules = {n for n, _ in model.named_modules()}
@@ -379,9 +389,11 @@ def profile_ort(backend: Backend, host: torch.Tensor, rowmap: RowMap, model: nn.
             per_run[k].append(e)
     cache: dict[str, tuple[str, str]] = {}
     out = []
-    for run, evs, c_ms, p_ms, ok in zip(runs[warmup:], per_run[warmup:], call_ms, plain, clean, strict=False):
+    for run, evs, c_ms, p_ms, ok, scale in zip(runs[warmup:], per_run[warmup:], call_ms, plain, clean, scales,
+                                               strict=False):
         rows: dict[str, float] = {}
         kinds: dict[str, str] = {}
+        sub: dict[str, float] = defaultdict(float)
         for e in evs:
             name = e["name"][: -len("_kernel_time")]
             if name not in cache:
@@ -390,12 +402,13 @@ def profile_ort(backend: Backend, host: torch.Tensor, rowmap: RowMap, model: nn.
                                              list(opt.output) if opt is not None else (),
                                              list(opt.input) if opt is not None else ())
             row, kind = cache[name]
-            _add(rows, kinds, row, kind, max(0.0, e["dur"] / 1000.0 - event_ms))
+            _add(rows, kinds, row, kind, e["dur"] / 1000.0)
+            sub[row] += event_ms
         kernels = sum(e["dur"] / 1000.0 for e in evs)
-        executor = run["dur"] / 1000.0 - kernels - len(evs) * gap_ms
-        _add(rows, kinds, EXECUTOR_ROW, "executor", max(0.0, executor))
+        _add(rows, kinds, EXECUTOR_ROW, "executor", max(0.0, run["dur"] / 1000.0 - kernels))
+        sub[EXECUTOR_ROW] += len(evs) * gap_ms
         out.append(CallProfile(rows=rows, kinds=kinds, inside_ms=run["dur"] / 1000.0, call_ms=c_ms,
-                               plain_ms=p_ms, clean=ok))
+                               plain_ms=p_ms, clean=ok, scale=scale, sub=dict(sub)))
     trace.unlink(missing_ok=True)
     return Profile.of(out, "onnxruntime profiler (SessionOptions.enable_profiling), optimized-graph nodes")
 
