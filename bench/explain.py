@@ -214,6 +214,10 @@ class Profile:
         names = {r for c in calls for r in c.rows}
         kinds = {r: k for c in calls for r, k in c.kinds.items()}
         rows = {r: stat([a.get(r, 0.0) for a in adjusted]) for r in names}
+        # per-row medians need not add up to the median call: share that call's total out
+        total, typical = sum(rows.values()), stat([sum(a.values()) for a in adjusted])
+        if total > 0 and typical > 0:
+            rows = {r: ms * typical / total for r, ms in rows.items()}
         return cls(rows=rows, kinds=kinds, inside_ms=stat([c.inside_ms for c in calls]),
                    call_ms=stat([c.call_ms for c in calls]), calls=len(calls), source=source,
                    plain_ms=stat([c.plain_ms for c in calls]),
@@ -935,22 +939,25 @@ def drift(p: Profile, measured_ms: float) -> float:
 def reconcile(profiles: Mapping[str, Profile], measured: Mapping[str, float], tolerance: float,
               per_call_ms: float = 0.0) -> dict[str, Any]:
     """Profiled total (model rows + calibrated per-call overhead) against the unprofiled calls
-    interleaved with the profiled ones (same moment, same load): ``gap_fraction`` is one minus
-    the median over calls of profiled / unprofiled; the drift to the paired p50 is beside it."""
+    interleaved with the profiled ones (same moment, same load): ``gap_fraction`` is
+    (unprofiled - profiled) / unprofiled, medians; ``per_call_gap_fraction`` one minus the median
+    over calls of each profiled call / the unprofiled one before it; the drift to the paired p50
+    is beside them."""
     out: dict[str, Any] = {"tolerance": tolerance}
     ok = True
     for v, p in profiles.items():
         profiled = sum(p.rows.values()) + per_call_ms
         plain = p.plain_ms if math.isfinite(p.plain_ms) else measured[v]
         gap = plain - profiled
-        # each profiled call against the unprofiled call made just before it: load that comes and
-        # goes over the pass hits both alike
-        ratios = [(t + per_call_ms) / u for t, u in p.pairs if math.isfinite(u) and u > 0]
-        rel = 1.0 - float(np.median(ratios)) if ratios else gap / plain
+        rel = gap / plain
         ok &= abs(rel) <= tolerance
+        # each profiled call against the unprofiled call made just before it (load that comes and
+        # goes over the pass hits both alike): reported beside it
+        ratios = [(t + per_call_ms) / u for t, u in p.pairs if math.isfinite(u) and u > 0]
         out[v] = {"measured_p50_ms": measured[v], "unprofiled_ms": plain, "drift": drift(p, measured[v]),
                   "profiled_ms": profiled, "model_rows_ms": sum(p.rows.values()),
-                  "gap_ms": gap, "gap_fraction": rel, "profiled_calls": p.calls}
+                  "gap_ms": gap, "gap_fraction": rel, "profiled_calls": p.calls,
+                  "per_call_gap_fraction": 1.0 - float(np.median(ratios)) if ratios else None}
     out["reconciled"] = bool(ok)
     return out
 

@@ -85,8 +85,7 @@ def diagnosis_lines(result: dict[str, Any]) -> list[str]:
     drifts = ", ".join(f"{v} {rec[v]['drift']:.3f}" for v in ("base", "slim"))
     cal = result.get("calibration") or {}
     lines.append(f"- **Reconciliation:** profiled rows + per-call overhead vs unprofiled calls interleaved "
-                 f"with the profiled ones (medians; the % is the median over calls of each profiled call "
-                 f"against the unprofiled one just before it): {gaps}; {status} the "
+                 f"with the profiled ones (medians): {gaps}; {status} the "
                  f"{100 * rec['tolerance']:.0f}% tolerance. "
                  f"Rows are put on the paired measurement's scale by the load drift (paired p50 / "
                  f"interleaved unprofiled median: {drifts}). The `gap` row carries the difference "
