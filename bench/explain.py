@@ -1268,7 +1268,7 @@ def _unavailable(cfg: ExplainConfig, bcfg: Any) -> str | None:
 
 def _seed_onnx(a: Artifact) -> None:
     """Reuse ``DIR/model.onnx`` (the suite's export) when its metadata names this plan."""
-    from bench.backends.ort import seed_onnx
+    from bench.backends.onnx_cache import seed_onnx
     from export.to_onnx import read_metadata
 
     path = a.path / "model.onnx"

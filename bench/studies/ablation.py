@@ -11,6 +11,7 @@ Rows are appended to ``ablation.jsonl`` as they finish, so an interrupted ablati
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -19,12 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from deploy_prune import pipeline
+from deploy_prune import commands, distributed, pipeline
 from deploy_prune.allocation import cut, keep_top
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, read_json_object
-from deploy_prune.config import RunConfig
+from deploy_prune.config import RunConfig, load_config
 from deploy_prune.flops import count
 from deploy_prune.nodes import discover
 from deploy_prune.recovery.layerwise import layerwise
@@ -71,6 +70,7 @@ class Ablation:
         self.rows_path = out / "ablation.jsonl"
         self.done = {(r["study"], r["variant"]): r for r in self._read_rows()}
         self.scores: dict[str, Any] = {}
+        self.decisions: dict[str, Any] = {}  # widths a scorer decided itself (RBP)
         self.score_seconds: dict[str, float] = {}
 
     def _read_rows(self) -> list[dict]:
@@ -87,14 +87,14 @@ class Ablation:
         reuse = self.from_run / "scores.json" if self.from_run else None
         if name == self.cfg.scoring.method and name not in self.scores and reuse and reuse.is_file():
             data = read_json_object(reuse)  # parsed once: the scores and the time they took
-            self.scores[name] = pipeline.scores_from(data, plan, source=reuse)
+            self.scores[name], self.decisions[name] = pipeline.scored(data, plan, source=reuse)
             self.score_seconds[name] = float(data.get("seconds", 0.0))
         if name not in self.scores:
             cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
             if crucial:
                 cfg = dataclasses.replace(cfg, crucial=dataclasses.replace(cfg.crucial, nodes=list(crucial)))
             res = pipeline.score(model, plan, cfg, self.runner.data, self.runner.device)
-            self.scores[name] = {k: np.asarray(v) for k, v in res["channel_scores"].items()}
+            self.scores[name], self.decisions[name] = pipeline.scored(res, plan, source=name)
             self.score_seconds[name] = res["seconds"]
         return self.scores[name]
 
@@ -105,7 +105,8 @@ class Ablation:
         if v.scorer != "beta":  # the scorer decides widths too, with beta's crucial nodes (fair)
             crucial = ref.plan.info["crucial_nodes"]
             scores = self.scores_for(v.scorer, model, plan, crucial=crucial)
-            res = pipeline.prune(model, plan, self.cfg, scores, crucial=crucial)
+            res = pipeline.prune(model, plan, self.cfg, scores, crucial=crucial,
+                                 decision=self.decisions.get(v.scorer))
             slim, kept, crucial = res.slim, res.plan.kept or {}, res.plan.info["crucial_nodes"]
         else:
             kept = keep_top(self.scores_for(v.selection, model, plan), ref.allocation.counts)
@@ -229,3 +230,30 @@ def ablate(cfg: RunConfig, out: str | Path, *, studies: tuple[str, ...] = STUDIE
     return Ablation(cfg, out, from_run=from_run).run(studies)
 
 
+def cmd_ablate(args) -> int:
+    studies = tuple(args.only.split(",")) if args.only else STUDIES
+    bad = [s for s in studies if s not in STUDIES]
+    if bad:
+        raise ValueError(f"--only: unknown studies {bad}; choose from {', '.join(STUDIES)}")
+    if distributed.active():
+        raise ValueError("ablate runs in one process: its studies all write one folder, so launch it "
+                         "without torchrun (deploy-prune ablate ...); run supports torchrun")
+    cfg = load_config(args.config_file, commands.overrides(args))
+    rows = ablate(cfg, args.out, studies=studies, from_run=args.from_run, resume=args.resume, force=args.force)
+    print(f"{len(rows)} ablation rows -> {args.out}/ablation.md, ablation.csv, ablation.png")
+    for r in rows:
+        print(f"  {r['study']:<10} {r['variant']:<12} pruned {r['pruned_top1']:6.2f}  recovered "
+              f"{r['recovered_top1']:6.2f}  fine-tuned {r['finetuned_top1']:6.2f}  {r['seconds']:7.1f}s")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``ablate`` to the ``deploy-prune`` command line (entry point ``deploy_prune.commands``)."""
+    p = sub.add_parser("ablate", help="the paper's ablations as one table (CSV, Markdown, plot)",
+                       description="Filter selection (beta/random/first-k/L1), mimic function "
+                       "(KL/JS/MSE/LASSO/CE), number of mimicked nodes (MSE), one-step vs "
+                       "layer-by-layer, and RBP vs beta, on the same widths and budget.")
+    commands.job_args(p)
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="reuse RUN_DIR/base instead of training")
+    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer")
+    p.set_defaults(func=cmd_ablate)
