@@ -12,10 +12,12 @@ deploy-prune's nodes:
   NCHWc ``Reorder`` nodes), so the session also saves that graph (``optimized_model_filepath``)
   and each optimized node is traced back through the exported graph to the ``Conv`` or
   ``Gemm`` whose weight initializer carries the module path (``features.3.weight``).
-- ``torch`` (eager, CPU or CUDA): ``torch.profiler`` with one ``record_function`` range per
-  leaf module (``with_modules`` records the hierarchy for TorchScript only); BatchNorm and
-  activation modules are charged to the conv that ran before them; ops outside any leaf module
-  (residual adds, flatten) get rows of their own.
+- ``torch`` (eager): on the CPU, forward hooks time each leaf module on the thread's CPU clock
+  (a profiler's wall-clock events include the time other jobs held a shared core) and
+  ``torch.profiler`` names the ops between modules (residual adds, flatten); on CUDA,
+  ``torch.profiler`` kernel time under one ``record_function`` range per leaf module
+  (``with_modules`` records the hierarchy for TorchScript only). BatchNorm and activation
+  modules are charged to the conv that ran before them.
 - ``tensorrt``: the per-layer ``IProfiler`` (``report_layer_time``), layer names split at
   ``" + "`` (fused layers) and mapped like ONNX nodes; imported lazily and skipped with the
   reason where TensorRT is absent. ``compile`` is refused: Inductor fuses across modules.
