@@ -225,6 +225,84 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if n else 0
 
 
+@ACTIONS.register("explain")
+def add_explain(sub: argparse._SubParsersAction) -> None:
+    """``bench explain --base DIR --slim DIR --backend B --out OUT``: per-layer time, base vs slim."""
+    p = sub.add_parser("explain", help="where the time went, layer by layer, base against slim",
+                       description="Time slim against base (paired rounds), profile both with the "
+                       "backend's own profiler (ONNX Runtime profiling, torch.profiler, TensorRT "
+                       "IProfiler), map every profiled op to deploy-prune's nodes (conv + its "
+                       "BN/activation) or a named row (pooling, classifier, layout reorders, copies, "
+                       "overhead), and write OUT/explain.csv, explain.json, explain.png and report.md "
+                       "with a diagnosis: layers that lost FLOPs but not time, layout time, widths off "
+                       "the backend's preferred multiple (with the rounded widths timed), and the "
+                       "speedup ceiling set by per-call overhead.",
+                       epilog="Example: deploy-prune bench explain --base runs/x/base --slim runs/x/slim "
+                       "--backend ort --out runs/x/explain-ort")
+    p.add_argument("--base", dest="explain_base", required=True, metavar="DIR", help="the unpruned model directory")
+    p.add_argument("--slim", dest="explain_slim", required=True, metavar="DIR", help="the pruned model directory")
+    p.add_argument("--out", dest="explain_out", required=True, metavar="DIR", help="where the table and report go")
+    p.add_argument("--backend", default="ort", choices=("ort", "torch", "tensorrt", "compile"),
+                   help="whose profiler: ort (default), torch (eager), tensorrt (CUDA)")
+    p.add_argument("--device", dest="explain_device", default="cpu", choices=DEVICES, help="default: cpu")
+    p.add_argument("--precision", dest="explain_precision", default="fp32", choices=PRECISIONS,
+                   help="default: fp32")
+    p.add_argument("--batch", dest="explain_batch", type=int, default=1, metavar="N", help="default: 1")
+    p.add_argument("--threads", dest="explain_threads", type=int, default=1, metavar="N", help="default: 1")
+    p.add_argument("--clock", dest="explain_clock", choices=("wall", "cpu"), default=None,
+                   help="paired timing clock (default: cpu on --device cpu with 1 thread, else wall)")
+    p.add_argument("--calls", type=int, default=20, metavar="N", help="profiled calls per model (20)")
+    p.add_argument("--profile-warmup", type=int, default=3, metavar="N", help="unprofiled warm-up calls before profiling (3)")
+    p.add_argument("--rounds", dest="explain_rounds", type=int, default=10, metavar="N",
+                   help="interleaved rounds of the paired timing (10)")
+    p.add_argument("--min-time", dest="explain_min_time", type=float, default=1.5, metavar="S",
+                   help="timed seconds per model in the paired timing (1.5)")
+    p.add_argument("--min-samples", dest="explain_min_samples", type=int, default=40, metavar="N",
+                   help="timed calls per model at least (40)")
+    p.add_argument("--tolerance", dest="explain_tolerance", type=float, default=0.15, metavar="F",
+                   help="profiled vs measured totals agree when within this fraction (0.15)")
+    p.add_argument("--probe", choices=("combined", "none"), default="combined",
+                   help="combined: time the slim at the recommended rounded widths (default); none: skip")
+    p.add_argument("--name", dest="explain_name", metavar="LABEL", help="model label (default: the arch)")
+    p.add_argument("--force", dest="explain_force", action="store_true", help="overwrite OUT/explain.json")
+    p.set_defaults(func=cmd_explain)
+
+
+def explain_command(args: argparse.Namespace, clock: str) -> str:
+    parts = ["deploy-prune", "bench", "explain", "--base", args.explain_base, "--slim", args.explain_slim,
+             "--backend", args.backend, "--device", args.explain_device, "--precision", args.explain_precision,
+             "--batch", str(args.explain_batch), "--threads", str(args.explain_threads), "--clock", clock,
+             "--calls", str(args.calls), "--rounds", str(args.explain_rounds), "--min-time",
+             str(args.explain_min_time), "--min-samples", str(args.explain_min_samples), "--out", args.explain_out]
+    parts += ["--probe", "none"] if args.probe == "none" else []
+    return shlex.join(parts)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Profile, map and diagnose one pair; print the diagnosis."""
+    from bench.explain import ExplainConfig, explain
+    from bench.explain_report import diagnosis_lines
+    from bench.timing import TimingConfig
+
+    for k in ("explain_base", "explain_slim"):
+        if not Path(getattr(args, k)).is_dir():
+            raise FileNotFoundError(f"--{k.split('_')[1]} {getattr(args, k)}: no such model directory")
+    out = Path(args.explain_out)
+    check_output(out / "explain.json", force=args.explain_force)
+    clock = args.explain_clock or ("cpu" if args.explain_device == "cpu" and args.explain_threads == 1 else "wall")
+    timing = TimingConfig(warmup_s=0.3, warmup_iters=3, min_time_s=args.explain_min_time,
+                          rounds=args.explain_rounds, min_samples=args.explain_min_samples,
+                          min_per_round=1, clock=clock)
+    cfg = ExplainConfig(backend=args.backend, device=args.explain_device, precision=args.explain_precision,
+                        batch=args.explain_batch, threads=args.explain_threads, clock=clock, calls=args.calls,
+                        warmup=args.profile_warmup, timing=timing, tolerance=args.explain_tolerance,
+                        probe=args.probe, name=args.explain_name)
+    result = explain(args.explain_base, args.explain_slim, out, cfg, command=explain_command(args, clock))
+    print("\n".join(diagnosis_lines(result)).replace("**", "").replace("`", ""))
+    print(f"{len(result['rows'])} rows -> {out / 'explain.csv'}, {out / 'explain.json'}, {out / 'report.md'}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` (and its actions) to the ``deploy-prune`` command line."""
     p = sub.add_parser("bench", help="latency, throughput, speedup and accuracy of slim vs base",
