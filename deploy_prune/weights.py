@@ -159,14 +159,18 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
 
 def _drop_aux_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Auxiliary-head weights (GoogLeNet, Inception) when the model is built without them
-    (``aux_logits=False``, models/tv.py): training-only, so a deployed model ignores them."""
+    (``aux_logits=False``, models/tv.py): training-only, so a deployed model ignores them. They
+    are the keys whose top-level module the model does not have (torchvision sets it to None)."""
     if getattr(model, "aux_logits", True) is not False:
         return state
-    from deploy_prune.models.tv import AUX_HEADS
+    children = {name for name, _ in model.named_children()}
 
-    prefixes = tuple(p for ps in AUX_HEADS.values() for p in ps)
-    prefixes += tuple(f"{w}{p}" for w in ("module.", "_orig_mod.") for p in prefixes)
-    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    def top(key: str) -> str:
+        for wrapper in ("module.", "_orig_mod."):
+            key = key.removeprefix(wrapper)
+        return key.split(".", 1)[0]
+
+    return {k: v for k, v in state.items() if top(k) in children}
 
 
 def _fit_prefix(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
