@@ -217,7 +217,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer", choices=SCORERS.names(), help="scorer when no --scores are given")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("inspect", help="per-node channels, FLOPs and params of a model directory")
+    p = sub.add_parser("inspect", help="per-node channels, FLOPs and params of a model directory",
+                       description="Print the architecture, input shape, FLOPs and parameters of a "
+                       "model directory (base or slim), then one row per prunable node: channels, "
+                       "MFLOPs and parameters of the layers that produce it. Reads plan.json and "
+                       "model.safetensors; trains nothing.",
+                       epilog="Example: deploy-prune inspect runs/default/slim --json")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)

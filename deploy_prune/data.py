@@ -2,12 +2,18 @@
 
 Small datasets live in memory as tensors and are served by :class:`TensorLoader`, which is much
 faster on a CPU than a per-item ``DataLoader``. Splits and shuffles are deterministic by seed.
+
+Data order is a pure function of (seed, stream, epoch): each training stage takes its own stream
+(:func:`stage_loader`), so a stage's batches do not depend on which stages ran before it in the
+same process, and a resumed stage can start again at any step (:func:`epoch_batches`).
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +58,13 @@ class DataBundle:
         return torch.zeros(batch, self.in_channels, self.image_size, self.image_size)
 
 
+def stream_seed(seed: int, stream: str, epoch: int) -> int:
+    """A 63-bit seed for one epoch of one named data stream (stable across processes)."""
+    return (seed * 1_000_003 + zlib.crc32(stream.encode()) * 10_007 + epoch) % (2**63 - 1)
+
+
 class TensorLoader:
-    """Batches over in-memory tensors; reshuffled each epoch from (seed, epoch)."""
+    """Batches over in-memory tensors; epoch ``e`` of stream ``s`` is shuffled from (seed, s, e)."""
 
     def __init__(
         self,
@@ -66,46 +77,89 @@ class TensorLoader:
         augment: bool = False,
         sampler_rank: int = 0,
         sampler_world: int = 1,
+        stream: str = "",
     ) -> None:
         self.x, self.y = x, y  # (N, C, H, W) float, (N,) long
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
         self.augment = augment
-        self.epoch = 0
+        self.stream = stream
+        self.epoch = 0  # only plain iteration (``for xb, yb in loader``) advances it
         self.rank, self.world = sampler_rank, sampler_world
 
     def with_options(self, **kw) -> TensorLoader:
         opts = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
-                    augment=self.augment, sampler_rank=self.rank, sampler_world=self.world)
+                    augment=self.augment, sampler_rank=self.rank, sampler_world=self.world,
+                    stream=self.stream)
         opts.update(kw)
         return TensorLoader(self.x, self.y, **opts)
 
+    def for_stage(self, name: str) -> TensorLoader:
+        """The same data under its own stream ``<stream>/<name>``, from epoch 0."""
+        return self.with_options(stream=f"{self.stream}/{name}" if self.stream else name)
+
     def __len__(self) -> int:
-        n = len(self._indices())
+        n = len(self.y)
         return (n + self.batch_size - 1) // self.batch_size
 
     @property
     def num_samples(self) -> int:
         return len(self.y)
 
-    def _indices(self) -> torch.Tensor:
+    def _indices(self, epoch: int) -> torch.Tensor:
         n = len(self.y)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            g = torch.Generator().manual_seed(stream_seed(self.seed, self.stream, epoch))
             return torch.randperm(n, generator=g)
         return torch.arange(n)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self._indices()
-        self.epoch += 1
-        for i in range(0, len(idx), self.batch_size):
+    def epoch_batches(self, epoch: int, *, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start, start + 1, ...`` of ``epoch``; no state is read or changed."""
+        idx = self._indices(epoch)
+        for i in range(start * self.batch_size, len(idx), self.batch_size):
             # data-parallel: each rank takes its strided slice of the same global batch
             j = idx[i : i + self.batch_size][self.rank :: self.world]
             xb = self.x[j]
             if self.augment:
-                xb = _augment(xb, seed=self.seed * 7919 + self.epoch * 131 + i)
+                xb = _augment(xb, seed=stream_seed(self.seed, self.stream, epoch) * 131 + i)
             yield xb, self.y[j]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.epoch_batches(epoch)
+
+
+def stage_loader(loader, stage: str, *, batch_size: int | None = None):
+    """``loader`` as the data stream of one stage (its own shuffles), optionally re-batched."""
+    if isinstance(loader, TensorLoader):
+        opts = {"batch_size": batch_size} if batch_size else {}
+        return loader.for_stage(stage).with_options(**opts)
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        seed = getattr(loader, "stream_seed_base", 0)
+        out = DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size, shuffle=True,
+                         generator=torch.Generator(), num_workers=loader.num_workers,
+                         pin_memory=loader.pin_memory)
+        out.stream_seed_base, out.stream = seed, f"{getattr(loader, 'stream', '')}/{stage}"
+        return out
+    return loader
+
+
+def epoch_batches(loader, epoch: int, *, start: int = 0) -> Iterator:
+    """Batch ``start`` onwards of epoch ``epoch`` of ``loader``, the same in every process.
+
+    A :class:`TensorLoader` computes it directly; a ``DataLoader`` is re-seeded for the epoch
+    (shuffled ones) or told its epoch (``DistributedSampler``) and skips ``start`` batches.
+    """
+    if isinstance(loader, TensorLoader):
+        return loader.epoch_batches(epoch, start=start)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    elif getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(stream_seed(getattr(loader, "stream_seed_base", 0),
+                                                 getattr(loader, "stream", ""), epoch))
+    return itertools.islice(iter(loader), start, None)
 
 
 def _augment(x: torch.Tensor, *, seed: int) -> torch.Tensor:
@@ -270,10 +324,12 @@ def load_imagefolder(cfg: DataConfig, *, seed: int) -> DataBundle:
     val = ImageFolder(str(root / "val"), transform=eval_tf)
     g = torch.Generator().manual_seed(seed)
     kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+    train_loader = DataLoader(_capped(train, cfg.max_train_samples, seed), batch_size=cfg.batch_size,
+                              shuffle=True, generator=g, **kw)
+    train_loader.stream_seed_base, train_loader.stream = seed, ""
     return DataBundle(
         name="imagefolder",
-        train=DataLoader(_capped(train, cfg.max_train_samples, seed), batch_size=cfg.batch_size,
-                         shuffle=True, generator=g, **kw),
+        train=train_loader,
         val=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
         test=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
         num_classes=len(train.classes),

@@ -27,14 +27,15 @@ from deploy_prune.allocation import (
     select_crucial,
 )
 from deploy_prune.artifacts import ModelPlan, load_model_dir, read_json_object, versions
+from deploy_prune.checkpoint import Checkpointer
 from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
-from deploy_prune.data import DataBundle
+from deploy_prune.data import DataBundle, stage_loader, stream_seed
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.nodes import Node, discover
 from deploy_prune.scoring import SCORERS, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
-from deploy_prune.train import evaluate, resolve_device, train_baseline
+from deploy_prune.train import baseline_state, evaluate, resolve_device, train_baseline
 
 log = logging.getLogger(__name__)
 SCORES_FORMAT = "deploy-prune/scores@1"
@@ -44,6 +45,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed the global generators for one stage from (seed, stage) alone, so a stage's result
+    does not depend on what ran before it in the process (``train`` vs ``run``)."""
+    seed_everything(stream_seed(seed, stage, 0) % 2**32)
 
 
 def setup(cfg: RunConfig) -> torch.device:
@@ -76,16 +83,29 @@ def describe(model: nn.Module, plan: ModelPlan, nodes: list[Node] | None = None)
             "widths": {n.name: n.channels for n in nodes}}
 
 
-def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[nn.Module, ModelPlan, dict]:
-    """Build (and load local weights, if given) then train the baseline; evaluate it."""
+def train_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, checkpoint: Path | None = None,
+               started: float | None = None) -> tuple[nn.Module, ModelPlan, dict]:
+    """Build (and load local weights, if given) then train the baseline; evaluate it.
+
+    The result depends only on the config and seed: ``train`` and ``run`` give the same weights.
+    With ``checkpoint``, training saves there mid-way and resumes from it when it exists.
+    """
+    t0 = time.perf_counter() if started is None else started
+    seed_stage(cfg.seed, "base")
     plan = new_base_plan(cfg, data)
     model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
     if cfg.model.weights:
         load_weights_file(model, cfg.model.weights)
-    t0 = time.perf_counter()
+    ck = None
     if cfg.train.epochs > 0:
-        train_baseline(model, data.train, cfg.train, device=device)
-    seconds = time.perf_counter() - t0
+        loader = stage_loader(data.train, "base")
+        state = baseline_state(model.to(device), loader, cfg.train)
+        if checkpoint is not None:
+            ck = Checkpointer(checkpoint, {"model": model}, state, started=t0)
+            ck.restore()
+        train_baseline(model, loader, cfg.train, device=device, state=state,
+                       on_step=ck.save if ck else None)
+    seconds = ck.seconds() if ck else time.perf_counter() - t0
     metrics = evaluate(model, data.test, device)
     model.cpu().eval()
     plan.info.update(config=to_dict(cfg), metrics=metrics, train_seconds=seconds, **describe(model, plan))
@@ -93,15 +113,22 @@ def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[
 
 
 def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | None,
-          device: torch.device, *, method: str | None = None) -> dict[str, Any]:
-    """Channel and node scores of ``model`` by the named scorer, as a JSON-ready dict."""
+          device: torch.device, *, method: str | None = None, checkpoint: Path | None = None,
+          started: float | None = None) -> dict[str, Any]:
+    """Channel and node scores of ``model`` by the named scorer, as a JSON-ready dict.
+
+    Seeded and fed from (seed, "score") alone, so ``score`` and ``run`` give the same scores;
+    a scorer that trains may checkpoint to ``checkpoint`` and resume from it.
+    """
     method = method or cfg.scoring.method
     scorer = SCORERS.get(method)()
     example = plan.example()
     nodes = discover(model, example)
+    seed_stage(cfg.seed, "score")
     ctx = ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg,
-                       train_loader=data.train if data else None, device=device, seed=cfg.seed)
-    t0 = time.perf_counter()
+                       train_loader=stage_loader(data.train, "score") if data else None, device=device,
+                       seed=cfg.seed, checkpoint=checkpoint)
+    t0 = time.perf_counter() if started is None else started
     scores = scorer.score(ctx)
     model.cpu()
     seconds = time.perf_counter() - t0

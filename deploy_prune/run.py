@@ -21,12 +21,13 @@ from torch import nn
 
 from deploy_prune import distributed, pipeline
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, save_model_dir, versions
+from deploy_prune.checkpoint import Checkpointer
 from deploy_prune.config import RunConfig, to_dict
-from deploy_prune.data import DataBundle, load_data
+from deploy_prune.data import DataBundle, load_data, stage_loader
 from deploy_prune.nodes import discover
 from deploy_prune.recovery.layerwise import layerwise
-from deploy_prune.recovery.mimic import StepState, finetune, finetune_state, recover, recovery_state
-from deploy_prune.train import evaluate
+from deploy_prune.recovery.mimic import finetune, finetune_state, recover, recovery_state
+from deploy_prune.train import StepState, evaluate
 
 log = logging.getLogger(__name__)
 STAGES = ("base", "score", "prune", "recover", "finetune")
@@ -50,36 +51,14 @@ class RunState:
         return self.data["stages"][stage]
 
 
-class Checkpointer:
-    """Mid-stage checkpoints (model, optimizer, scheduler, step), written atomically."""
-
-    def __init__(self, path: Path, model: nn.Module, state: StepState) -> None:
-        self.path, self.model, self.state = path, model, state
-        self.every = max(1, state.steps // 10)
-
-    def save(self, step: int) -> None:
-        if step % self.every and step != self.state.steps:
-            return
-        blob = {"model": self.model.state_dict(), "optimizer": self.state.optimizer.state_dict(),
-                "scheduler": self.state.scheduler.state_dict() if self.state.scheduler else None,
-                "step": step}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(self.path)
-
-    def restore(self) -> bool:
-        """Load a checkpoint if one exists; returns whether it did."""
-        if not self.path.is_file():
-            return False
-        blob = torch.load(self.path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(blob["model"])
-        self.state.optimizer.load_state_dict(blob["optimizer"])
-        if self.state.scheduler is not None and blob["scheduler"] is not None:
-            self.state.scheduler.load_state_dict(blob["scheduler"])
-        self.state.start = int(blob["step"])
-        log.info("resumed %s at step %d/%d", self.path.name, self.state.start, self.state.steps)
-        return True
+def checkpoint_seconds(path: Path) -> float:
+    """Seconds an interrupted stage had spent up to its last checkpoint (0 when none)."""
+    if not path.is_file():
+        return 0.0
+    try:
+        return float(torch.load(path, map_location="cpu", weights_only=True)["seconds"])
+    except Exception:  # unreadable: the stage restarts from step 0 and counts from there
+        return 0.0
 
 
 def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
@@ -113,13 +92,25 @@ class Runner:
         return metrics
 
     def timed(self, stage: str, fn) -> None:
+        """Run a stage unless done; its seconds add up over the segments of a resumed run."""
         if self.state.done(stage):
             log.info("stage %s: done, skipped", stage)
             return
-        t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
+        prior = checkpoint_seconds(self.ckpt(stage))
         metrics = fn() or {}
-        self.state.finish(stage, time.perf_counter() - t0, **metrics)
-        log.info("stage %s: %.1fs %s", stage, time.perf_counter() - t0, metrics)
+        seconds = prior + time.perf_counter() - self.t0
+        self.state.finish(stage, seconds, **metrics)
+        log.info("stage %s: %.1fs %s", stage, seconds, metrics)
+
+    def ckpt(self, stage: str) -> Path:
+        return self.out / "ckpt" / f"{stage}.pt"
+
+    def checkpointer(self, stage: str, model: nn.Module, state: StepState) -> Checkpointer:
+        """A mid-stage checkpointer for ``stage``, restored from disk when one is there."""
+        ck = Checkpointer(self.ckpt(stage), {"model": model}, state, started=self.t0)
+        ck.restore()
+        return ck
 
     # -- stages --------------------------------------------------------------------------------
     def stage_base(self) -> dict:
@@ -128,13 +119,15 @@ class Runner:
             plan.info.setdefault("config", to_dict(self.cfg))
             metrics = self.evaluate(model)
         else:
-            model, plan, metrics = pipeline.train_base(self.cfg, self.data, self.device)
+            model, plan, metrics = pipeline.train_base(self.cfg, self.data, self.device,
+                                                       checkpoint=self.ckpt("base"), started=self.t0)
         save_model_dir(model, plan, self.out / "base", force=True)
         return {"top1": metrics["top1"], "top5": metrics["top5"]}
 
     def stage_score(self) -> dict:
         model, plan = load_model_dir(self.out / "base")
-        result = pipeline.score(model, plan, self.cfg, self.data, self.device)
+        result = pipeline.score(model, plan, self.cfg, self.data, self.device, checkpoint=self.ckpt("score"),
+                                started=self.t0)
         atomic_write_text(self.out / "scores.json", json.dumps(result, indent=1))
         return {"scorer": result["scorer"]}
 
@@ -152,7 +145,8 @@ class Runner:
     def stage_recover(self) -> dict:
         teacher, base_plan = load_model_dir(self.out / "base")
         student, plan = load_model_dir(self.out / "pruned")
-        rc, loader = self.cfg.recovery, self._loader(self.cfg.recovery.batch_size)
+        pipeline.seed_stage(self.cfg.seed, "recover")
+        rc, loader = self.cfg.recovery, self._loader("recover", self.cfg.recovery.batch_size)
         example = plan.example()
         info: dict[str, Any] = {"mode": rc.mode, "loss": rc.loss if rc.mode == "onestep" else rc.mode}
         if rc.mode == "layerwise":
@@ -162,9 +156,8 @@ class Runner:
             info.update(extra)
         elif rc.mode in ("onestep", "ce"):
             names = self._mimic_names(plan)
-            state = recovery_state(student, loader, rc)
-            ck = Checkpointer(self.out / "ckpt" / "recover.pt", student, state)
-            ck.restore()
+            state = recovery_state(student.to(self.device), loader, rc)
+            ck = self.checkpointer("recover", student, state)
             recover(teacher, student, teacher_nodes=discover(teacher, example),
                     student_nodes=discover(student, example), names=names, loader=loader, cfg=rc,
                     device=self.device, state=state, on_step=ck.save)
@@ -179,22 +172,20 @@ class Runner:
     def stage_finetune(self) -> dict:
         student, plan = load_model_dir(self.out / "recovered")
         fc = self.cfg.finetune
-        loader = self._loader(None)
+        pipeline.seed_stage(self.cfg.seed, "finetune")
+        loader = self._loader("finetune", None)
         if fc.epochs > 0:
-            state = finetune_state(student, loader, fc)
-            ck = Checkpointer(self.out / "ckpt" / "finetune.pt", student, state)
-            ck.restore()
+            state = finetune_state(student.to(self.device), loader, fc)
+            ck = self.checkpointer("finetune", student, state)
             finetune(student, loader=loader, cfg=fc, device=self.device, state=state, on_step=ck.save)
         student.cpu().eval()
         save_model_dir(student, plan, self.out / "slim", force=True)
         m = self.evaluate(student)
         return {"top1": m["top1"], "top5": m["top5"], "epochs": fc.epochs}
 
-    def _loader(self, batch_size: int | None):
-        loader = self.data.train
-        if batch_size and hasattr(loader, "with_options"):
-            loader = loader.with_options(batch_size=batch_size)
-        return loader
+    def _loader(self, stage: str, batch_size: int | None):
+        """The training data as ``stage``'s own stream (its shuffles depend on seed and stage only)."""
+        return stage_loader(self.data.train, stage, batch_size=batch_size)
 
     def run(self) -> dict[str, Any]:
         for stage in STAGES:

@@ -28,6 +28,7 @@ class ScoreContext:
     train_loader: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    checkpoint: Any = None  # a path for mid-stage checkpoints (scorers that train), or None
 
 
 class Scorer(abc.ABC):
