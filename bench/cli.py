@@ -3,15 +3,18 @@
 Registered through the ``deploy_prune.commands`` entry point (``bench = "bench.cli:register"``).
 ``bench`` takes an optional ACTION word: none runs the benchmark; ``compare`` checks a result
 against a baseline. More actions register in :data:`ACTIONS` (a function that adds one
-sub-parser), so ``bench suite`` is one more decorated function, not another branch.
+sub-parser), or, for a study such as ``bench suite`` (:mod:`bench.studies.paper_claims`), through
+the ``deploy_prune.bench_actions`` entry-point group, so bench never imports its studies.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from bench.sweep import BenchConfig
+
+log = logging.getLogger(__name__)
 
 ACTIONS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("bench action")
 
@@ -176,36 +181,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if n else 0
 
 
-@ACTIONS.register("suite")
-def add_suite(sub: argparse._SubParsersAction) -> None:
-    """``bench suite CONFIG [key=value ...] --out DIR [--results DIR] [--data-root DIR]``."""
-    p = sub.add_parser("suite", help="build the papers' operating points and measure them",
-                       description="Build ImageNet-shape base and slim models at the operating points "
-                       "of CONFIG (random weights; widths from beta scores with --data-root, else "
-                       "uniform) and time slim against base per stage, rounding and point. Model "
-                       "directories and finished units are cached under --out; a rerun resumes "
-                       "(and retries units that timed nothing, e.g. GPU stages on a CPU box).",
-                       epilog="Example: deploy-prune bench suite configs/bench/paper_claims.yaml "
-                       "--out runs/paper_claims --results docs/results")
-    p.add_argument("config", metavar="CONFIG", help="suite YAML (configs/bench/paper_claims.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides (budget_minutes=30)")
-    p.add_argument("--out", dest="suite_out", required=True, metavar="DIR",
-                   help="work directory: models, artifacts, per-unit CSVs")
-    p.add_argument("--results", metavar="DIR", help="where paper_claims.csv/.md/.png go (default: --out)")
-    p.add_argument("--data-root", dest="data_root", metavar="DIR",
-                   help="ImageNet folder (train/, val/): widths from beta scores")
-    p.add_argument("--notes", metavar="FILE", help="Markdown added to the page (how a split run was produced)")
-    p.add_argument("--build-workers", type=int, default=1, metavar="N",
-                   help="processes building models ahead of the measurements (0: build inline)")
-    p.set_defaults(func=_cmd_suite)
-
-
-def _cmd_suite(args) -> int:
-    from bench.suite import cmd_suite  # pandas, models and allocators load only when a suite runs
-
-    return cmd_suite(args)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` (and its actions) to the ``deploy-prune`` command line."""
     p = sub.add_parser("bench", help="latency, throughput, speedup and accuracy of slim vs base",
@@ -218,4 +193,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="bench_action", metavar="[ACTION]", required=False)
     for name in ACTIONS.names():
         ACTIONS.get(name)(actions)
+    for ep in entry_points(group="deploy_prune.bench_actions"):  # studies measured with bench (suite)
+        try:
+            add = ep.load()
+        except ImportError as e:  # as deploy_prune.cli: a broken plugin must not break bench
+            log.debug("bench action plugin %s unavailable: %s", ep.name, e)
+            continue
+        add(actions)
     p.set_defaults(func=cmd_bench)

@@ -1,4 +1,4 @@
-"""Core sub-commands: train, score, prune, inspect (run and ablate are added by recovery)."""
+"""Core sub-commands: run, train, score, prune, inspect (studies such as ablate are plugins)."""
 
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ def job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="delete DIR's previous content and start over")
 
 
-def _overrides(args) -> list[str]:
+def overrides(args) -> list[str]:
     extra = [f"data.root={args.data_root}"] if getattr(args, "data_root", None) else []
     return list(args.overrides) + extra
 
 
 def cmd_train(args) -> int:
     check_output(args.out, force=args.force)
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_config(args.config, overrides(args))
     device = pipeline.setup(cfg)
     data = load_data(cfg.data, seed=cfg.seed)
     model, plan, metrics = pipeline.train_base(cfg, data, device)
@@ -62,7 +62,7 @@ def _scores(args, model, plan, cfg, device):
 def cmd_score(args) -> int:
     out = check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
-    cfg = pipeline.resolve_config(plan, args.config, _overrides(args))
+    cfg = pipeline.resolve_config(plan, args.config, overrides(args))
     device = pipeline.setup(cfg)
     result = _scores(args, model, plan, cfg, device)
     if not distributed.is_main():
@@ -77,7 +77,7 @@ def cmd_score(args) -> int:
 def cmd_prune(args) -> int:
     check_output(args.out, force=args.force)
     model, plan = pipeline.load_base(args.base)
-    over = _overrides(args)
+    over = overrides(args)
     if args.target_flops is not None:
         over += ["allocation.target=flops", f"allocation.flops_reduction={args.target_flops}"]
     if args.keep_fraction is not None:
@@ -136,7 +136,7 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     from deploy_prune.run import run
 
-    cfg = load_config(args.config_file, _overrides(args))
+    cfg = load_config(args.config_file, overrides(args))
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
     if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
         return 0
@@ -148,36 +148,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_ablate(args) -> int:
-    from deploy_prune.ablate import STUDIES, ablate
-
-    studies = tuple(args.only.split(",")) if args.only else STUDIES
-    bad = [s for s in studies if s not in STUDIES]
-    if bad:
-        raise ValueError(f"--only: unknown studies {bad}; choose from {', '.join(STUDIES)}")
-    if distributed.active():
-        raise ValueError("ablate runs in one process: its studies all write one folder, so launch it "
-                         "without torchrun (deploy-prune ablate ...); run supports torchrun")
-    cfg = load_config(args.config_file, _overrides(args))
-    rows = ablate(cfg, args.out, studies=studies, from_run=args.from_run, resume=args.resume, force=args.force)
-    print(f"{len(rows)} ablation rows -> {args.out}/ablation.md, ablation.csv, ablation.png")
-    for r in rows:
-        print(f"  {r['study']:<10} {r['variant']:<12} pruned {r['pruned_top1']:6.2f}  recovered "
-              f"{r['recovered_top1']:6.2f}  fine-tuned {r['finetuned_top1']:6.2f}  {r['seconds']:7.1f}s")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ablate", help="the paper's ablations as one table (CSV, Markdown, plot)",
-                       description="Filter selection (beta/random/first-k/L1), mimic function "
-                       "(KL/JS/MSE/LASSO/CE), number of mimicked nodes (MSE), one-step vs "
-                       "layer-by-layer, and RBP vs beta, on the same widths and budget.")
-    job_args(p)
-    p.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="reuse RUN_DIR/base instead of training")
-    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer")
-    p.set_defaults(func=cmd_ablate)
-
-
     p = sub.add_parser("run", help="the whole job: train -> score -> prune -> recover -> fine-tune",
                        description="Train (or load with --base) a baseline, score channels, choose "
                        "crucial nodes, prune globally to the target, cut channels out, recover in one "

@@ -2,8 +2,8 @@
 
 import pandas as pd
 
+from bench.studies.ablation import ablate, variants
 from conftest import digits_cfg
-from deploy_prune.ablate import ablate, variants
 
 
 def test_variants_cover_the_paper_studies():

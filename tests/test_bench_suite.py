@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.suite import CUT_FOR_TIME, cached_unit, plan_units, run_suite
-from bench.suite_config import SuiteConfig, load_suite
-from bench.suite_report import write_results
+from bench.studies.paper_claims.config import SuiteConfig, load_suite
+from bench.studies.paper_claims.report import write_results
+from bench.studies.paper_claims.suite import CUT_FOR_TIME, cached_unit, plan_units, run_suite
 from bench.table import REQUIRED
 from deploy_prune.config import ConfigError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.suite_readme import BEGIN, END, block, current_block
+from bench.studies.paper_claims.readme import BEGIN, END, block, current_block
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
@@ -40,7 +40,7 @@ def test_readme_tables_are_generated_from_the_csv() -> None:
     assert got is not None, f"README.md has no {BEGIN} ... {END} block"
     assert got == block(pd.read_csv(RESULTS / "paper_claims.csv")), (
         "README's paper-claims tables differ from docs/results/paper_claims.csv: "
-        "run `python -m bench.suite_readme`")
+        "run `python -m bench.studies.paper_claims.readme`")
 
 
 def test_block_marks_a_missing_batch() -> None:

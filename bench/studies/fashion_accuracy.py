@@ -4,7 +4,7 @@ Joins, per trained Fashion-MNIST pair, the ``deploy-prune bench --accuracy`` tab
 artifact actually timed, on each backend) with the run's own report (``report.json``: top-1 in
 PyTorch, FLOPs reduction). Written as ``fashion_accuracy.csv`` and ``fashion_accuracy.md``::
 
-    python -m bench.suite_accuracy --entry default /tmp/p7/acc/default /tmp/dp/default configs/default.yaml \\
+    python -m bench.studies.fashion_accuracy --entry default /tmp/p7/acc/default /tmp/dp/default configs/default.yaml \\
         --notes NOTES.md --out docs/results
 """
 

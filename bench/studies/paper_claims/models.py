@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.suite_config import PointConfig, SuiteConfig
+from bench.studies.paper_claims.config import PointConfig, SuiteConfig
 from deploy_prune.allocation import allocate, cut, select_crucial
 from deploy_prune.artifacts import PLAN_FILE, ModelPlan, save_model_dir
 from deploy_prune.config import AllocationConfig, DataConfig, RunConfig, ScoringConfig
@@ -34,7 +34,7 @@ def ensure_onnx(model_dir: Path) -> Path:
     """``model_dir/model.onnx`` (fp32, dynamic batch, verified in ONNX Runtime), exported once.
 
     Exporting VGG-16 takes a minute on this class of machine; the suite's builder process does it
-    ahead of the measurements, and the ``ort`` backend is handed the file (:func:`bench.suite.prime`).
+    ahead of the measurements, and the ``ort`` backend is handed the file (:func:`bench.studies.paper_claims.suite.prime`).
     """
     from bench.backends.ort import write_onnx
     from deploy_prune.artifacts import load_model_dir

@@ -21,7 +21,7 @@ import pandas as pd
 
 from bench import table
 from bench.report import markdown_table
-from bench.suite_config import SuiteConfig
+from bench.studies.paper_claims.config import SuiteConfig
 from deploy_prune.artifacts import atomic_write_text
 
 BASE_COLUMNS = ("p50_ms", "p90_ms", "mean_ms", "throughput_ips", "flops", "params")

@@ -1,6 +1,6 @@
 """The measured comparison of docs/results/latency_target.md.
 
-``python -m bench.latency.study --run DIR [--speedup 2.0] --out FILE.csv`` takes a finished
+``python -m bench.studies.latency_target --run DIR [--speedup 2.0] --out FILE.csv`` takes a finished
 (or pruned) ``deploy-prune run`` directory and, on the backend its latency allocation used:
 
 - validates the additive latency model: predicted vs measured latency of random grid widths;

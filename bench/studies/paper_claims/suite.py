@@ -1,14 +1,14 @@
 """``deploy-prune bench suite CONFIG --out DIR``: the papers' operating points, measured.
 
 Builds the ImageNet-shape base and slim models of every operating point and width rounding
-(:mod:`bench.suite_models`) and times each slim model against its base with the bench sweep
+(:mod:`bench.studies.paper_claims.models`) and times each slim model against its base with the bench sweep
 (:mod:`bench.sweep`), one *unit* (stage x rounding x point) at a time. Units run stage by stage
 in config order, so the headline measurements come first and a ``budget_minutes`` cut falls on
 the later ones (their rows say ``skipped: cut for time``). A separate process builds the model
 directories ahead of the measurements. Every finished unit is cached as CSV under
 ``DIR/units/``; a rerun resumes, and tries again the units that timed nothing (a GPU stage
 resumed on a GPU machine is measured there). The combined table, page and plot are written by
-:mod:`bench.suite_report`.
+:mod:`bench.studies.paper_claims.report`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import pandas as pd
 
 from bench import env, table
 from bench.backends import BACKENDS, Artifact
-from bench.suite_config import PointConfig, StageConfig, SuiteConfig, load_suite
-from bench.suite_models import (
+from bench.studies.paper_claims.config import PointConfig, StageConfig, SuiteConfig, load_suite
+from bench.studies.paper_claims.models import (
     ONNX_FILE,
     build_slim,
     ensure_base,
@@ -266,7 +266,7 @@ def suite_command(args: argparse.Namespace) -> str:
 
 def cmd_suite(args: argparse.Namespace) -> int:
     """Run the suite; write the table, page and plot to --results (default: --out)."""
-    from bench.suite_report import write_results
+    from bench.studies.paper_claims.report import write_results
 
     overrides = list(args.overrides) + ([f"data_root={args.data_root}"] if args.data_root else [])
     cfg = load_suite(args.config, overrides)

@@ -4,7 +4,7 @@ The README summarises the suite in two tables: per operating point, device, back
 (rounding 8), and the rounding study (ORT, batch 1). Both are written between
 ``<!-- paper_claims:begin -->`` and ``<!-- paper_claims:end -->`` by::
 
-    python -m bench.suite_readme --csv docs/results/paper_claims.csv --readme README.md
+    python -m bench.studies.paper_claims.readme --csv docs/results/paper_claims.csv --readme README.md
 
 and ``tests/test_results.py`` checks that the README's block is exactly what the committed CSV
 gives, so the README cannot drift from the measurements.

@@ -11,6 +11,7 @@ Rows are appended to ``ablation.jsonl`` as they finish, so an interrupted ablati
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -21,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from deploy_prune import pipeline
+from deploy_prune import commands, distributed, pipeline
 from deploy_prune.allocation import cut, keep_top
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, read_json_object
-from deploy_prune.config import RunConfig
+from deploy_prune.config import RunConfig, load_config
 from deploy_prune.flops import count
 from deploy_prune.nodes import discover
 from deploy_prune.recovery.layerwise import layerwise
@@ -229,3 +230,30 @@ def ablate(cfg: RunConfig, out: str | Path, *, studies: tuple[str, ...] = STUDIE
     return Ablation(cfg, out, from_run=from_run).run(studies)
 
 
+def cmd_ablate(args) -> int:
+    studies = tuple(args.only.split(",")) if args.only else STUDIES
+    bad = [s for s in studies if s not in STUDIES]
+    if bad:
+        raise ValueError(f"--only: unknown studies {bad}; choose from {', '.join(STUDIES)}")
+    if distributed.active():
+        raise ValueError("ablate runs in one process: its studies all write one folder, so launch it "
+                         "without torchrun (deploy-prune ablate ...); run supports torchrun")
+    cfg = load_config(args.config_file, commands.overrides(args))
+    rows = ablate(cfg, args.out, studies=studies, from_run=args.from_run, resume=args.resume, force=args.force)
+    print(f"{len(rows)} ablation rows -> {args.out}/ablation.md, ablation.csv, ablation.png")
+    for r in rows:
+        print(f"  {r['study']:<10} {r['variant']:<12} pruned {r['pruned_top1']:6.2f}  recovered "
+              f"{r['recovered_top1']:6.2f}  fine-tuned {r['finetuned_top1']:6.2f}  {r['seconds']:7.1f}s")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``ablate`` to the ``deploy-prune`` command line (entry point ``deploy_prune.commands``)."""
+    p = sub.add_parser("ablate", help="the paper's ablations as one table (CSV, Markdown, plot)",
+                       description="Filter selection (beta/random/first-k/L1), mimic function "
+                       "(KL/JS/MSE/LASSO/CE), number of mimicked nodes (MSE), one-step vs "
+                       "layer-by-layer, and RBP vs beta, on the same widths and budget.")
+    commands.job_args(p)
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR", help="reuse RUN_DIR/base instead of training")
+    p.add_argument("--only", metavar="STUDIES", help="comma-separated subset of: selection,loss,nodes,pipeline,scorer")
+    p.set_defaults(func=cmd_ablate)
