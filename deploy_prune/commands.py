@@ -134,17 +134,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from deploy_prune.run import run
+    from deploy_prune.run import run, summary_text
 
     cfg = load_config(args.config_file, overrides(args))
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
     if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
         return 0
-    print(f"{report['base']['arch']}: {report['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
-          f"{report['base']['top1']:.2f}% | pruned {report['pruned']['top1']:.2f}% | recovered "
-          f"{report['recovered']['top1']:.2f}% | slim {report['slim']['top1']:.2f}%")
-    print(f"stage seconds: {report['seconds']}")
-    print(f"report: {args.out}/report.md, slim model: {args.out}/slim")
+    print(summary_text(report, args.out))
     return 0
 
 

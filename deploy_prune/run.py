@@ -74,8 +74,10 @@ def prepare_out(out: Path, *, resume: bool, force: bool) -> None:
 class Runner:
     """Holds what the stages share; each stage method is idempotent given ``state.json``."""
 
-    def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None,
+                 display_out: str | Path | None = None) -> None:
         self.cfg, self.out, self.base_dir = cfg, out, base_dir
+        self.display_out = display_out if display_out is not None else out  # as the user typed it
         self.device = pipeline.setup(cfg)
         self.state = RunState(out)
         self._data: DataBundle | None = None
@@ -132,6 +134,8 @@ class Runner:
         return {"scorer": result["scorer"]}
 
     def stage_prune(self) -> dict:
+        """Allocate, cut and evaluate. A ``speed`` entry in the returned metrics (a quick measured
+        speedup of the cut model, see :func:`speed_line`) reaches report.json and the summary."""
         model, plan = load_model_dir(self.out / "base")
         scores = pipeline.read_scores(self.out / "scores.json", plan)
         res = pipeline.prune(model, plan, self.cfg, scores)
@@ -193,7 +197,7 @@ class Runner:
         shutil.rmtree(self.out / "ckpt", ignore_errors=True)
         report = build_report(self.out, self.state, self.cfg, self.device)
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
-        atomic_write_text(self.out / "report.md", render_report(report))
+        atomic_write_text(self.out / "report.md", render_report(report, self.display_out))
         return report
 
 
@@ -214,6 +218,8 @@ def build_report(out: Path, state: RunState, cfg: RunConfig, device: torch.devic
         "params_reduction": slim["base_params"] / max(slim["params"], 1),
         "crucial_nodes": slim["crucial_nodes"],
         **latency_fields(slim),
+        # the quick measured speedup, when the prune stage measured one (see speed_line)
+        **({"speed": s["prune"]["speed"]} if s["prune"].get("speed") else {}),
         "widths": widths,
         "recovery": {k: v for k, v in s["recover"].items() if k not in ("top1", "top5", "seconds")},
         "seconds": {k: round(v["seconds"], 2) for k, v in s.items()},
@@ -234,22 +240,76 @@ def latency_fields(slim_plan: dict[str, Any]) -> dict[str, Any]:
     return {"latency": {k: lat[k] for k in keys if k in lat}}
 
 
-def render_report(r: dict[str, Any]) -> str:
-    """A readable report.md from report.json."""
+def speed_line(r: dict[str, Any]) -> str | None:
+    """One line on the measured speedup, when the run has one.
+
+    ``report["speed"]`` is the hook for the quick measurement made after pruning (the slowdown
+    guard): ``{"speedup": float, "ci": [lo, hi] (optional), "backend": str, "device": str,
+    "batch": int, "precision": str}``. A latency-targeted run also has ``latency.measured_speedup``.
+    """
+    sp = r.get("speed")
+    if sp and sp.get("speedup") is not None:
+        ci = f" [{sp['ci'][0]:.2f}, {sp['ci'][1]:.2f}]" if sp.get("ci") else ""
+        where = ", ".join(str(sp[k]) for k in ("backend", "device", "precision") if sp.get(k))
+        batch = f", batch {sp['batch']}" if sp.get("batch") else ""
+        return f"measured speedup {sp['speedup']:.2f}x{ci} ({where}{batch})"
+    lat = r.get("latency", {})
+    if lat.get("measured_speedup") is not None:
+        return (f"measured speedup {lat['measured_speedup']:.2f}x ({lat.get('backend', '?')}, "
+                f"{lat.get('device', '?')}, batch {lat.get('batch', '?')})")
+    return None
+
+
+def next_commands(out: str | Path) -> list[str]:
+    """What a user runs after ``run``: export the slim model and measure it against its base."""
+    return [f"deploy-prune export {out}/slim --format onnx --out {out}/slim.onnx",
+            f"deploy-prune bench --base {out}/base --slim {out}/slim --backends torch ort --device cpu "
+            f"--precision fp32 --batch 1 8 --threads 1 --clock cpu --out {out}/bench"]
+
+
+def width_rows(r: dict[str, Any]) -> list[tuple[str, int, int, str]]:
+    """(node, base, slim, note) per node of the report's width table."""
+    crucial = set(r.get("crucial_nodes") or [])
+    return [(k, w["base"], w["slim"], "crucial" if k in crucial else "") for k, w in r["widths"].items()]
+
+
+def summary_text(r: dict[str, Any], out: str | Path) -> str:
+    """What ``run`` prints at the end: widths, accuracies, speed (if measured) and next commands."""
+    lines = [f"{'node':<32} {'base':>6} {'slim':>6} {'kept':>7}  note", "-" * 62]
+    for name, b, sl, note in width_rows(r):
+        lines.append(f"{name:<32} {b:>6} {sl:>6} {100 * sl / b:>6.1f}%  {note}".rstrip())
+    lines += [f"{r['base']['arch']}: {r['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
+              f"{r['base']['top1']:.2f}% | pruned {r['pruned']['top1']:.2f}% | recovered "
+              f"{r['recovered']['top1']:.2f}% | slim {r['slim']['top1']:.2f}%"]
+    speed = speed_line(r)
+    lines += [speed] if speed else []
+    lines += ["stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()),
+              f"report: {out}/report.md, slim model: {out}/slim", "next:"]
+    lines += [f"  {c}" for c in next_commands(out)]
+    return "\n".join(lines)
+
+
+def render_report(r: dict[str, Any], out: str | Path | None = None) -> str:
+    """A readable report.md from report.json (``out``: the run directory, for the next commands)."""
     lines = [f"# deploy-prune run: {r['base']['arch']}", "",
              f"FLOPs {r['base']['flops'] / 1e6:.2f}M -> {r['slim']['flops'] / 1e6:.2f}M "
              f"(**{r['flops_reduction']:.2f}x fewer**), params {r['base']['params'] / 1e6:.3f}M -> "
-             f"{r['slim']['params'] / 1e6:.3f}M; device {r['device']}, {r['threads']} threads.", "",
-             "| stage | top-1 (%) | top-5 (%) | seconds |", "|---|---:|---:|---:|"]
+             f"{r['slim']['params'] / 1e6:.3f}M; device {r['device']}, {r['threads']} threads.", ""]
+    speed = speed_line(r)
+    lines += [speed[0].upper() + speed[1:] + ".", ""] if speed else []
+    lines += ["| stage | top-1 (%) | top-5 (%) | seconds |", "|---|---:|---:|---:|"]
     sec = r["seconds"]
     for label, key, stage in [("baseline", "base", "base"), ("pruned, no recovery", "pruned", "prune"),
                               ("after mimic recovery", "recovered", "recover"),
                               ("after fine-tuning (slim)", "slim", "finetune")]:
         lines.append(f"| {label} | {r[key]['top1']:.2f} | {r[key]['top5']:.2f} | {sec.get(stage, 0):.1f} |")
     lines += ["", f"Crucial nodes (never narrowed, mimicked): {', '.join(r['crucial_nodes'])}", "",
-              "| node | base | slim | kept |", "|---|---:|---:|---:|"]
-    for k, w in r["widths"].items():
-        lines.append(f"| {k} | {w['base']} | {w['slim']} | {100 * w['slim'] / w['base']:.0f}% |")
+              "| node | base | slim | kept | note |", "|---|---:|---:|---:|---|"]
+    for name, b, sl, note in width_rows(r):
+        lines.append(f"| {name} | {b} | {sl} | {100 * sl / b:.0f}% | {note} |")
+    if out is not None:
+        lines += ["", "Next: export the slim model and measure it against its base:", "", "```bash",
+                  *next_commands(out), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +348,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = 
     # folder inside it (kept until the run finishes, so a resumed run finds it)
     work = out if distributed.is_main() else out / f".rank{distributed.rank()}"
     work.mkdir(parents=True, exist_ok=True)
-    report = Runner(cfg, work, base_dir=base_dir).run()
+    report = Runner(cfg, work, base_dir=base_dir, display_out=out).run()
     distributed.barrier()
     if distributed.is_main():
         for scratch in out.glob(".rank*"):

@@ -7,6 +7,7 @@ Oracles are exact: the same bytes of weights, the same widths, the same accuraci
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -66,10 +67,20 @@ def test_data_order_is_a_function_of_seed_stream_and_epoch():
     assert not torch.equal(first[0], first[per_epoch])
 
 
-def test_step_by_step_equals_run(tmp_path, tiny_yaml):
+def test_step_by_step_equals_run(tmp_path, tiny_yaml, capsys):
     """train -> score -> prune gives the base, scores and widths that run gives."""
     run_dir, ex = tmp_path / "run", tmp_path / "ex"
     assert main(["run", str(tiny_yaml), "--out", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((run_dir / "report.json").read_text())
+    md = (run_dir / "report.md").read_text()
+    for node, w in report["widths"].items():  # the width table, printed and in report.md
+        assert re.search(rf"^{re.escape(node)} +{w['base']} +{w['slim']} ", printed, re.M), node
+        assert f"| {node} | {w['base']} | {w['slim']} |" in md
+    top1 = f"slim {report['slim']['top1']:.2f}%"
+    assert top1 in printed
+    for cmd in (f"deploy-prune export {run_dir}/slim --format onnx", f"deploy-prune bench --base {run_dir}/base"):
+        assert cmd in printed and cmd in md
     assert main(["train", "--config", str(tiny_yaml), "--out", str(ex / "base")]) == 0
     assert_same_weights(run_dir / "base", ex / "base")
     assert main(["score", str(ex / "base"), "--out", str(ex / "scores.json")]) == 0
@@ -130,3 +141,18 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tiny_yaml, monkeypatch):
 def stops_steps(stage: str) -> int:
     """Step counts of the tiny run's stages (digits: 1294 training images, batch 64: 21 steps)."""
     return {"base": 21, "score": 11, "recover": 11, "finetune": 11}[stage]
+
+
+def test_summary_prints_a_measured_speed_when_the_report_has_one():
+    from deploy_prune.run import render_report, summary_text
+
+    r = {"base": {"arch": "small_vgg", "top1": 90.0, "top5": 99.0, "flops": 3e6, "params": 1e5},
+         "pruned": {"top1": 50.0, "top5": 80.0}, "recovered": {"top1": 88.0, "top5": 98.0},
+         "slim": {"top1": 89.0, "top5": 99.0, "flops": 1e6, "params": 4e4}, "flops_reduction": 3.0,
+         "crucial_nodes": ["a"], "widths": {"a": {"base": 8, "slim": 8}, "b": {"base": 16, "slim": 4}},
+         "seconds": {"base": 1.0}, "device": "cpu", "threads": 1}
+    assert "measured speedup" not in summary_text(r, "out")
+    r["speed"] = {"speedup": 1.87, "ci": [1.8, 1.9], "backend": "ort", "device": "cpu", "batch": 1}
+    assert "measured speedup 1.87x [1.80, 1.90] (ort, cpu, batch 1)" in summary_text(r, "out")
+    assert "Measured speedup 1.87x" in render_report(r, "out")
+    assert "b                                    16      4   25.0%" in summary_text(r, "out")
