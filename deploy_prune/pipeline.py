@@ -58,7 +58,24 @@ def setup(cfg: RunConfig) -> torch.device:
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    else:
+        warn_if_busy()
     return resolve_device(cfg.device)
+
+
+def warn_if_busy() -> None:
+    """Say how to set the thread count when other work already fills the cores.
+
+    The default stays torch's (one thread per core) rather than following the load, since the
+    thread count can change the last bits of a float sum and a run should not depend on load.
+    """
+    if not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], cpu_count()
+    if load >= cores:
+        log.warning("this machine is busy (load %.1f on %d cores) and torch uses %d threads; with "
+                    "threads=1 (a key=value override) a job often finishes sooner", load, cores,
+                    torch.get_num_threads())
 
 
 def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[str] | None) -> RunConfig:
