@@ -35,7 +35,7 @@ from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.nodes import Node, discover
 from deploy_prune.scoring import SCORERS, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
-from deploy_prune.train import baseline_state, evaluate, resolve_device, train_baseline
+from deploy_prune.train import baseline_state, evaluate, resolve_device, steps_for, train_baseline
 
 log = logging.getLogger(__name__)
 SCORES_FORMAT = "deploy-prune/scores@1"
@@ -49,8 +49,41 @@ def seed_everything(seed: int) -> None:
 
 def seed_stage(seed: int, stage: str) -> None:
     """Seed the global generators for one stage from (seed, stage) alone, so a stage's result
-    does not depend on what ran before it in the process (``train`` vs ``run``)."""
-    seed_everything(stream_seed(seed, stage, 0) % 2**32)
+    does not depend on what ran before it in the process (``train`` vs ``run``). Base training
+    keeps the plain seed, so a base trained before this existed is trained again bit for bit."""
+    seed_everything(seed if stage == "base" else stream_seed(seed, stage, 0) % 2**32)
+
+
+def passes(epochs: float, loader) -> int:
+    """Epochs of the data stream a stage of ``epochs`` (fractions allowed) starts: its data use."""
+    return 0 if epochs <= 0 else -(-steps_for(epochs, loader) // max(1, len(loader)))
+
+
+def first_epochs(cfg: RunConfig, loader, *, trained: bool) -> dict[str, int]:
+    """Where on the training data stream each stage starts: after the epochs its predecessors use.
+
+    The stages read one stream of epochs (each shuffled from the seed and its index): base
+    training takes the first ``train.epochs``, beta scoring the next, then recovery, then
+    fine-tuning. Computed from the config alone, so ``score`` on a base made by ``train`` reads
+    the batches that ``run`` gives its score stage, and a resumed stage reads the same as before.
+    ``trained``: the base was trained by deploy-prune from this config (else scoring starts at 0).
+    """
+    def sized(batch_size: int | None):
+        return loader.with_options(batch_size=batch_size) if batch_size and hasattr(loader, "with_options") \
+            else loader
+
+    score = passes(cfg.train.epochs, loader) if trained else 0
+    used_by_scoring = passes(cfg.scoring.epochs, sized(cfg.scoring.batch_size)) \
+        if cfg.scoring.method == "beta" else 0
+    recover = score + used_by_scoring
+    rc = cfg.recovery
+    used_by_recovery = passes(rc.epochs, sized(rc.batch_size)) if rc.mode in ("onestep", "ce") else 0
+    return {"base": 0, "score": score, "recover": recover, "finetune": recover + used_by_recovery}
+
+
+def trained_here(plan: ModelPlan) -> bool:
+    """Whether deploy-prune trained this base (``train`` or ``run``), so its config's epochs count."""
+    return "train_seconds" in plan.info and plan.info.get("config", {}).get("train", {}).get("epochs", 0) > 0
 
 
 def setup(cfg: RunConfig) -> torch.device:
@@ -115,7 +148,7 @@ def train_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, checkp
         load_weights_file(model, cfg.model.weights)
     ck = None
     if cfg.train.epochs > 0:
-        loader = stage_loader(data.train, "base")
+        loader = stage_loader(data.train, first_epoch=0)
         state = baseline_state(model.to(device), loader, cfg.train)
         if checkpoint is not None:
             ck = Checkpointer(checkpoint, {"model": model}, state, started=t0)
@@ -142,9 +175,12 @@ def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | 
     example = plan.example()
     nodes = discover(model, example)
     seed_stage(cfg.seed, "score")
-    ctx = ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg,
-                       train_loader=stage_loader(data.train, "score") if data else None, device=device,
-                       seed=cfg.seed, checkpoint=checkpoint)
+    loader = None
+    if data is not None:
+        first = first_epochs(cfg, data.train, trained=trained_here(plan))["score"]
+        loader = stage_loader(data.train, first_epoch=first)
+    ctx = ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg, train_loader=loader,
+                       device=device, seed=cfg.seed, checkpoint=checkpoint)
     t0 = time.perf_counter() if started is None else started
     scores = scorer.score(ctx)
     model.cpu()

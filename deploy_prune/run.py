@@ -150,7 +150,7 @@ class Runner:
         teacher, base_plan = load_model_dir(self.out / "base")
         student, plan = load_model_dir(self.out / "pruned")
         pipeline.seed_stage(self.cfg.seed, "recover")
-        rc, loader = self.cfg.recovery, self._loader("recover", self.cfg.recovery.batch_size)
+        rc, loader = self.cfg.recovery, self._loader("recover", self.cfg.recovery.batch_size, base_plan)
         example = plan.example()
         info: dict[str, Any] = {"mode": rc.mode, "loss": rc.loss if rc.mode == "onestep" else rc.mode}
         if rc.mode == "layerwise":
@@ -177,7 +177,7 @@ class Runner:
         student, plan = load_model_dir(self.out / "recovered")
         fc = self.cfg.finetune
         pipeline.seed_stage(self.cfg.seed, "finetune")
-        loader = self._loader("finetune", None)
+        loader = self._loader("finetune", None, load_model_dir(self.out / "base")[1])
         if fc.epochs > 0:
             state = finetune_state(student.to(self.device), loader, fc)
             ck = self.checkpointer("finetune", student, state)
@@ -187,9 +187,10 @@ class Runner:
         m = self.evaluate(student)
         return {"top1": m["top1"], "top5": m["top5"], "epochs": fc.epochs}
 
-    def _loader(self, stage: str, batch_size: int | None):
-        """The training data as ``stage``'s own stream (its shuffles depend on seed and stage only)."""
-        return stage_loader(self.data.train, stage, batch_size=batch_size)
+    def _loader(self, stage: str, batch_size: int | None, base_plan):
+        """The training stream from where ``stage`` starts on it (a function of the config)."""
+        first = pipeline.first_epochs(self.cfg, self.data.train, trained=pipeline.trained_here(base_plan))
+        return stage_loader(self.data.train, batch_size=batch_size, first_epoch=first[stage])
 
     def run(self) -> dict[str, Any]:
         for stage in STAGES:

@@ -156,3 +156,17 @@ def test_summary_prints_a_measured_speed_when_the_report_has_one():
     assert "measured speedup 1.87x [1.80, 1.90] (ort, cpu, batch 1)" in summary_text(r, "out")
     assert "Measured speedup 1.87x" in render_report(r, "out")
     assert "b                                    16      4   25.0%" in summary_text(r, "out")
+
+
+def test_stages_start_where_their_predecessors_end_on_the_data_stream():
+    """configs/default.yaml: 4 training epochs, 0.5 of scoring (a 5th pass), 3 of recovery."""
+    from deploy_prune.config import load_config
+    from deploy_prune.pipeline import first_epochs
+
+    class Loader:  # 54,000 training images in batches of 128
+        def __len__(self):
+            return 422
+
+    cfg = load_config("configs/default.yaml")
+    assert first_epochs(cfg, Loader(), trained=True) == {"base": 0, "score": 4, "recover": 5, "finetune": 8}
+    assert first_epochs(cfg, Loader(), trained=False)["score"] == 0
