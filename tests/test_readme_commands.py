@@ -105,3 +105,33 @@ def test_every_readme_command_runs_as_printed(tmp_path):
         if skipped(cmd):
             continue
         run_in(real if "runs/ci" in cmd else tiny, cmd)
+
+
+def docs_deploy_prune_commands() -> list[tuple[str, str]]:
+    """(file, command) for every ``deploy-prune`` line in the bash blocks of README and docs."""
+    out = []
+    for path in [README, *sorted((REPO / "docs").rglob("*.md"))]:
+        for block in bash_blocks(path.read_text()):
+            for cmd in commands(block):
+                if cmd.startswith("deploy-prune "):
+                    out.append((str(path.relative_to(REPO)), cmd.split("  #")[0].split(" # ")[0]))
+    return out
+
+
+@pytest.mark.parametrize("where,cmd", docs_deploy_prune_commands(),
+                         ids=[f"{w}:{i}" for i, (w, _) in enumerate(docs_deploy_prune_commands())])
+def test_every_documented_command_parses_as_printed(where, cmd):
+    """Every documented deploy-prune command is accepted by the CLI parser exactly as printed
+    (options, positionals, key=value overrides), so no page shows an argument form that fails."""
+    import shlex
+
+    from deploy_prune.cli import build_parser
+
+    argv = shlex.split(cmd)[1:]
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{where}: '{cmd}' is rejected by the parser (exit {e.code})")
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    assert not bad, f"{where}: '{cmd}': unrecognized {bad}"
+    assert not extra or hasattr(args, "overrides"), f"{where}: '{cmd}' passes key=value to a command without overrides"
