@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -22,36 +21,19 @@ from torch import nn
 
 from deploy_prune.artifacts import ModelPlan
 from deploy_prune.config import AllocationConfig
+from deploy_prune.decisions import (  # noqa: F401 (select_crucial, round_width: re-exported)
+    AllocationError,
+    Decision,
+    Scores,
+    floor_width,
+    round_width,
+    select_crucial,
+)
 from deploy_prune.flops import Cost, count
-from deploy_prune.nodes import Node, last_node
-from deploy_prune.scoring import Scores, node_scores
+from deploy_prune.nodes import Node
 from deploy_prune.surgery import Plan, apply_plan
 
 log = logging.getLogger(__name__)
-
-
-class AllocationError(ValueError):
-    """A target cannot be met, or the crucial set is invalid."""
-
-
-def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list[str] | None = None) -> list[str]:
-    """Top-``n`` nodes by node score (or the explicit ``names``), plus the last conv node."""
-    known = {nd.name for nd in nodes}
-    if names:
-        bad = [x for x in names if x not in known]
-        if bad:
-            raise AllocationError(f"crucial.nodes: unknown node(s) {bad}; nodes are: {sorted(known)}")
-        chosen = list(names)
-    else:
-        if n < 2:
-            raise AllocationError(f"crucial.n must be >= 2 (OSPR section 3), got {n}")
-        ns = node_scores(scores)
-        chosen = sorted(ns, key=lambda k: -ns[k])[:n]
-    last = last_node(nodes).name
-    if last not in chosen:
-        chosen.append(last)
-    order = {nd.name: nd.order for nd in nodes}
-    return sorted(chosen, key=order.__getitem__)
 
 
 def keep_top(scores: Scores, counts: Mapping[str, int]) -> Plan:
@@ -138,16 +120,9 @@ def load_allocator(target: str) -> TargetAllocator:
     return found[target].load()()
 
 
-def round_width(kept: int, channels: int, multiple: int) -> int:
-    """Round a kept count to the nearest multiple (at least one multiple, at most all)."""
-    if multiple <= 1:
-        return kept
-    return min(channels, max(multiple, int(round(kept / multiple)) * multiple))
-
-
 def min_keep(channels: int, cfg: AllocationConfig) -> int:
     """The per-node floor of METHOD.md section 3 (at least ``min_channels`` and ``min_fraction``)."""
-    return min(channels, max(cfg.min_channels, math.ceil(cfg.min_fraction * channels)))
+    return floor_width(channels, cfg.min_channels, cfg.min_fraction)
 
 
 def prunable_nodes(nodes: list[Node], crucial: list[str]) -> list[Node]:
@@ -207,6 +182,15 @@ def allocate(
                               "allocation (use flops or channels, or the latency allocator)")
     _, counts = flops_at(k)
     return finish_allocation(model, nodes, pick, counts, example, crucial=crucial, base=base, history=history)
+
+
+def decided(model: nn.Module, nodes: list[Node], scores: Scores, example: torch.Tensor,
+            decision: Decision) -> Allocation:
+    """The :class:`Allocation` of widths a scorer decided itself (RBP), filled by its scores."""
+    decision.check(nodes)
+    counts = {k: v for k, v in decision.counts(nodes).items()}
+    return finish_allocation(model, nodes, scores, counts, example, crucial=list(decision.crucial),
+                             extra={"decided_by": decision.by})
 
 
 def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, history) -> int:

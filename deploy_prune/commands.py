@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from deploy_prune import distributed, pipeline
 from deploy_prune.artifacts import atomic_write_text, check_output, load_model_dir, save_model_dir
 from deploy_prune.config import load_config
@@ -87,11 +85,10 @@ def cmd_prune(args) -> int:
     cfg = pipeline.resolve_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
-        scores = pipeline.read_scores(args.scores, plan)
+        scores, decision = pipeline.read_scored(args.scores, plan)
     else:
-        result = _scores(args, model, plan, cfg, device)
-        scores = {k: np.asarray(v) for k, v in result["channel_scores"].items()}
-    res = pipeline.prune(model, plan, cfg, scores)
+        scores, decision = pipeline.scored(_scores(args, model, plan, cfg, device), plan, source="scorer")
+    res = pipeline.prune(model, plan, cfg, scores, decision=decision)
     if not distributed.is_main():
         return 0
     save_model_dir(res.slim, res.plan, args.out, force=args.force)

@@ -23,6 +23,7 @@ from deploy_prune.allocation import (
     Allocation,
     allocate,
     cut,
+    decided,
     load_allocator,
     select_crucial,
 )
@@ -33,7 +34,7 @@ from deploy_prune.data import DataBundle, stage_loader, stream_seed
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.nodes import Node, discover
-from deploy_prune.scoring import SCORERS, ScoreContext, Scores, node_scores
+from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import baseline_state, evaluate, resolve_device, steps_for, train_baseline
 
@@ -162,34 +163,46 @@ def train_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, checkp
     return model, plan, metrics
 
 
-def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | None,
-          device: torch.device, *, method: str | None = None, checkpoint: Path | None = None,
-          started: float | None = None) -> dict[str, Any]:
-    """Channel and node scores of ``model`` by the named scorer, as a JSON-ready dict.
-
-    Seeded and fed from (seed, "score") alone, so ``score`` and ``run`` give the same scores;
-    a scorer that trains may checkpoint to ``checkpoint`` and resume from it.
-    """
-    method = method or cfg.scoring.method
-    scorer = SCORERS.get(method)()
+def score_context(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | None,
+                  device: torch.device, *, method: str, checkpoint: Path | None = None) -> ScoreContext:
+    """What the named scorer gets: its own config section, the run's goal, the batched loader
+    (the training stream from where scoring starts on it, :func:`first_epochs`)."""
     example = plan.example()
-    nodes = discover(model, example)
-    seed_stage(cfg.seed, "score")
     loader = None
     if data is not None:
         first = first_epochs(cfg, data.train, trained=trained_here(plan))["score"]
-        loader = stage_loader(data.train, first_epoch=first)
-    ctx = ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg, train_loader=loader,
-                       device=device, seed=cfg.seed, checkpoint=checkpoint)
+        loader = stage_loader(data.train, batch_size=cfg.scoring.batch_size, first_epoch=first)
+    return ScoreContext(model=model, nodes=discover(model, example), example=example,
+                        cfg=SCORERS.get(method).config_of(cfg), train_loader=loader, device=device,
+                        seed=cfg.seed, goal=Goal.of(cfg), checkpoint=checkpoint)
+
+
+def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | None,
+          device: torch.device, *, method: str | None = None, checkpoint: Path | None = None,
+          started: float | None = None) -> dict[str, Any]:
+    """Channel and node scores of ``model`` by the named scorer, as a JSON-ready dict (with the
+    widths it decided, under ``decision``, when the scorer decides them: RBP).
+
+    Seeded from (seed, "score") and fed from where the config puts scoring on the data stream,
+    so ``score`` and ``run`` give the same scores; a scorer that trains may checkpoint to
+    ``checkpoint`` and resume from it.
+    """
+    method = method or cfg.scoring.method
+    scorer = SCORERS.get(method)()
+    seed_stage(cfg.seed, "score")
+    ctx = score_context(model, plan, cfg, data, device, method=method, checkpoint=checkpoint)
     t0 = time.perf_counter() if started is None else started
     scores = scorer.score(ctx)
     model.cpu()
     seconds = time.perf_counter() - t0
-    return {"format": SCORES_FORMAT, "scorer": method, "base_sha256": plan.digest(), "seconds": seconds,
-            "nodes": [{"name": n.name, "channels": n.channels, "junction": n.is_junction,
-                       "prunable": n.prunable} for n in nodes],
-            "node_scores": node_scores(scores),
-            "channel_scores": {k: [float(x) for x in v] for k, v in scores.items()}}
+    out = {"format": SCORES_FORMAT, "scorer": method, "base_sha256": plan.digest(), "seconds": seconds,
+           "nodes": [{"name": n.name, "channels": n.channels, "junction": n.is_junction,
+                      "prunable": n.prunable} for n in ctx.nodes],
+           "node_scores": node_scores(scores),
+           "channel_scores": {k: [float(x) for x in v] for k, v in scores.items()}}
+    if scorer.decision is not None:
+        out["decision"] = scorer.decision.to_json()
+    return out
 
 
 def read_scores(path: str | Path, plan: ModelPlan) -> Scores:
@@ -206,6 +219,23 @@ def scores_from(data: dict, plan: ModelPlan, *, source: str | Path) -> Scores:
     return {k: np.asarray(v, dtype=np.float64) for k, v in data["channel_scores"].items()}
 
 
+def decision_from(data: dict, *, source: str | Path) -> Decision | None:
+    """The widths a scorer decided (scores JSON ``decision``), or None when it left them to the
+    allocation."""
+    return Decision.from_json(data["decision"], source=str(source)) if "decision" in data else None
+
+
+def scored(data: dict, plan: ModelPlan, *, source: str | Path) -> tuple[Scores, Decision | None]:
+    """Scores and decision of a parsed scores JSON (or of :func:`score`'s result): what
+    :func:`prune` takes."""
+    return scores_from(data, plan, source=source), decision_from(data, source=source)
+
+
+def read_scored(path: str | Path, plan: ModelPlan) -> tuple[Scores, Decision | None]:
+    """:func:`scored` of a scores file."""
+    return scored(read_json_object(path), plan, source=path)
+
+
 @dataclass
 class PruneResult:
     slim: nn.Module
@@ -215,24 +245,22 @@ class PruneResult:
 
 
 def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
-          selection: Scores | None = None, crucial: list[str] | None = None) -> PruneResult:
-    """Crucial nodes, global allocation and surgery; the base ``model`` is left untouched."""
+          selection: Scores | None = None, crucial: list[str] | None = None,
+          decision: Decision | None = None) -> PruneResult:
+    """Crucial nodes, global allocation and surgery; the base ``model`` is left untouched.
+
+    With a ``decision`` (RBP's), its crucial nodes and widths are taken as they are, filled by
+    ``scores``; otherwise the allocation derives them from the scores for ``cfg.allocation``.
+    """
     example = plan.example()
     model = model.cpu().eval()
     nodes = discover(model, example)
     missing = [n.name for n in nodes if n.name not in scores or len(scores[n.name]) != n.channels]
     if missing:
         raise ValueError(f"scores do not cover nodes {missing[:4]} of this model")
-    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
-    if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
-        # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP
-        # needs identical shapes on every rank)
-        alloc = distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(
-            model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, plan=plan,
-            selection=selection))
-    else:
-        alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation,
-                         selection=selection)
+    alloc = _allocation(model, plan, nodes, cfg, scores, selection=selection, crucial=crucial,
+                        decision=decision)
+    crucial = alloc.crucial
     slim = cut(model, alloc.plan, example).eval()
     slim_plan = ModelPlan(arch=plan.arch, arch_kwargs=plan.arch_kwargs, num_classes=plan.num_classes,
                           in_channels=plan.in_channels, input_size=plan.input_size, kept=alloc.plan)
@@ -242,6 +270,24 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
         base_widths=widths(nodes), versions=versions(), **alloc.extra)
     return PruneResult(slim=slim, plan=slim_plan, allocation=alloc, nodes=nodes)
+
+
+def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunConfig, scores: Scores, *,
+                selection: Scores | None, crucial: list[str] | None, decision: Decision | None) -> Allocation:
+    """A scorer's decision as it is, or the allocation to ``cfg.allocation``'s target."""
+    example = plan.example()
+    if decision is not None:
+        log.info("widths as %s decided them (allocation.target=%s not searched)", decision.by,
+                 cfg.allocation.target)
+        return decided(model, nodes, scores, example, decision)
+    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
+    if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
+        # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP
+        # needs identical shapes on every rank)
+        return distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(
+            model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, plan=plan,
+            selection=selection))
+    return allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
 
 
 def load_base(path: str | Path) -> tuple[nn.Module, ModelPlan]:

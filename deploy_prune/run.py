@@ -137,8 +137,8 @@ class Runner:
         """Allocate, cut and evaluate. A ``speed`` entry in the returned metrics (a quick measured
         speedup of the cut model, see :func:`speed_line`) reaches report.json and the summary."""
         model, plan = load_model_dir(self.out / "base")
-        scores = pipeline.read_scores(self.out / "scores.json", plan)
-        res = pipeline.prune(model, plan, self.cfg, scores)
+        scores, decision = pipeline.read_scored(self.out / "scores.json", plan)
+        res = pipeline.prune(model, plan, self.cfg, scores, decision=decision)
         save_model_dir(res.slim, res.plan, self.out / "pruned", force=True)
         m = self.evaluate(res.slim)
         return {"top1": m["top1"], "top5": m["top5"], "flops_reduction": res.allocation.flops_reduction}

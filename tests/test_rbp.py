@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ from deploy_prune.gates import ChannelGates
 from deploy_prune.models import build_model
 from deploy_prune.nodes import discover
 from deploy_prune.pipeline import prune
-from deploy_prune.scoring import SCORERS, ScoreContext, rbp
+from deploy_prune.scoring import SCORERS, Goal, ScoreContext, rbp
 from deploy_prune.surgery import apply_plan
 from deploy_prune.train import cross_entropy, fit, make_optimizer, steps_for
 
@@ -57,12 +58,17 @@ def digits():
     return model, discover(model, example), example, data
 
 
+def _ctx(model, nodes, example, data, cfg: RunConfig) -> ScoreContext:
+    """What the pipeline hands RBP: its own section (scoring.rbp) and the run's goal, nothing else."""
+    return ScoreContext(model=model, nodes=nodes, example=example, cfg=rbp.RBPScorer.config_of(cfg),
+                        train_loader=data.train, seed=0, goal=Goal.of(cfg))
+
+
 def _run(digits, cfg: RunConfig) -> tuple[rbp.RBPScorer, dict[str, np.ndarray], torch.nn.Module]:
     model, nodes, example, data = digits
     model = copy.deepcopy(model)
     scorer = SCORERS.get("rbp")()
-    scores = scorer.score(ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg,
-                                       train_loader=data.train, seed=0))
+    scores = scorer.score(_ctx(model, nodes, example, data, cfg))
     return scorer, scores, model
 
 
@@ -151,7 +157,7 @@ def test_limits_follow_the_allocation_rule():
     for cfg in (AllocationConfig(), AllocationConfig(min_fraction=0.3, round_to=8),
                 AllocationConfig(min_channels=5, round_to=4)):
         ranking = allocation._Ranking([node], {node.name: np.arange(node.channels, dtype=float)}, cfg)
-        limits = rbp.Limits.of(cfg)
+        limits = rbp.Limits.of(Goal.of(RunConfig(allocation=cfg)))
         for k in range(node.channels + 1):
             assert limits.kept(node.channels, k) == ranking.counts(k)[node.name]
 
@@ -197,38 +203,64 @@ def test_recursion_visits_in_order_and_never_revisits(digits, monkeypatch):
 # --- end to end -------------------------------------------------------------------------------------
 
 
-def test_scores_reproduce_the_cut_through_the_allocation(digits):
+def test_the_decision_is_the_cut_and_the_prune_takes_it(digits):
     cfg = _cfg()
     scorer, scores, model = _run(digits, cfg)
     _, nodes, example, _ = digits
     res = scorer.result
     assert {n.name: len(scores[n.name]) for n in nodes} == {n.name: n.channels for n in nodes}
-    assert res.plan and res.reproduced
+    assert res.plan and scorer.decision is res.decision
     assert res.flops_reduction == pytest.approx(cfg.allocation.flops_reduction, rel=cfg.allocation.tolerance)
-    crucial = allocation.select_crucial(nodes, scores, n=cfg.crucial.n)
-    assert crucial == res.crucial
-    alloc = allocation.allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation)
-    assert alloc.plan == res.plan
-    base = ModelPlan("small_vgg", 10, 1, 8)  # the path of `deploy-prune prune --scores`
-    assert prune(model, base, cfg, scores).allocation.plan == res.plan
+    assert res.decision.crucial == res.crucial
+    assert res.decision.widths == {k: len(v) for k, v in res.plan.items()}
+    for name, rec in res.records.items():  # the scores are the learned |mu|, nothing encoded
+        np.testing.assert_array_equal(scores[name], np.abs(rec.mu))
+    base = ModelPlan("small_vgg", 10, 1, 8)
+    pruned = prune(model, base, cfg, scores, decision=res.decision)
+    assert pruned.allocation.plan == res.plan and pruned.allocation.crucial == res.crucial
+    assert pruned.plan.info["decided_by"] == "rbp"
+    assert pruned.allocation.flops_reduction == pytest.approx(res.flops_reduction)
+    # without the decision the same scores go through the global allocation (a different cut)
+    assert prune(model, base, cfg, scores).plan.info.get("decided_by") is None
 
 
-def test_given_threshold_cuts_small_mu_and_is_reproduced(digits):
+def test_the_decision_survives_scores_json_and_is_checked(digits, tmp_path):
+    from deploy_prune import pipeline
+
+    model, nodes, example, data = digits
+    cfg = _cfg()
+    base = ModelPlan("small_vgg", 10, 1, 8)
+    result = pipeline.score(copy.deepcopy(model), base, cfg, data, torch.device("cpu"), method="rbp")
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps(result))
+    scores, decision = pipeline.read_scored(path, base)
+    assert decision is not None and decision.by == "rbp" and decision.widths
+    assert prune(model, base, cfg, scores, decision=decision).plan.info["widths"] == {
+        n.name: decision.widths.get(n.name, n.channels) for n in nodes}
+    bad = dict(result, decision={**result["decision"], "widths": {"nope": 3}})
+    path.write_text(json.dumps(bad))
+    scores, decision = pipeline.read_scored(path, base)
+    with pytest.raises(ValueError, match="nope"):
+        prune(model, base, cfg, scores, decision=decision)
+    path.write_text(json.dumps(dict(result, decision={"crucial": [], "widths": {"features.0": 0}})))
+    with pytest.raises(ValueError, match="positive integers"):
+        pipeline.read_scored(path, base)
+
+
+def test_given_threshold_cuts_small_mu(digits):
     cfg = _cfg(threshold=0.9)
     cfg = dataclasses.replace(cfg, crucial=dataclasses.replace(cfg.crucial, nodes=["features.3"]))
     scorer, scores, model = _run(digits, cfg)
     res = scorer.result
     assert res.target is None and res.probe is None  # crucial nodes named: no probe needed
     assert res.crucial == ["features.3", "features.18"]
-    limits = rbp.Limits.of(cfg.allocation)
+    limits = rbp.Limits.of(Goal.of(cfg))
     for rec in res.records.values():
         below = np.abs(rec.mu) < 0.9
         if len(rec.mu) - below.sum() >= limits.kept(len(rec.mu), len(rec.mu)):
             np.testing.assert_array_equal(rec.kept, np.flatnonzero(~below))
-    assert res.reproduced
-    check = dataclasses.replace(cfg.allocation, flops_reduction=res.flops_reduction)
-    alloc = allocation.allocate(model, digits[1], scores, digits[2], crucial=res.crucial, cfg=check)
-    assert alloc.plan == res.plan
+    pruned = prune(model, ModelPlan("small_vgg", 10, 1, 8), cfg, scores, decision=res.decision)
+    assert pruned.allocation.plan == res.plan
 
 
 @pytest.mark.parametrize(("key", "value"), [("prior_std", 0.0), ("kl_weight", -1.0), ("lr", 0.0),
@@ -239,7 +271,7 @@ def test_bad_settings_are_refused_by_name(key, value):
         rbp.check_config(dataclasses.replace(RBPConfig(), **{key: value}))
 
 
-def test_resnet_junction_nodes_are_visited_and_reproduced(digits):
+def test_resnet_junction_nodes_are_visited_and_decided(digits):
     data = digits[3]
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=1)
@@ -251,10 +283,8 @@ def test_resnet_junction_nodes_are_visited_and_reproduced(digits):
     cfg = _cfg(epochs_per_layer=0.1, probe_epochs=0.1)  # the structure is checked, not accuracy
     cfg = dataclasses.replace(cfg, crucial=dataclasses.replace(cfg.crucial, nodes=["layer1.0.conv1", "layer2.0.conv1"]))
     scorer = SCORERS.get("rbp")()
-    scores = scorer.score(ScoreContext(model=model, nodes=nodes, example=example, cfg=cfg,
-                                       train_loader=data.train, seed=0))
+    scores = scorer.score(_ctx(model, nodes, example, data, cfg))
     junctions = [n.name for n in nodes if n.is_junction and n.name not in scorer.result.crucial]
     assert junctions and set(junctions) <= set(scorer.visits)
-    assert scorer.result.reproduced
-    alloc = allocation.allocate(model, nodes, scores, example, crucial=scorer.result.crucial, cfg=cfg.allocation)
+    alloc = allocation.decided(model, nodes, scores, example, scorer.decision)
     assert alloc.plan == scorer.result.plan

@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deploy_prune import commands, distributed, pipeline
 from deploy_prune.allocation import cut, keep_top
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, read_json_object
@@ -72,6 +70,7 @@ class Ablation:
         self.rows_path = out / "ablation.jsonl"
         self.done = {(r["study"], r["variant"]): r for r in self._read_rows()}
         self.scores: dict[str, Any] = {}
+        self.decisions: dict[str, Any] = {}  # widths a scorer decided itself (RBP)
         self.score_seconds: dict[str, float] = {}
 
     def _read_rows(self) -> list[dict]:
@@ -88,14 +87,14 @@ class Ablation:
         reuse = self.from_run / "scores.json" if self.from_run else None
         if name == self.cfg.scoring.method and name not in self.scores and reuse and reuse.is_file():
             data = read_json_object(reuse)  # parsed once: the scores and the time they took
-            self.scores[name] = pipeline.scores_from(data, plan, source=reuse)
+            self.scores[name], self.decisions[name] = pipeline.scored(data, plan, source=reuse)
             self.score_seconds[name] = float(data.get("seconds", 0.0))
         if name not in self.scores:
             cfg = dataclasses.replace(self.cfg, scoring=dataclasses.replace(self.cfg.scoring, method=name))
             if crucial:
                 cfg = dataclasses.replace(cfg, crucial=dataclasses.replace(cfg.crucial, nodes=list(crucial)))
             res = pipeline.score(model, plan, cfg, self.runner.data, self.runner.device)
-            self.scores[name] = {k: np.asarray(v) for k, v in res["channel_scores"].items()}
+            self.scores[name], self.decisions[name] = pipeline.scored(res, plan, source=name)
             self.score_seconds[name] = res["seconds"]
         return self.scores[name]
 
@@ -106,7 +105,8 @@ class Ablation:
         if v.scorer != "beta":  # the scorer decides widths too, with beta's crucial nodes (fair)
             crucial = ref.plan.info["crucial_nodes"]
             scores = self.scores_for(v.scorer, model, plan, crucial=crucial)
-            res = pipeline.prune(model, plan, self.cfg, scores, crucial=crucial)
+            res = pipeline.prune(model, plan, self.cfg, scores, crucial=crucial,
+                                 decision=self.decisions.get(v.scorer))
             slim, kept, crucial = res.slim, res.plan.kept or {}, res.plan.info["crucial_nodes"]
         else:
             kept = keep_top(self.scores_for(v.selection, model, plan), ref.allocation.counts)

@@ -6,35 +6,51 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from deploy_prune._registry import Registry
-from deploy_prune.config import RunConfig
+from deploy_prune.config import RunConfig, ScoringConfig
+from deploy_prune.decisions import Decision, Goal, Scores, node_scores
 from deploy_prune.nodes import Node
 
-Scores = dict[str, np.ndarray]  # node name -> (C,) channel scores
+__all__ = ["SCORERS", "Decision", "Goal", "ScoreContext", "Scorer", "Scores", "node_scores"]
 
 
 @dataclass
 class ScoreContext:
-    """What a scorer may use: the trained model, its nodes, data and the run config."""
+    """What a scorer may use: the trained model, its nodes, data, and its own config section.
+
+    ``cfg`` is the scorer's own sub-config (:meth:`Scorer.config_of`), never the whole run
+    config; ``goal`` carries the run's target and crucial-node rule for a scorer that decides
+    widths itself (RBP). ``train_loader`` is already batched by ``scoring.batch_size``.
+    """
 
     model: nn.Module
     nodes: list[Node]
     example: torch.Tensor  # (1, C, H, W)
-    cfg: RunConfig = field(default_factory=RunConfig)
+    cfg: Any = field(default_factory=ScoringConfig)
     train_loader: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    goal: Goal = field(default_factory=Goal)
     checkpoint: Any = None  # a path for mid-stage checkpoints (scorers that train), or None
 
 
 class Scorer(abc.ABC):
-    """Returns one score per channel of every node. Must not change the model's weights."""
+    """Returns one score per channel of every node. Must not change the model's weights.
+
+    A scorer that also decides the widths (RBP) leaves its :class:`Decision` in
+    :attr:`decision`; the prune then takes those widths instead of the global allocation's.
+    """
 
     needs_data: bool = False
+    decision: Decision | None = None
+
+    @classmethod
+    def config_of(cls, cfg: RunConfig) -> Any:
+        """The part of the run config this scorer reads (default: the ``scoring`` section)."""
+        return cfg.scoring
 
     @abc.abstractmethod
     def score(self, ctx: ScoreContext) -> Scores:
@@ -42,9 +58,3 @@ class Scorer(abc.ABC):
 
 
 SCORERS: Registry[type[Scorer]] = Registry("scorer")
-
-
-def node_scores(scores: Scores) -> dict[str, float]:
-    """Node score = mean channel score (OSPR eq. 4 prints a sum; the text says mean, and the
-    mean lets wide and narrow layers compare)."""
-    return {k: float(np.mean(v)) for k, v in scores.items()}

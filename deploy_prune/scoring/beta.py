@@ -48,12 +48,10 @@ class BetaScorer(Scorer):
     def score(self, ctx: ScoreContext) -> Scores:
         if ctx.train_loader is None:
             raise ValueError("beta scoring needs training data")
-        cfg = ctx.cfg.scoring
+        cfg = ctx.cfg  # the scoring section
         model = ctx.model.to(ctx.device)
         betas = Betas(ctx.nodes, ctx.device)
         loader = ctx.train_loader
-        if cfg.batch_size and hasattr(loader, "with_options"):
-            loader = loader.with_options(batch_size=cfg.batch_size)
         steps = steps_for(cfg.epochs, loader)
         opt = torch.optim.Adam(betas.parameters(), lr=cfg.lr)
         lam = cfg.l1_lambda

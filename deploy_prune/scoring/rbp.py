@@ -16,14 +16,16 @@ project's own reconstruction. In short:
   threshold is given (``scoring.rbp.threshold``) or solved node by node for the FLOPs target
   ``allocation.flops_reduction`` (:func:`solve_cut`).
 
-The scores encode these decisions so that the global allocation reproduces them
-(:func:`encode_scores`); ``RBPScorer.result`` keeps the visit order and every decision.
+RBP decides the widths itself, so it returns them as data: ``RBPScorer.decision`` (crucial
+nodes and kept counts, written into scores.json), which the prune takes in place of the global
+allocation. The scores are the learned ``|mu|`` (:func:`mu_scores`), and the highest ``|mu|``
+fill each decided width, which are exactly the channels RBP kept. ``RBPScorer.result`` keeps the
+visit order and every per-node record.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -34,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploy_prune.config import AllocationConfig, RBPConfig
+from deploy_prune.config import RBPConfig, RunConfig
 from deploy_prune.data import stage_loader
+from deploy_prune.decisions import Decision, Goal, floor_width, round_width, select_crucial
 from deploy_prune.flops import count
 from deploy_prune.gates import ChannelGates, frozen
 from deploy_prune.nodes import Node
@@ -146,24 +149,21 @@ def collapse(mu: torch.Tensor, kept: np.ndarray, *, how: str = "mean") -> torch.
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-node guard rails of the global allocation (METHOD.md section 3), applied by RBP too so
-    that ``allocation.allocate`` reproduces its cuts: the same rule as ``allocation._Ranking``."""
+    """Per-node guard rails of the global allocation (METHOD.md section 3), applied by RBP too:
+    the floor and rounding of :mod:`deploy_prune.decisions`."""
 
     min_channels: int = 1
     min_fraction: float = 0.05
     round_to: int = 1
 
     @classmethod
-    def of(cls, cfg: AllocationConfig) -> Limits:
-        return cls(min_channels=cfg.min_channels, min_fraction=cfg.min_fraction, round_to=cfg.round_to)
+    def of(cls, goal: Goal) -> Limits:
+        return cls(min_channels=goal.min_channels, min_fraction=goal.min_fraction, round_to=goal.round_to)
 
     def kept(self, channels: int, n_cut: int) -> int:
         """Channels left after cutting ``n_cut``: at least the minimum, rounded to ``round_to``."""
-        floor = min(channels, max(self.min_channels, math.ceil(self.min_fraction * channels)))
-        kept = max(channels - n_cut, floor)
-        if self.round_to <= 1:
-            return kept
-        return min(channels, max(self.round_to, int(round(kept / self.round_to)) * self.round_to))
+        kept = max(channels - n_cut, floor_width(channels, self.min_channels, self.min_fraction))
+        return round_width(kept, channels, self.round_to)
 
 
 class FlopsOracle:
@@ -245,33 +245,20 @@ def kept_indices(mu_abs: np.ndarray, n_cut: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Scores that make the global allocation reproduce RBP's decisions.
+# The scores RBP returns beside its decision.
 
 
-def encode_scores(nodes: list[Node], records: Mapping[str, NodeRecord], *, top: set[str],
-                  probe: Mapping[str, np.ndarray] | None) -> Scores:
-    """Channel scores whose global ranking gives back RBP's cut. With ``q = |mu| / (1 + |mu|)``:
-
-    * cut channel of the s-th of V visited nodes: ``(s + q) / V`` in [0, 1) (visit order first);
-    * kept channel of a visited node, or channel of a node RBP does not cut: ``1 + q``;
-    * channel of a crucial node chosen by score (``top``): ``2 + q``.
-
-    So the cut channels rank lowest, in the order RBP decided them; the shortest prefix of the
-    ranking that meets the target is RBP's cut; and the top-N nodes by mean score are RBP's
-    crucial nodes (``allocation.select_crucial``).
-    """
-    steps = max(len(records), 1)
+def mu_scores(nodes: list[Node], records: Mapping[str, NodeRecord],
+              probe: Mapping[str, np.ndarray] | None) -> Scores:
+    """``|mu|`` per channel: learned at each visited node, from the joint probe elsewhere (ones
+    when there was no probe). At a visited node the kept channels are its highest ``|mu|``
+    (:func:`kept_indices`), so these scores fill the decided widths with exactly those channels."""
     out: Scores = {}
     for n in nodes:
         if n.name in records:
-            rec = records[n.name]
-            q = np.abs(rec.mu) / (1 + np.abs(rec.mu))
-            s = (rec.step + q) / steps
-            s[rec.kept] = 1 + q[rec.kept]
+            out[n.name] = np.abs(records[n.name].mu).astype(np.float64)
         else:
-            a = probe[n.name] if probe is not None else np.ones(n.channels)
-            s = (2.0 if n.name in top else 1.0) + a / (1 + a)
-        out[n.name] = s.astype(np.float64)
+            out[n.name] = np.asarray(probe[n.name] if probe is not None else np.ones(n.channels), np.float64)
     return out
 
 
@@ -295,7 +282,7 @@ class NodeRecord:
 
 @dataclass
 class RBPResult:
-    """The record of one RBP run: visit order, decisions, and whether the scores reproduce them."""
+    """The record of one RBP run: visit order, per-node records, and the decision."""
 
     visits: list[str]  # visited nodes in visit order, each once
     crucial: list[str]  # kept whole, never visited (the pipeline mimics them in recovery)
@@ -304,7 +291,7 @@ class RBPResult:
     flops_reduction: float
     target: float | None  # the FLOPs target solved for; None when the threshold was given
     probe: dict[str, np.ndarray] | None  # |mu| of the joint probe, per node
-    reproduced: bool  # allocation.allocate on the returned scores gives back ``plan``
+    decision: Decision  # crucial nodes and kept counts: what the prune takes
     seconds: float
 
 
@@ -319,13 +306,6 @@ def check_config(cfg: RBPConfig) -> None:
         raise ValueError(f"scoring.rbp.threshold must be >= 0 or null, got {cfg.threshold}")
     if cfg.collapse not in ("mean", "one"):
         raise ValueError(f"scoring.rbp.collapse: expected 'mean' or 'one', got {cfg.collapse!r}")
-
-
-def _allocation():
-    """``deploy_prune.allocation``, imported late: it imports the scoring package, which imports us."""
-    from deploy_prune import allocation
-
-    return allocation
 
 
 def probe(model: nn.Module, nodes: list[Node], loader, *, cfg: RBPConfig, device: torch.device,
@@ -400,13 +380,19 @@ def sweep(sw: _Sweep, visits: list[Node]) -> dict[str, NodeRecord]:
 
 @SCORERS.register("rbp")
 class RBPScorer(Scorer):
-    """Recursive Bayesian Pruning (METHOD.md section 7): score = RBP's decisions, see
-    :func:`encode_scores`; :attr:`result` holds the visit order and every decision."""
+    """Recursive Bayesian Pruning (METHOD.md section 7): scores = ``|mu|`` (:func:`mu_scores`),
+    and the widths it decided in :attr:`decision`; :attr:`result` holds the visit order and every
+    per-node record. Reads ``scoring.rbp`` and the run's :class:`~deploy_prune.decisions.Goal`."""
 
     needs_data = True
 
     def __init__(self) -> None:
         self.result: RBPResult | None = None
+        self.decision: Decision | None = None
+
+    @classmethod
+    def config_of(cls, cfg: RunConfig) -> RBPConfig:
+        return cfg.scoring.rbp
 
     @property
     def visits(self) -> list[str]:
@@ -416,79 +402,50 @@ class RBPScorer(Scorer):
     def score(self, ctx: ScoreContext) -> Scores:
         if ctx.train_loader is None:
             raise ValueError("rbp scoring needs training data")
-        cfg = ctx.cfg.scoring.rbp
+        cfg: RBPConfig = ctx.cfg
         check_config(cfg)
         t0 = time.perf_counter()
         sw = self._setup(ctx)
         nodes = sorted(ctx.nodes, key=lambda n: n.order)
-        if sw.target is not None or not ctx.cfg.crucial.nodes:  # forecasts or crucial nodes needed
+        if sw.target is not None or not ctx.goal.crucial_nodes:  # forecasts or crucial nodes needed
             sw.probe = probe(sw.model, nodes, sw.loader, cfg=cfg, device=sw.device, generator=sw.generator)
-        crucial, top = self._crucial(ctx, nodes, sw.probe)
+        crucial = self._crucial(ctx, nodes, sw.probe)
         visits = [n for n in nodes if n.prunable and n.name not in crucial]
         log.info("rbp: %d nodes to visit, crucial %s, %s", len(visits), crucial,
                  f"threshold {cfg.threshold}" if sw.target is None else f"target {sw.target}x FLOPs")
         records = sweep(sw, visits)
-        scores = encode_scores(nodes, records, top=top, probe=sw.probe)
-        self.result = self._finish(ctx, sw, visits, crucial, records, scores, time.perf_counter() - t0)
-        return scores
+        self.result = self._finish(ctx, sw, visits, crucial, records, time.perf_counter() - t0)
+        self.decision = self.result.decision
+        return mu_scores(nodes, records, sw.probe)
 
     def _setup(self, ctx: ScoreContext) -> _Sweep:
-        cfg, loader = ctx.cfg, ctx.train_loader
-        if cfg.scoring.batch_size and hasattr(loader, "with_options"):
-            loader = loader.with_options(batch_size=cfg.scoring.batch_size)
         model = ctx.model.to(ctx.device)
-        target = cfg.allocation.flops_reduction if cfg.scoring.rbp.threshold is None else None
+        target = ctx.goal.flops_reduction if ctx.cfg.threshold is None else None
         if target is not None and target < 1.0:
             raise ValueError(f"allocation.flops_reduction must be >= 1.0 (3.0 = 3x fewer FLOPs), got {target}")
-        return _Sweep(model=model, nodes=ctx.nodes, loader=loader, cfg=cfg.scoring.rbp,
-                      limits=Limits.of(cfg.allocation), oracle=FlopsOracle(model, ctx.nodes, ctx.example),
+        return _Sweep(model=model, nodes=ctx.nodes, loader=ctx.train_loader, cfg=ctx.cfg,
+                      limits=Limits.of(ctx.goal), oracle=FlopsOracle(model, ctx.nodes, ctx.example),
                       device=ctx.device, generator=torch.Generator(device=ctx.device).manual_seed(ctx.seed),
                       target=target, probe=None)
 
     @staticmethod
     def _crucial(ctx: ScoreContext, nodes: list[Node],
-                 probed: dict[str, np.ndarray] | None) -> tuple[list[str], set[str]]:
-        """Crucial nodes (kept whole, never visited) and those of them chosen by name or score.
-
-        As in the allocation (METHOD.md section 3): ``crucial.nodes``, or the ``crucial.n`` nodes
-        of highest mean |mu| in the probe; plus the last conv node.
-        """
-        names, n = ctx.cfg.crucial.nodes, ctx.cfg.crucial.n
-        crucial = _allocation().select_crucial(nodes, probed or {}, n=n, names=names)
-        if names:
-            return crucial, set(names)
-        means = {k: float(np.mean(v)) for k, v in (probed or {}).items()}
-        return crucial, set(sorted(means, key=lambda k: -means[k])[:n])
+                 probed: dict[str, np.ndarray] | None) -> list[str]:
+        """Crucial nodes (kept whole, never visited), as in the allocation (METHOD.md section 3):
+        ``crucial.nodes``, or the ``crucial.n`` nodes of highest mean |mu| in the probe; plus the
+        last conv node."""
+        names = list(ctx.goal.crucial_nodes) if ctx.goal.crucial_nodes else None
+        return select_crucial(nodes, probed or {}, n=ctx.goal.crucial_n, names=names)
 
     def _finish(self, ctx: ScoreContext, sw: _Sweep, visits: list[Node], crucial: list[str],
-                records: dict[str, NodeRecord], scores: Scores, seconds: float) -> RBPResult:
+                records: dict[str, NodeRecord], seconds: float) -> RBPResult:
         plan = {k: [int(i) for i in r.kept] for k, r in records.items() if len(r.kept) < len(r.mu)}
         widths = {k: len(v) for k, v in plan.items()}
         red = sw.oracle.reduction(widths)
-        target = sw.target if sw.target is not None else red
-        ok = reproduces(sw.oracle, ctx.nodes, scores, crucial=crucial, plan=plan, cfg=ctx.cfg.allocation,
-                        target=target)
-        if sw.target is not None and red < sw.target * (1 - ctx.cfg.allocation.tolerance):
+        if sw.target is not None and red < sw.target * (1 - ctx.goal.tolerance):
             log.warning("rbp reached only %.3fx FLOPs reduction of the %.2fx target", red, sw.target)
-        log.info("rbp: %.3fx FLOPs reduction in %.1fs (allocation reproduces the cut: %s)", red, seconds, ok)
+        log.info("rbp: %.3fx FLOPs reduction in %.1fs", red, seconds)
         return RBPResult(visits=[n.name for n in visits], crucial=crucial, records=records, plan=plan,
-                         flops_reduction=red, target=sw.target, probe=sw.probe, reproduced=ok,
-                         seconds=seconds)
+                         flops_reduction=red, target=sw.target, probe=sw.probe,
+                         decision=Decision(by="rbp", crucial=list(crucial), widths=widths), seconds=seconds)
 
-
-def reproduces(oracle: FlopsOracle, nodes: list[Node], scores: Scores, *, crucial: list[str],
-               plan: Plan, cfg: AllocationConfig, target: float) -> bool:
-    """Whether the global allocation to ``target`` on ``scores`` cuts exactly ``plan``."""
-    alloc = _allocation()
-    if cfg.method != "global" or cfg.target != "flops":
-        log.warning("rbp's cuts are reproduced by allocation.method=global, target=flops; "
-                    "got method=%s, target=%s", cfg.method, cfg.target)
-    check = dataclasses.replace(cfg, method="global", target="flops", flops_reduction=target)
-    try:
-        got = alloc.allocate(oracle.model, nodes, scores, oracle.example, crucial=crucial, cfg=check)
-    except alloc.AllocationError as e:
-        log.warning("rbp: the allocation cannot reproduce the cut (%s)", e)
-        return False
-    if got.plan != plan:
-        log.warning("rbp: the allocation at %.3fx does not reproduce rbp's cut exactly", target)
-    return got.plan == plan

@@ -2,9 +2,10 @@
 
 Random weights: latency does not depend on weight values, so the ImageNet-shape models need no
 checkpoint to be timed. Widths come from beta scores when an ImageNet folder is given
-(``data_root``), otherwise from the ``uniform`` allocation: the same fraction removed from every
-prunable node, solved for the FLOPs target on the real cut model. Directories are cached: a
-rerun finds them and goes on.
+(``data_root``), otherwise from the ``uniform`` allocation of the ``first_k`` scorer: the same
+fraction removed from every prunable node, solved for the FLOPs target on the real cut model.
+Slim models are made by ``pipeline.score`` and ``pipeline.prune``, as the CLI makes them.
+Directories are cached: a rerun finds them and goes on.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench.studies.paper_claims.config import PointConfig, SuiteConfig
-from deploy_prune.allocation import allocate, cut, select_crucial
+from deploy_prune import pipeline
 from deploy_prune.artifacts import PLAN_FILE, ModelPlan, save_model_dir
-from deploy_prune.config import AllocationConfig, DataConfig, RunConfig, ScoringConfig
+from deploy_prune.config import (
+    AllocationConfig,
+    CrucialConfig,
+    DataConfig,
+    RunConfig,
+    ScoringConfig,
+)
 from deploy_prune.models import build_model
 from deploy_prune.nodes import discover, last_node
-from deploy_prune.scoring import SCORERS, ScoreContext, Scores
 
 log = logging.getLogger(__name__)
 
@@ -88,46 +93,44 @@ def build_slim(root: Path, cfg: SuiteConfig, point: PointConfig, rounding: int, 
     return out
 
 
-def uniform_scores(nodes: list) -> Scores:
-    """Descending scores: the uniform allocation keeps each node's first channels."""
-    return {n.name: np.linspace(1.0, 0.0, n.channels) for n in nodes}
-
-
-def beta_scores(model: torch.nn.Module, nodes: list, example: torch.Tensor, cfg: SuiteConfig) -> Scores:
-    """OSPR's beta scores (eq. 2-4) learnt on the ImageNet folder ``cfg.data_root``."""
-    from deploy_prune.data import load_data
-
-    data_cfg = DataConfig(name="imagefolder", root=cfg.data_root, image_size=cfg.input_size,
-                          batch_size=cfg.scoring_batch_size)
-    run_cfg = RunConfig(data=data_cfg, scoring=ScoringConfig(method="beta", l1_lambda=0.1, lr=1e-4,
-                                                             epochs=cfg.scoring_epochs))
-    data = load_data(data_cfg, seed=cfg.seed)
-    ctx = ScoreContext(model=model, nodes=nodes, example=example, cfg=run_cfg, train_loader=data.train,
-                       seed=cfg.seed)
-    return SCORERS.get("beta")().score(ctx)
+def run_config(cfg: SuiteConfig, point: PointConfig, rounding: int, source: str) -> RunConfig:
+    """The run config that prunes one operating point, as ``deploy-prune prune`` would take it:
+    beta (the paper's ImageNet settings) or first-k scores, global or uniform allocation."""
+    data = DataConfig(name="imagefolder", root=cfg.data_root, image_size=cfg.input_size,
+                      batch_size=cfg.scoring_batch_size) if source == "beta" else DataConfig()
+    scoring = ScoringConfig(method="beta", l1_lambda=0.1, lr=1e-4, epochs=cfg.scoring_epochs) \
+        if source == "beta" else ScoringConfig(method="first_k")
+    alloc = AllocationConfig(method="global" if source == "beta" else "uniform",
+                             flops_reduction=point.flops_reduction, round_to=rounding,
+                             min_fraction=cfg.min_fraction, tolerance=cfg.tolerance)
+    crucial = CrucialConfig(nodes=list(point.crucial) if point.crucial else None)
+    return RunConfig(seed=cfg.seed, device="cpu", data=data, scoring=scoring, crucial=crucial, allocation=alloc)
 
 
 def ensure_slim(root: Path, cfg: SuiteConfig, point: PointConfig, rounding: int) -> Path:
-    """The slim model directory of one operating point and rounding, built once."""
+    """The slim model directory of one operating point and rounding, built once, by the same
+    score and prune as ``deploy-prune score`` / ``prune`` (so plan.json carries the same config,
+    base hash and versions), plus the suite's own facts (operating point, rounding, source)."""
     source = width_source(cfg)
     out = slim_dir(root, point, rounding, source)
     if (out / PLAN_FILE).is_file():
         return out
     log.info("building %s", out)
-    model = _base_model(cfg, point.arch)
-    example = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)  # (1, C, H, W)
-    nodes = discover(model, example)
-    scores = beta_scores(model, nodes, example, cfg) if source == "beta" else uniform_scores(nodes)
-    # the paper's named crucial nodes (checked: a misspelt one is an error), plus the last conv node
-    crucial = select_crucial(nodes, scores, names=point.crucial) if point.crucial else [last_node(nodes).name]
-    alloc_cfg = AllocationConfig(method="global" if source == "beta" else "uniform",
-                                 flops_reduction=point.flops_reduction, round_to=rounding,
-                                 min_fraction=cfg.min_fraction, tolerance=cfg.tolerance)
-    alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=alloc_cfg)
-    slim = cut(model, alloc.plan, example)
-    info = {"weights": "random", "operating_point": point.name, "source": point.source,
-            "target_flops_reduction": point.flops_reduction, "rounding": rounding, "width_source": source,
-            "crucial_nodes": crucial, "flops": alloc.flops, "base_flops": alloc.base_flops,
-            "flops_reduction": alloc.flops_reduction, "widths": alloc.counts}
-    save_model_dir(slim, _plan(cfg, point.arch, alloc.plan, info), out, force=True)
+    run_cfg = run_config(cfg, point, rounding, source)
+    model, plan = _base_model(cfg, point.arch), _plan(cfg, point.arch, None, {"weights": "random"})
+    data = None
+    if source == "beta":
+        from deploy_prune.data import load_data
+
+        data = load_data(run_cfg.data, seed=cfg.seed)
+    scored = pipeline.score(model, plan, run_cfg, data, torch.device("cpu"))
+    scores, decision = pipeline.scored(scored, plan, source=f"{run_cfg.scoring.method} scores")
+    # the paper's named crucial nodes (checked: a misspelt one is an error) plus the last conv
+    # node; with none named, only the last conv node (the paper's uniform recipes narrow the rest)
+    crucial = None if point.crucial else [last_node(discover(model, plan.example())).name]
+    res = pipeline.prune(model, plan, run_cfg, scores, crucial=crucial, decision=decision)
+    res.plan.info.update(weights="random", operating_point=point.name, source=point.source,
+                         target_flops_reduction=point.flops_reduction, rounding=rounding,
+                         width_source=source)
+    save_model_dir(res.slim, res.plan, out, force=True)
     return out

@@ -1,0 +1,127 @@
+"""What every way of choosing widths shares: the crucial set, the per-node floor and rounding,
+and a :class:`Decision` (widths a scorer decided itself, as data).
+
+The global allocation (:mod:`deploy_prune.allocation`) derives widths from scores; RBP
+(:mod:`deploy_prune.scoring.rbp`) decides them node by node while it learns. Both use the rules
+here, and neither imports the other: the pipeline hands RBP's :class:`Decision` to the prune in
+place of the allocation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from deploy_prune.config import RunConfig
+from deploy_prune.nodes import Node, last_node
+
+Scores = dict[str, np.ndarray]  # node name -> (C,) channel scores
+
+
+class AllocationError(ValueError):
+    """A target cannot be met, or the crucial set is invalid."""
+
+
+def node_scores(scores: Scores) -> dict[str, float]:
+    """Node score = mean channel score (OSPR eq. 4 prints a sum; the text says mean, and the
+    mean lets wide and narrow layers compare)."""
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list[str] | None = None) -> list[str]:
+    """Top-``n`` nodes by node score (or the explicit ``names``), plus the last conv node."""
+    known = {nd.name for nd in nodes}
+    if names:
+        bad = [x for x in names if x not in known]
+        if bad:
+            raise AllocationError(f"crucial.nodes: unknown node(s) {bad}; nodes are: {sorted(known)}")
+        chosen = list(names)
+    else:
+        if n < 2:
+            raise AllocationError(f"crucial.n must be >= 2 (OSPR section 3), got {n}")
+        ns = node_scores(scores)
+        chosen = sorted(ns, key=lambda k: -ns[k])[:n]
+    last = last_node(nodes).name
+    if last not in chosen:
+        chosen.append(last)
+    order = {nd.name: nd.order for nd in nodes}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def round_width(kept: int, channels: int, multiple: int) -> int:
+    """Round a kept count to the nearest multiple (at least one multiple, at most all)."""
+    if multiple <= 1:
+        return kept
+    return min(channels, max(multiple, int(round(kept / multiple)) * multiple))
+
+
+def floor_width(channels: int, min_channels: int, min_fraction: float) -> int:
+    """The per-node floor of METHOD.md section 3 (at least ``min_channels`` and ``min_fraction``)."""
+    return min(channels, max(min_channels, math.ceil(min_fraction * channels)))
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What a scorer that decides widths itself must meet (the run's ``allocation`` and
+    ``crucial`` settings, handed over explicitly; scorers otherwise see only their own config)."""
+
+    flops_reduction: float = 3.0
+    tolerance: float = 0.03
+    min_channels: int = 1
+    min_fraction: float = 0.05
+    round_to: int = 1
+    crucial_n: int = 2
+    crucial_nodes: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Goal:
+        a, c = cfg.allocation, cfg.crucial
+        return cls(flops_reduction=a.flops_reduction, tolerance=a.tolerance, min_channels=a.min_channels,
+                   min_fraction=a.min_fraction, round_to=a.round_to, crucial_n=c.n,
+                   crucial_nodes=tuple(c.nodes) if c.nodes else None)
+
+
+@dataclass
+class Decision:
+    """Widths decided by a scorer (RBP): the crucial nodes and each narrowed node's kept count.
+
+    Which channels fill a width is the scorer's scores' choice (highest first), so a decision
+    and its scores give one plan. Written into scores.json under ``"decision"``.
+    """
+
+    by: str  # the scorer that decided
+    crucial: list[str]
+    widths: dict[str, int]  # narrowed node -> kept channels (nodes kept whole are absent)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by": self.by, "crucial": list(self.crucial), "widths": dict(self.widths)}
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str) -> Decision:
+        if not (isinstance(data, dict) and isinstance(data.get("crucial"), list)
+                and isinstance(data.get("widths"), dict)):
+            raise ValueError(f"{source}: 'decision' needs a 'crucial' list and a 'widths' object")
+        widths = data["widths"]
+        bad = [k for k, v in widths.items() if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1)]
+        if bad:
+            raise ValueError(f"{source}: decision.widths must be positive integers, not at {bad[:4]}")
+        return cls(by=str(data.get("by", "?")), crucial=[str(x) for x in data["crucial"]],
+                   widths={str(k): int(v) for k, v in widths.items()})
+
+    def check(self, nodes: list[Node], *, source: str = "decision") -> None:
+        """Refuse a decision that does not fit these nodes (another model's scores file)."""
+        channels = {n.name: n.channels for n in nodes}
+        unknown = [k for k in [*self.crucial, *self.widths] if k not in channels]
+        if unknown:
+            raise ValueError(f"{source}: decision names node(s) {unknown[:4]} this model does not have")
+        wide = [k for k, w in self.widths.items() if w > channels[k]]
+        if wide:
+            raise ValueError(f"{source}: decision keeps more channels than node(s) {wide[:4]} have")
+
+    def counts(self, nodes: list[Node]) -> Mapping[str, int]:
+        """Kept channels of every node outside the crucial set."""
+        return {n.name: self.widths.get(n.name, n.channels) for n in nodes if n.name not in self.crucial}
