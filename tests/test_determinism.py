@@ -81,6 +81,11 @@ def test_step_by_step_equals_run(tmp_path, tiny_yaml, capsys):
     assert top1 in printed
     for cmd in (f"deploy-prune export {run_dir}/slim --format onnx", f"deploy-prune bench --base {run_dir}/base"):
         assert cmd in printed and cmd in md
+    # --resume on a finished run (the README's form after scripts/run-default.sh) redoes nothing
+    mtime = (run_dir / "slim" / "model.safetensors").stat().st_mtime_ns
+    assert main(["run", str(tiny_yaml), "--out", str(run_dir), "--resume"]) == 0
+    assert top1 in capsys.readouterr().out
+    assert (run_dir / "slim" / "model.safetensors").stat().st_mtime_ns == mtime
     assert main(["train", "--config", str(tiny_yaml), "--out", str(ex / "base")]) == 0
     assert_same_weights(run_dir / "base", ex / "base")
     assert main(["score", str(ex / "base"), "--out", str(ex / "scores.json")]) == 0
