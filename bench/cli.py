@@ -14,9 +14,10 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.backends import BACKENDS, DEVICES, PRECISIONS
 from deploy_prune._registry import Registry
@@ -26,81 +27,124 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from bench.sweep import BenchConfig
+    from bench.timing import TimingConfig
 
 log = logging.getLogger(__name__)
 
 ACTIONS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("bench action")
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of the benchmark run, declared once: the parser, the reproducing command line
+    (:func:`command_line`) and the timing config (:func:`config_from_args`) all read it here."""
+
+    flag: str
+    group: str
+    kwargs: dict[str, Any]
+    shown: str = "changed"  # in the command line: always | changed (differs from default) | never
+    timing: str | None = None  # the TimingConfig field it sets
+
+    @property
+    def dest(self) -> str:
+        return self.kwargs.get("dest", self.flag.lstrip("-").replace("-", "_"))
+
+
+_WHAT, _TIME, _ACC = "what to measure", "timing budget", "accuracy"
+RUN_OPTIONS: tuple[Option, ...] = (
+    Option("--base", _WHAT, dict(metavar="DIR", help="the unpruned model directory"), "always"),
+    Option("--slim", _WHAT, dict(metavar="DIR", help="the pruned model directory"), "always"),
+    Option("--backends", _WHAT, dict(nargs="+", default=["torch", "ort"], choices=BACKENDS.names(), metavar="NAME",
+                                     help=f"backends ({', '.join(BACKENDS.names())}); default: torch ort"), "always"),
+    Option("--device", _WHAT, dict(nargs="+", default=["cpu"], choices=DEVICES, help="default: cpu"), "always"),
+    Option("--precision", _WHAT, dict(nargs="+", default=["fp32"], choices=PRECISIONS,
+                                      help="default: fp32; int8 is TensorRT only (calibrated on the model's dataset)"),
+           "always"),
+    Option("--batch", _WHAT, dict(nargs="+", type=int, default=[1, 8], metavar="B", help="default: 1 8"), "always"),
+    Option("--out", _WHAT, dict(metavar="DIR", help="where results.csv/json, report.md and plots go"), "always"),
+    Option("--name", _WHAT, dict(metavar="LABEL", help="the 'model' column (default: the slim model's arch)")),
+    Option("--force", _WHAT, dict(action="store_true", help="overwrite existing results in --out"), "never"),
+    Option("--warmup", _TIME, dict(type=float, default=0.5, metavar="S", help="warm-up seconds (default 0.5)"),
+           "always", timing="warmup_s"),
+    Option("--warmup-iters", _TIME, dict(type=int, default=10, metavar="N", help="warm-up calls at least (10)"),
+           timing="warmup_iters"),
+    Option("--min-time", _TIME, dict(type=float, default=2.0, metavar="S",
+                                     help="timed seconds per model and configuration (default 2.0)"),
+           "always", timing="min_time_s"),
+    Option("--rounds", _TIME, dict(type=int, default=30, metavar="N", help="interleaved rounds (default 30)"),
+           "always", timing="rounds"),
+    Option("--min-samples", _TIME, dict(type=int, default=200, metavar="N",
+                                        help="timed calls per model at least, for p99 (default 200)"),
+           "always", timing="min_samples"),
+    Option("--seed", _TIME, dict(type=int, default=0, help="input and bootstrap seed (default 0)"), "always"),
+    Option("--threads", _TIME, dict(type=int, default=1, metavar="N", help="CPU threads, pinned (default 1, as "
+                                    "torch.utils.benchmark; 0: every usable core)")),
+    Option("--clock", _TIME, dict(choices=("wall", "cpu"), default="wall",
+                                  help="wall: host wall clock (default); cpu: process CPU time, which ignores "
+                                  "time lost to other jobs on a shared machine (needs --threads 1, --device cpu)"),
+           timing="clock"),
+    Option("--channels-last", _TIME, dict(action="store_true", help="torch/compile: NHWC memory format")),
+    Option("--compile-mode", _TIME, dict(default="default", help="torch.compile mode; 'reduce-overhead' uses "
+                                         "CUDA graphs (default: default)")),
+    Option("--confidence", _TIME, dict(type=float, default=0.95, help="interval level (default 0.95)")),
+    Option("--bootstrap", _TIME, dict(type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")),
+    Option("--max-eval-samples", _ACC, dict(type=int, metavar="N", help="cap the evaluation set (implies --accuracy)")),
+    Option("--accuracy", _ACC, dict(action="store_true", help="top-1 of each benchmarked artifact")),
+    Option("--data-root", _ACC, dict(metavar="DIR", help="where the dataset lives (data.root)")),
+)
+_PARSER_ORDER = ("--base", "--slim", "--out", "--backends", "--device", "--precision", "--batch", "--name",
+                 "--force", "--warmup", "--warmup-iters", "--min-time", "--rounds", "--min-samples", "--threads",
+                 "--clock", "--channels-last", "--compile-mode", "--confidence", "--bootstrap", "--seed",
+                 "--accuracy", "--max-eval-samples", "--data-root")  # the order --help lists them in
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options of the benchmark run itself (``deploy-prune bench --base ... --slim ...``)."""
-    g = p.add_argument_group("what to measure")
-    g.add_argument("--base", metavar="DIR", help="the unpruned model directory")
-    g.add_argument("--slim", metavar="DIR", help="the pruned model directory")
-    g.add_argument("--out", metavar="DIR", help="where results.csv/json, report.md and plots go")
-    g.add_argument("--backends", nargs="+", default=["torch", "ort"], choices=BACKENDS.names(),
-                   metavar="NAME", help=f"backends ({', '.join(BACKENDS.names())}); default: torch ort")
-    g.add_argument("--device", nargs="+", default=["cpu"], choices=DEVICES, help="default: cpu")
-    g.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
-                   help="default: fp32; int8 is TensorRT only (calibrated on the model's dataset)")
-    g.add_argument("--batch", nargs="+", type=int, default=[1, 8], metavar="B", help="default: 1 8")
-    g.add_argument("--name", metavar="LABEL", help="the 'model' column (default: the slim model's arch)")
-    g.add_argument("--force", action="store_true", help="overwrite existing results in --out")
-    t = p.add_argument_group("timing budget")
-    t.add_argument("--warmup", type=float, default=0.5, metavar="S", help="warm-up seconds (default 0.5)")
-    t.add_argument("--warmup-iters", type=int, default=10, metavar="N", help="warm-up calls at least (10)")
-    t.add_argument("--min-time", type=float, default=2.0, metavar="S",
-                   help="timed seconds per model and configuration (default 2.0)")
-    t.add_argument("--rounds", type=int, default=30, metavar="N", help="interleaved rounds (default 30)")
-    t.add_argument("--min-samples", type=int, default=200, metavar="N",
-                   help="timed calls per model at least, for p99 (default 200)")
-    t.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="CPU threads, pinned (default 1, as torch.utils.benchmark; 0: every usable core)")
-    t.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall: host wall clock (default); cpu: process CPU time, which ignores "
-                   "time lost to other jobs on a shared machine (needs --threads 1, --device cpu)")
-    t.add_argument("--channels-last", action="store_true", help="torch/compile: NHWC memory format")
-    t.add_argument("--compile-mode", default="default",
-                   help="torch.compile mode; 'reduce-overhead' uses CUDA graphs (default: default)")
-    t.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
-    t.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")
-    t.add_argument("--seed", type=int, default=0, help="input and bootstrap seed (default 0)")
-    a = p.add_argument_group("accuracy")
-    a.add_argument("--accuracy", action="store_true", help="top-1 of each benchmarked artifact")
-    a.add_argument("--max-eval-samples", type=int, metavar="N", help="cap the evaluation set (implies --accuracy)")
-    a.add_argument("--data-root", metavar="DIR", help="where the dataset lives (data.root)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    by_flag = {o.flag: o for o in RUN_OPTIONS}
+    for flag in _PARSER_ORDER:
+        o = by_flag[flag]
+        g = groups.get(o.group) or groups.setdefault(o.group, p.add_argument_group(o.group))
+        g.add_argument(o.flag, **o.kwargs)
+
+
+def timing_from_args(args: argparse.Namespace) -> TimingConfig:
+    """The :class:`bench.timing.TimingConfig` of the timing options (``min_per_round``: default)."""
+    from bench.timing import TimingConfig
+
+    return TimingConfig(**{o.timing: getattr(args, o.dest) for o in RUN_OPTIONS if o.timing})
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The :class:`bench.sweep.BenchConfig` the options describe."""
     from bench.sweep import BenchConfig
-    from bench.timing import TimingConfig
 
-    timing = TimingConfig(warmup_s=args.warmup, warmup_iters=args.warmup_iters, min_time_s=args.min_time,
-                          rounds=args.rounds, min_samples=args.min_samples, clock=args.clock)
     return BenchConfig(backends=tuple(args.backends), devices=tuple(args.device),
                        precisions=tuple(args.precision), batches=tuple(args.batch),
-                       threads=args.threads or None, channels_last=args.channels_last, compile_mode=args.compile_mode, timing=timing,
+                       threads=args.threads or None, channels_last=args.channels_last, compile_mode=args.compile_mode,
+                       timing=timing_from_args(args),
                        accuracy=args.accuracy or args.max_eval_samples is not None,
                        max_eval_samples=args.max_eval_samples, data_root=args.data_root,
                        confidence=args.confidence, n_boot=args.bootstrap, seed=args.seed,
                        model_name=args.name)
 
 
+def _shown(o: Option, args: argparse.Namespace) -> list[str]:
+    value = getattr(args, o.dest)
+    flag_only = o.kwargs.get("action") == "store_true"
+    if o.shown == "never" or (o.shown == "changed" and value == o.kwargs.get("default", False if flag_only else None)):
+        return []
+    if o.flag == "--accuracy" and args.max_eval_samples:  # implied by --max-eval-samples
+        return []
+    if flag_only:
+        return [o.flag]
+    return [o.flag, *map(str, value)] if isinstance(value, list) else [o.flag, str(value)]
+
+
 def command_line(args: argparse.Namespace) -> str:
-    """The canonical command that reproduces this run (written into report.md)."""
-    parts = ["deploy-prune", "bench", "--base", args.base, "--slim", args.slim,
-             "--backends", *args.backends, "--device", *args.device, "--precision", *args.precision,
-             "--batch", *map(str, args.batch), "--out", args.out, "--warmup", str(args.warmup),
-             "--min-time", str(args.min_time), "--rounds", str(args.rounds),
-             "--min-samples", str(args.min_samples), "--seed", str(args.seed)]
-    parts += ["--threads", str(args.threads)] if args.threads != 1 else []
-    parts += ["--clock", args.clock] if args.clock != "wall" else []
-    parts += ["--channels-last"] if args.channels_last else []
-    parts += ["--compile-mode", args.compile_mode] if args.compile_mode != "default" else []
-    parts += ["--max-eval-samples", str(args.max_eval_samples)] if args.max_eval_samples else []
-    parts += ["--accuracy"] if args.accuracy and not args.max_eval_samples else []
-    return shlex.join(parts)
+    """The canonical command that reproduces this run (written into report.md): every option
+    marked ``always``, then those that differ from their default, in :data:`RUN_OPTIONS` order."""
+    return shlex.join(["deploy-prune", "bench", *(x for o in RUN_OPTIONS for x in _shown(o, args))])
 
 
 def summary_lines(df: pd.DataFrame) -> list[str]:

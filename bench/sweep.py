@@ -29,7 +29,7 @@ from bench.stats import Speedup, paired_speedup, summarize
 from bench.timing import Samples, Timer, TimingConfig, measure_pair
 from deploy_prune.artifacts import atomic_write_text, load_model_dir
 from deploy_prune.flops import count
-from deploy_prune.pipeline import cpu_count
+from deploy_prune.host import cpu_count
 from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ The CLI commands and the end-to-end ``run`` are thin layers over these.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from deploy_prune.data import DataBundle, stage_loader, stream_seed
 from deploy_prune.flops import count
 from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.nodes import Node, discover
+from deploy_prune.precision import check_precision
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
 from deploy_prune.train import baseline_state, evaluate, resolve_device, steps_for, train_baseline
@@ -282,6 +282,7 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         return decided(model, nodes, scores, example, decision)
     crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes)
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
+        check_precision(cfg.allocation.precision, key="allocation.precision")
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP
         # needs identical shapes on every rank)
         return distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(
@@ -306,6 +307,3 @@ def width_table(nodes: list[Node], base: dict[str, int], slim: dict[str, int], c
         lines.append(f"{n.name:<32} {b:>6} {s:>6} {100 * s / b:>6.1f}%  {note}".rstrip())
     return "\n".join(lines)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

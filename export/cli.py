@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from deploy_prune.cli import CLIError
+from deploy_prune.precision import PRECISIONS
 from export.errors import BackendUnavailableError
 from export.formats import FORMATS, check_options, export_model_dir
 
@@ -84,7 +85,7 @@ def _onnx_options(p: argparse._ArgumentGroup) -> None:
 
 def _trt_options(p: argparse._ArgumentGroup) -> None:
     S = argparse.SUPPRESS
-    p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16", "int8"], default=S,
+    p.add_argument("--precision", choices=PRECISIONS, default=S,
                    help="tensorrt: engine precision (default fp16); onnx: fp32 (default) or fp16, "
                    "fp16 weights and compute behind fp32 input/output, the graph TensorRT 11 "
                    "builds fp16 engines from")

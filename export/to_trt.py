@@ -36,6 +36,7 @@ from torch import nn
 
 from deploy_prune.artifacts import ModelPlan
 from deploy_prune.artifacts import atomic_write_text as write_text_atomic
+from deploy_prune.precision import PRECISIONS
 from export._staging import ensure_writable, staged, write_bytes_atomic
 from export.errors import BackendUnavailableError, first_line
 from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, provenance
@@ -44,7 +45,6 @@ from export.parity import batches_in_range, check_parity, tolerance
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "deploy-prune/trt-engine@1"
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8")
 DEFAULT_PRECISION = "fp16"
 STRONG_TYPING_MAJOR = 11  # the first TensorRT without weak typing (BuilderFlag.FP16/INT8, calibrators)
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})

@@ -126,3 +126,31 @@ def test_repeats_are_separate_passes_and_their_intervals_are_enveloped(tmp_path:
 def test_repeats_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="repeats"):
         _tiny(tmp_path, "repeats=0")
+
+
+def test_suite_slim_models_come_from_the_cli_prune(tmp_path: Path) -> None:
+    """The suite's slim directory is what ``pipeline.prune`` writes (config, base hash, versions),
+    with uniform widths: the same fraction removed from every node but the last conv node."""
+    from bench.studies.paper_claims.models import _base_model, _plan, ensure_slim, run_config
+    from deploy_prune import pipeline
+    from deploy_prune.artifacts import read_plan
+    from deploy_prune.config import RunConfig, from_dict
+
+    cfg = _tiny(tmp_path)
+    point = cfg.points[0]
+    plan = read_plan(ensure_slim(tmp_path, cfg, point, 8))
+    info = plan.info
+    base_plan = _plan(cfg, point.arch, None, {"weights": "random"})
+    assert info["base_sha256"] == base_plan.digest() and info["versions"]["torch"]
+    assert from_dict(RunConfig, info["config"]) == run_config(cfg, point, 8, "uniform")
+    assert (info["operating_point"], info["rounding"], info["width_source"]) == (point.name, 8, "uniform")
+    assert info["flops_reduction"] == pytest.approx(2.0, rel=0.25)
+    # the same prune by hand, from the CLI's first_k scores: the same channels kept
+    run_cfg = run_config(cfg, point, 8, "uniform")
+    model = _base_model(cfg, point.arch)
+    scores, _ = pipeline.scored(pipeline.score(model, base_plan, run_cfg, None, "cpu"), base_plan, source="x")
+    last = info["crucial_nodes"]
+    assert len(last) == 1  # no named crucial nodes: the last conv node only
+    assert pipeline.prune(model, base_plan, run_cfg, scores, crucial=last).plan.kept == plan.kept
+    for kept in plan.kept.values():  # first_k + uniform: each node keeps its first channels
+        assert kept == list(range(len(kept)))

@@ -432,7 +432,7 @@ def test_plan_build_on_a_fresh_tensorrt_11():
 
 def test_bench_tensorrt_backend_on_tensorrt_11(tmp_path):
     from bench.backends._base import Artifact, BackendOptions
-    from bench.backends.ort import onnx_file
+    from bench.backends.onnx_cache import onnx_file
     from bench.backends.trt import strong_typing_reason
 
     reason = strong_typing_reason(11, "int8")

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from bench.latency import probe as probe_mod
-from bench.latency.solver import Option, importance_options, solve
-from bench.latency.table import (
+from bench.latency.latency_table import (
     LatencyTable,
     StaleTableError,
     cached_table,
@@ -19,6 +18,7 @@ from bench.latency.table import (
     load_table,
     table_key,
 )
+from bench.latency.solver import Option, importance_options, solve
 from deploy_prune.allocation import PLUGIN_TARGETS, load_allocator
 from deploy_prune.config import AllocationConfig
 

@@ -27,12 +27,12 @@ from torch import nn
 
 from deploy_prune._registry import Registry
 from deploy_prune.artifacts import ModelPlan
+from deploy_prune.precision import check_precision
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
                                   "bf16": torch.bfloat16}
-# Every precision a backend may offer: the DTYPES (the input/weight dtype), plus int8, which only
-# engines that quantise internally (TensorRT) offer; they take fp32 inputs.
-PRECISIONS: tuple[str, ...] = (*DTYPES, "int8")
+# Every precision a backend may offer: the shared vocabulary (deploy_prune.precision). DTYPES maps
+# a precision to the input/weight dtype; tf32 and int8 engines take fp32 inputs.
 DEVICES = ("cpu", "cuda")
 T = TypeVar("T")
 
@@ -83,8 +83,7 @@ class Backend(ABC):
     def __init__(self, *, device: str, precision: str, options: BackendOptions | None = None) -> None:
         if device not in DEVICES:
             raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        check_precision(precision)
         self.device = device
         self.precision = precision
         self.dtype = DTYPES.get(precision, torch.float32)  # int8 engines take fp32 inputs

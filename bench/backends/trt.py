@@ -30,7 +30,7 @@ from bench.backends._base import (
     missing_package,
     register,
 )
-from bench.backends.ort import onnx_file
+from bench.backends.onnx_cache import onnx_file
 
 
 def tensorrt_major() -> int | None:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.latency.latency_table import LatencyTable, cached_table
 from bench.latency.probe import CHECK, Probe
 from bench.latency.solver import Solution, importance_options, solve
-from bench.latency.table import LatencyTable, cached_table
 from deploy_prune.allocation import (
     Allocation,
     AllocationError,

@@ -41,7 +41,7 @@ def ensure_onnx(model_dir: Path) -> Path:
     Exporting VGG-16 takes a minute on this class of machine; the suite's builder process does it
     ahead of the measurements, and the ``ort`` backend is handed the file (:func:`bench.studies.paper_claims.suite.prime`).
     """
-    from bench.backends.ort import write_onnx
+    from bench.backends.onnx_cache import write_onnx
     from deploy_prune.artifacts import load_model_dir
     from export.to_onnx import DEFAULT_OPSET
 

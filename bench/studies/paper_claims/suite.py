@@ -69,7 +69,7 @@ def plan_units(cfg: SuiteConfig) -> list[Unit]:
 
 def stage_config(cfg: SuiteConfig, stage: StageConfig, point: PointConfig) -> BenchConfig:
     """The bench sweep config of one stage; CUDA stages use the wall clock (CPU time is no latency there)."""
-    timing = (stage.timing or cfg.timing).to_timing()
+    timing = stage.timing or cfg.timing
     if "cuda" in stage.devices and timing.clock == "cpu":
         timing = replace(timing, clock="wall")
     return BenchConfig(backends=tuple(stage.backends), devices=tuple(stage.devices),
@@ -135,7 +135,7 @@ def uses_onnx(stage: StageConfig) -> bool:
 
 def prime(artifact: Artifact, model_dir: Path) -> None:
     """Hand the artifact the ONNX file built ahead of time, so the ``ort`` backend does not export again."""
-    from bench.backends.ort import seed_onnx
+    from bench.backends.onnx_cache import seed_onnx
 
     if (model_dir / ONNX_FILE).is_file():
         seed_onnx(artifact, model_dir / ONNX_FILE)

@@ -4,7 +4,7 @@ Joins, per trained Fashion-MNIST pair, the ``deploy-prune bench --accuracy`` tab
 artifact actually timed, on each backend) with the run's own report (``report.json``: top-1 in
 PyTorch, FLOPs reduction). Written as ``fashion_accuracy.csv`` and ``fashion_accuracy.md``::
 
-    python -m bench.studies.fashion_accuracy --entry default /tmp/p7/acc/default /tmp/dp/default configs/default.yaml \\
+    deploy-prune bench fashion-accuracy --entry default /tmp/p7/acc/default /tmp/dp/default configs/default.yaml \\
         --notes NOTES.md --out docs/results
 """
 
@@ -17,6 +17,7 @@ import pandas as pd
 
 from bench import table
 from bench.report import markdown_table
+from bench.studies.fashion_accuracy import DESCRIPTION, add_arguments
 from deploy_prune.artifacts import atomic_write_text, read_json_object
 
 COLUMNS = [
@@ -64,12 +65,13 @@ def page(df: pd.DataFrame, notes: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Join bench --accuracy results with their runs' reports.")
-    p.add_argument("--entry", nargs=4, action="append", required=True,
-                   metavar=("LABEL", "BENCH_DIR", "RUN_DIR", "CONFIG"), help="one trained pair")
-    p.add_argument("--notes", type=Path, help="Markdown appended to the page (commands, budgets)")
-    p.add_argument("--out", type=Path, required=True, help="where fashion_accuracy.csv/.md go")
-    args = p.parse_args(argv)
+    p = argparse.ArgumentParser(description=DESCRIPTION)
+    add_arguments(p)
+    return write_page(p.parse_args(argv))
+
+
+def write_page(args: argparse.Namespace) -> int:
+    """The page for parsed options (``deploy-prune bench fashion-accuracy`` or ``main``)."""
     df = pd.concat([entry_rows(lbl, Path(b), Path(r), c) for lbl, b, r, c in args.entry], ignore_index=True)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "fashion_accuracy.csv", df.to_csv(index=False))

@@ -1,6 +1,6 @@
 """The measured comparison of docs/results/latency_target.md.
 
-``python -m bench.studies.latency_target --run DIR [--speedup 2.0] --out FILE.csv`` takes a finished
+``deploy-prune bench latency-target --run DIR [--speedup 2.0] --out FILE.csv`` takes a finished
 (or pruned) ``deploy-prune run`` directory and, on the backend its latency allocation used:
 
 - validates the additive latency model: predicted vs measured latency of random grid widths;
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.latency.latency_table import cached_table
 from bench.latency.probe import CHECK, Probe
-from bench.latency.table import cached_table
+from bench.studies.latency_target import add_arguments
 from deploy_prune import pipeline
 from deploy_prune.allocation import allocate, prunable_nodes
 from deploy_prune.artifacts import atomic_write_text, load_model_dir, read_plan
@@ -66,15 +67,13 @@ def match_flops(probe: Probe, model: Any, plan: Any, cfg: RunConfig, scores: Any
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a deploy-prune run directory (latency-targeted)")
-    p.add_argument("--out", required=True, help="CSV of the study rows")
-    p.add_argument("--speedup", type=float, default=2.0)
-    p.add_argument("--lo", type=float, default=1.5, help="FLOPs reduction bracket, low end")
-    p.add_argument("--hi", type=float, default=6.0, help="FLOPs reduction bracket, high end")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--additive", type=int, default=8, help="random selections for the additive check")
-    args = p.parse_args(argv)
+    add_arguments(p)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_study(p.parse_args(argv))
+
+
+def run_study(args: argparse.Namespace) -> int:
+    """The study for parsed options (``deploy-prune bench latency-target`` or ``main``)."""
     run = Path(args.run)
     model, plan = load_model_dir(run / "base")
     pruned = read_plan(run / "pruned")  # its config and crucial nodes; no weights needed
@@ -94,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, df.to_csv(index=False))
     print(df.drop(columns=list(env)).to_string())
+    return 0
 
 
 if __name__ == "__main__":
