@@ -6,6 +6,7 @@ The CLI commands and the end-to-end ``run`` are thin layers over these.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from deploy_prune.checkpoint import Checkpointer
 from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
 from deploy_prune.data import DataBundle, stage_loader, stream_seed
 from deploy_prune.flops import count
+from deploy_prune.host import cpu_count
 from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.nodes import Node, discover
 from deploy_prune.precision import check_precision
