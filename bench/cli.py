@@ -192,7 +192,7 @@ def add_compare(sub: argparse._SubParsersAction) -> None:
                        "plus (operating_point, rounding) for suite tables. Default: a row regressed "
                        "when its speedup CI upper bound < (1 - tolerance) x the baseline's speedup. "
                        "--within-interval: a row fails when its speedup lies outside the baseline's "
-                       "95%% interval (widened by tolerance each side). Baseline rows without an ok "
+                       "95% interval (widened by tolerance each side). Baseline rows without an ok "
                        "current row fail too.",
                        epilog="Examples: deploy-prune bench compare out/results.json --baseline "
                        "bench/baselines/cpu-small_vgg-ci.json;  deploy-prune bench compare "

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 from deploy_prune.artifacts import atomic_write_text
 
@@ -140,8 +140,8 @@ def markdown(df: pd.DataFrame, *, environment: dict[str, Any], command: str | No
 
 
 def plot_latency(df: pd.DataFrame, path: Path) -> Path:
-    """p50 latency vs batch, one panel per backend; colour per device/precision, base solid and
-    slim dashed."""
+    """p50 latency vs batch, one panel per backend; colour per device/precision, base solid with
+    circles and slim dashed with squares."""
     ok = df[df["status"] == "ok"]
     backends = sorted(ok["backend"].unique()) or ["(no measurements)"]
     fig = Figure(figsize=(4.5 * len(backends), 3.8), layout="constrained")
@@ -151,12 +151,16 @@ def plot_latency(df: pd.DataFrame, path: Path) -> Path:
         for i, ((device, precision), g) in enumerate(sub.groupby(["device", "precision"])):
             for variant, gv in g.groupby("variant"):
                 gv = gv.sort_values("batch")
-                ax.plot(gv["batch"], gv["p50_ms"], marker="o", color=f"C{i}",
+                ax.plot(gv["batch"], gv["p50_ms"], marker="o" if variant == "base" else "s", color=f"C{i}",
                         linestyle="-" if variant == "base" else "--", label=f"{variant} {device} {precision}")
         ax.set(title=name, xlabel="batch", ylabel="p50 latency (ms)")
         if len(sub):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            # labelled ticks at the measured batches, and at 1-1.5-2-3-5-7 steps of latency, so a range
+            # inside one decade still shows several labels
+            ax.xaxis.set_major_locator(FixedLocator(sorted(sub["batch"].unique())))
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 axis.set_minor_formatter(NullFormatter())

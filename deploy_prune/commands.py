@@ -17,7 +17,7 @@ from deploy_prune.artifacts import (
     save_model_dir,
 )
 from deploy_prune.config import load_config
-from deploy_prune.data import load_data
+from deploy_prune.data import load_data, stage_loader
 from deploy_prune.nodes import discover
 from deploy_prune.scoring import SCORERS
 from deploy_prune.weights import read_state_dict
@@ -243,7 +243,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from deploy_prune.run import run
+    from deploy_prune.run import run, summary_text
 
     if args.config_file and "=" in args.config_file and not Path(args.config_file).is_file():
         args.overrides = [args.config_file, *args.overrides]  # ``run --base DIR key=value``: no CONFIG
@@ -257,12 +257,7 @@ def cmd_run(args) -> int:
     report = run(cfg, args.out, resume=args.resume, force=args.force, base_dir=args.base)
     if not distributed.is_main():  # rank 0 owns the outputs and speaks for the job
         return 0
-    print(f"{report['base']['arch']}: {report['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
-          f"{report['base']['top1']:.2f}% | pruned {report['pruned']['top1']:.2f}% | recovered "
-          f"{report['recovered']['top1']:.2f}% | slim {report['slim']['top1']:.2f}%")
-    print(speed.summary_line(report.get("speed_check")))
-    print(f"stage seconds: {report['seconds']}")
-    print(f"report: {args.out}/report.md, slim model: {args.out}/slim")
+    print(summary_text(report, args.out))
     speed.enforce(report.get("speed_check"), cfg, where=f"{args.out}/slim")
     return 0
 
@@ -283,12 +278,15 @@ def cmd_recover(args) -> int:
     device = pipeline.setup(cfg)
     data = load_data(cfg.data, seed=cfg.seed)
     before = evaluate(student, data.test, device)
-    loader = data.train
-    if cfg.recovery.batch_size and hasattr(loader, "with_options"):
-        loader = loader.with_options(batch_size=cfg.recovery.batch_size)
+    # the training stream from where run's recovery and fine-tuning would read it
+    first = pipeline.first_epochs(cfg, data.train, trained=pipeline.trained_here(base_plan))
+    pipeline.seed_stage(cfg.seed, "recover")
+    loader = stage_loader(data.train, batch_size=cfg.recovery.batch_size, first_epoch=first["recover"])
     student, info = recover_slim(teacher, student, plan, cfg, loader, device)
     if args.finetune and cfg.finetune.epochs > 0:
-        finetune(student, loader=data.train, cfg=cfg.finetune, device=device)
+        pipeline.seed_stage(cfg.seed, "finetune")
+        finetune(student, loader=stage_loader(data.train, first_epoch=first["finetune"]), cfg=cfg.finetune,
+                 device=device)
         student.cpu().eval()
     after = evaluate(student, data.test, device)
     student.cpu()
@@ -378,7 +376,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer", choices=SCORERS.names(), help="scorer when no --scores are given")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("inspect", help="per-node channels, FLOPs and params of a model directory")
+    p = sub.add_parser("inspect", help="per-node channels, FLOPs and params of a model directory",
+                       description="Print the architecture, input shape, FLOPs and parameters of a "
+                       "model directory (base or slim), then one row per prunable node: channels, "
+                       "MFLOPs and parameters of the layers that produce it. Reads plan.json and "
+                       "model.safetensors; trains nothing.",
+                       epilog="Example: deploy-prune inspect runs/default/slim --json")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)

@@ -96,10 +96,10 @@ class DataConfig:
     download: bool = False  # torchvision download for machines with a network
     val_fraction: float = 0.1  # held out of the training split, deterministic by seed
     max_train_samples: int | None = None  # cap for quick runs
-    max_eval_samples: int | None = None
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    num_workers: int = 0
+    max_eval_samples: int | None = None  # cap on validation and test images (None: all)
+    batch_size: int = 128  # training batch of every stage unless the stage sets its own
+    eval_batch_size: int = 512  # batch for accuracy evaluation
+    num_workers: int = 0  # DataLoader worker processes (ImageFolder only)
     # evaluation preprocessing, the model's own (set by `import`, carried in the base plan's config)
     image_size: int | None = None  # side the model sees; None: the dataset's (28, 8, 32; ImageFolder 224)
     resize: int | None = None  # shorter side before the centre crop to image_size; None: image_size*256/224
@@ -113,22 +113,22 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "small_vgg"
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    arch: str = "small_vgg"  # a name in deploy_prune.models.MODELS, or tv.NAME for torchvision
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model builder
     weights: str | None = None  # local weights file (torchvision archs); never downloaded
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 5  # baseline training epochs (0: use the model as built or loaded)
     optimizer: str = "sgd"  # sgd | adam
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # SGD (Nesterov) momentum
+    weight_decay: float = 5e-4  # L2 weight decay
     schedule: str = "cosine"  # cosine | step | constant
-    step_size: int = 5
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
+    step_size: int = 5  # schedule=step: epochs between lr drops
+    gamma: float = 0.1  # schedule=step: lr factor at each drop
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
 
 
 @dataclass
@@ -172,18 +172,18 @@ class AllocationConfig:
     flops_reduction: float = 3.0  # 3.0 = 3x fewer FLOPs
     keep_fraction: float = 0.5  # target=channels: fraction of prunable channels kept
     tolerance: float = 0.03  # relative tolerance on the FLOPs target
-    min_channels: int = 1
+    min_channels: int = 1  # per-node minimum kept channels
     min_fraction: float = 0.05  # per-node minimum kept fraction
     # kept counts rounded to a multiple; 8 by default: measured faster per FLOP on ORT CPU
     # (docs/results/paper_claims.md rounding study) and the tensor-core multiple on GPUs; 1 = exact
     round_to: int = 8
     # latency-aware allocation (target=speedup|latency)
-    speedup: float = 2.0
-    latency_ms: float | None = None
-    backend: str = "ort"
-    device: str = "cpu"
-    batch: int = 1
-    precision: str = "fp32"
+    speedup: float = 2.0  # target=speedup: measured speedup to reach (2.0 = twice as fast)
+    latency_ms: float | None = None  # target=latency: slim latency to reach, in ms
+    backend: str = "ort"  # bench backend the latency table is measured on
+    device: str = "cpu"  # device the latency table is measured on
+    batch: int = 1  # batch size the latency table is measured at
+    precision: str = "fp32"  # precision the latency table is measured in
     grid: int = 8  # points per node in the latency table
 
 
@@ -192,12 +192,12 @@ class RecoveryConfig:
     mode: str = "onestep"  # onestep | layerwise | ce | none
     loss: str = "kl"  # any name in deploy_prune.recovery.MIMIC_LOSSES
     nodes: list[str] | None = None  # mimic these instead of the crucial nodes
-    epochs: float = 15
-    lr: float = 1e-3
-    step_size: int = 5
-    gamma: float = 0.1
-    batch_size: int | None = None
-    freeze_classifier: bool = True
+    epochs: float = 15  # one-step recovery epochs (OSPR: 15 on CIFAR-10); fractions allowed
+    lr: float = 1e-3  # Adam learning rate of recovery
+    step_size: int = 5  # epochs between lr drops
+    gamma: float = 0.1  # lr factor at each drop
+    batch_size: int | None = None  # default: data.batch_size
+    freeze_classifier: bool = True  # keep the layers after the last conv node frozen (OSPR)
     # mode=layerwise: reconstruction epochs after each layer is cut; None = recovery.epochs, as
     # in the conventional pipeline where every cut gets its own full recovery
     layer_epochs: float | None = None
@@ -209,9 +209,9 @@ class RecoveryConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: float = 20
-    lr: float = 1e-5
-    optimizer: str = "adam"
+    epochs: float = 20  # cross-entropy fine-tuning epochs after recovery (0: none)
+    lr: float = 1e-5  # fixed learning rate (OSPR: 1e-5)
+    optimizer: str = "adam"  # adam | sgd
 
 
 @dataclass
@@ -224,9 +224,9 @@ class SpeedCheckConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = 0  # seeds splits, shuffles and initialisation; each stage derives its own from it
     device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None
+    threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,11 +2,19 @@
 
 Small datasets live in memory as tensors and are served by :class:`TensorLoader`, which is much
 faster on a CPU than a per-item ``DataLoader``. Splits and shuffles are deterministic by seed.
+
+Data order is a pure function of (seed, stream, epoch). The stages of a job read one stream,
+the training data's, each from the epoch its predecessors end at as the config implies
+(:func:`deploy_prune.pipeline.first_epochs`); nothing is carried in a counter, so a stage gives
+the same batches whichever command or process runs it, and a resumed stage can start again at
+any step (:func:`epoch_batches`). Steps inside a stage that need their own data (RBP's per-node
+passes, layer-by-layer recovery) take named streams (:meth:`TensorLoader.for_stage`).
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import logging
 import pickle
 import zlib
@@ -57,8 +65,19 @@ class DataBundle:
         return torch.zeros(batch, self.in_channels, self.image_size, self.image_size)
 
 
+def stream_seed(seed: int, stream: str, epoch: int) -> int:
+    """The shuffle seed of one epoch of a data stream (stable across processes and versions).
+
+    The training data's own stream (``""``) keeps the seeds it always had, so committed results
+    reproduce; named streams mix in a CRC of the name.
+    """
+    if not stream:
+        return seed * 100003 + epoch
+    return (seed * 1_000_003 + zlib.crc32(stream.encode()) * 10_007 + epoch) % (2**63 - 1)
+
+
 class TensorLoader:
-    """Batches over in-memory tensors; reshuffled each epoch from (seed, epoch)."""
+    """Batches over in-memory tensors; epoch ``e`` of stream ``s`` is shuffled from (seed, s, e)."""
 
     def __init__(
         self,
@@ -72,6 +91,8 @@ class TensorLoader:
         sampler_rank: int = 0,
         sampler_world: int = 1,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        stream: str = "",
+        first_epoch: int = 0,
     ) -> None:
         self.x, self.y = x, y  # (N, C, H, W) float, (N,) long
         self.transform = transform  # per batch, after augmentation (resize/channels/normalise)
@@ -79,43 +100,94 @@ class TensorLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.augment = augment
-        self.epoch = 0
+        self.stream = stream
+        self.first_epoch = first_epoch  # epoch e of this loader is epoch first_epoch + e of its stream
+        self.epoch = 0  # only plain iteration (``for xb, yb in loader``) advances it
         self.rank, self.world = sampler_rank, sampler_world
 
     def with_options(self, **kw) -> TensorLoader:
         opts = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
                     augment=self.augment, sampler_rank=self.rank, sampler_world=self.world,
-                    transform=self.transform)
+                    transform=self.transform, stream=self.stream, first_epoch=self.first_epoch)
         opts.update(kw)
         return TensorLoader(self.x, self.y, **opts)
 
+    def for_stage(self, name: str) -> TensorLoader:
+        """The same data under its own stream ``<stream>/<name>``, from epoch 0."""
+        return self.with_options(stream=f"{self.stream}/{name}" if self.stream else name, first_epoch=0)
+
     def __len__(self) -> int:
-        n = len(self._indices())
+        n = len(self.y)
         return (n + self.batch_size - 1) // self.batch_size
 
     @property
     def num_samples(self) -> int:
         return len(self.y)
 
-    def _indices(self) -> torch.Tensor:
+    def _indices(self, epoch: int) -> torch.Tensor:
         n = len(self.y)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            g = torch.Generator().manual_seed(stream_seed(self.seed, self.stream, epoch))
             return torch.randperm(n, generator=g)
         return torch.arange(n)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self._indices()
-        self.epoch += 1
-        for i in range(0, len(idx), self.batch_size):
+    def epoch_batches(self, epoch: int, *, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start, start + 1, ...`` of ``epoch``; no state is read or changed."""
+        epoch += self.first_epoch
+        idx = self._indices(epoch)
+        for i in range(start * self.batch_size, len(idx), self.batch_size):
             # data-parallel: each rank takes its strided slice of the same global batch
             j = idx[i : i + self.batch_size][self.rank :: self.world]
             xb = self.x[j]
             if self.augment:
-                xb = _augment(xb, seed=self.seed * 7919 + self.epoch * 131 + i)
+                xb = _augment(xb, seed=self._augment_seed(epoch, i))
             if self.transform is not None:
                 xb = self.transform(xb)
             yield xb, self.y[j]
+
+    def _augment_seed(self, epoch: int, offset: int) -> int:
+        if not self.stream:  # the seeds the training stream always had
+            return self.seed * 7919 + (epoch + 1) * 131 + offset
+        return stream_seed(self.seed, self.stream, epoch) * 131 + offset
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.epoch_batches(epoch)
+
+
+def stage_loader(loader, stage: str | None = None, *, batch_size: int | None = None, first_epoch: int = 0):
+    """``loader`` for one stage: the training stream from ``first_epoch`` (``stage=None``), or a
+    named stream of its own (``stage``), optionally re-batched."""
+    if isinstance(loader, TensorLoader):
+        out = loader.for_stage(stage) if stage else loader.with_options(first_epoch=first_epoch)
+        return out.with_options(batch_size=batch_size) if batch_size else out
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        out = DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size, shuffle=True,
+                         generator=torch.Generator(), num_workers=loader.num_workers,
+                         pin_memory=loader.pin_memory)
+        out.stream_seed_base = getattr(loader, "stream_seed_base", 0)
+        out.stream = f"{getattr(loader, 'stream', '')}/{stage}" if stage else getattr(loader, "stream", "")
+        out.first_epoch = 0 if stage else first_epoch
+        return out
+    return loader
+
+
+def epoch_batches(loader, epoch: int, *, start: int = 0) -> Iterator:
+    """Batch ``start`` onwards of epoch ``epoch`` of ``loader``, the same in every process.
+
+    A :class:`TensorLoader` computes it directly; a ``DataLoader`` is re-seeded for the epoch
+    (shuffled ones) or told its epoch (``DistributedSampler``) and skips ``start`` batches.
+    """
+    if isinstance(loader, TensorLoader):
+        return loader.epoch_batches(epoch, start=start)
+    epoch += getattr(loader, "first_epoch", 0)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    elif getattr(loader, "generator", None) is not None:
+        loader.generator.manual_seed(stream_seed(getattr(loader, "stream_seed_base", 0),
+                                                 getattr(loader, "stream", ""), epoch))
+    return itertools.islice(iter(loader), start, None)
 
 
 def _augment(x: torch.Tensor, *, seed: int) -> torch.Tensor:
@@ -325,10 +397,12 @@ def load_imagefolder(cfg: DataConfig, *, seed: int) -> DataBundle:
                          "labels would not line up")
     g = torch.Generator().manual_seed(seed)
     kw = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+    train_loader = DataLoader(_capped(train, cfg.max_train_samples, seed), batch_size=cfg.batch_size,
+                              shuffle=True, generator=g, **kw)
+    train_loader.stream_seed_base, train_loader.stream = seed, ""
     return DataBundle(
         name="imagefolder",
-        train=DataLoader(_capped(train, cfg.max_train_samples, seed), batch_size=cfg.batch_size,
-                         shuffle=True, generator=g, **kw),
+        train=train_loader,
         val=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
         test=DataLoader(_capped(val, cfg.max_eval_samples, seed), batch_size=cfg.eval_batch_size, **kw),
         num_classes=len(train.classes),

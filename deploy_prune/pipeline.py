@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from deploy_prune.artifacts import (
     versions,
     weights_digest,
 )
+from deploy_prune.checkpoint import Checkpointer
 from deploy_prune.config import (
     DataConfig,
     RunConfig,
@@ -47,8 +49,9 @@ from deploy_prune.config import (
     read_yaml,
     to_dict,
 )
-from deploy_prune.data import DataBundle
+from deploy_prune.data import DataBundle, stage_loader, stream_seed
 from deploy_prune.flops import count
+from deploy_prune.host import cpu_count
 from deploy_prune.models import build_model, load_weights_file
 from deploy_prune.models.tv import is_torchvision
 from deploy_prune.nodes import Node, discover, stage_of
@@ -56,7 +59,7 @@ from deploy_prune.precision import check_precision
 from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
 from deploy_prune.surgery import widths
-from deploy_prune.train import evaluate, resolve_device, train_baseline
+from deploy_prune.train import baseline_state, evaluate, resolve_device, steps_for, train_baseline
 from deploy_prune.validate import validate_run_config
 from deploy_prune.weights import load_into, read_state_dict
 
@@ -70,12 +73,68 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed the global generators for one stage from (seed, stage) alone, so a stage's result
+    does not depend on what ran before it in the process (``train`` vs ``run``). Base training
+    keeps the plain seed, so a base trained before this existed is trained again bit for bit."""
+    seed_everything(seed if stage == "base" else stream_seed(seed, stage, 0) % 2**32)
+
+
+def passes(epochs: float, loader) -> int:
+    """Epochs of the data stream a stage of ``epochs`` (fractions allowed) starts: its data use."""
+    return 0 if epochs <= 0 else -(-steps_for(epochs, loader) // max(1, len(loader)))
+
+
+def first_epochs(cfg: RunConfig, loader, *, trained: bool) -> dict[str, int]:
+    """Where on the training data stream each stage starts: after the epochs its predecessors use.
+
+    The stages read one stream of epochs (each shuffled from the seed and its index): base
+    training takes the first ``train.epochs``, beta scoring the next, then recovery, then
+    fine-tuning. Computed from the config alone, so ``score`` on a base made by ``train`` reads
+    the batches that ``run`` gives its score stage, and a resumed stage reads the same as before.
+    ``trained``: the base was trained by deploy-prune from this config (else scoring starts at 0).
+    """
+    def sized(batch_size: int | None):
+        return loader.with_options(batch_size=batch_size) if batch_size and hasattr(loader, "with_options") \
+            else loader
+
+    score = passes(cfg.train.epochs, loader) if trained else 0
+    used_by_scoring = passes(cfg.scoring.epochs, sized(cfg.scoring.batch_size)) \
+        if cfg.scoring.method == "beta" else 0
+    recover = score + used_by_scoring
+    rc = cfg.recovery
+    used_by_recovery = passes(rc.epochs, sized(rc.batch_size)) if rc.mode in ("onestep", "ce") else 0
+    return {"base": 0, "score": score, "recover": recover, "finetune": recover + used_by_recovery}
+
+
+def trained_here(plan: ModelPlan) -> bool:
+    """Whether deploy-prune trained this base (``train`` or ``run``), so its config's epochs count."""
+    return "train_seconds" in plan.info and plan.info.get("config", {}).get("train", {}).get("epochs", 0) > 0
+
+
 def setup(cfg: RunConfig) -> torch.device:
     """Seed, pin CPU threads (recorded for reproducibility) and pick the device."""
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    else:
+        warn_if_busy()
     return resolve_device(cfg.device)
+
+
+def warn_if_busy() -> None:
+    """Say how to set the thread count when other work already fills the cores.
+
+    The default stays torch's (one thread per core) rather than following the load, since the
+    thread count can change the last bits of a float sum and a run should not depend on load.
+    """
+    if not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], cpu_count()
+    if load >= cores:
+        log.warning("this machine is busy (load %.1f on %d cores) and torch uses %d threads; with "
+                    "threads=1 (a key=value override) a job often finishes sooner", load, cores,
+                    torch.get_num_threads())
 
 
 def resolve_config(base: ModelPlan | None, config: str | None, overrides: list[str] | None) -> RunConfig:
@@ -179,18 +238,31 @@ def describe(model: nn.Module, plan: ModelPlan, nodes: list[Node] | None = None)
             "widths": {n.name: n.channels for n in nodes}}
 
 
-def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[nn.Module, ModelPlan, dict]:
-    """Build (and load local weights, if given) then train the baseline; evaluate it."""
+def train_base(cfg: RunConfig, data: DataBundle, device: torch.device, *, checkpoint: Path | None = None,
+               started: float | None = None) -> tuple[nn.Module, ModelPlan, dict]:
+    """Build (and load local weights, if given) then train the baseline; evaluate it.
+
+    The result depends only on the config and seed: ``train`` and ``run`` give the same weights.
+    With ``checkpoint``, training saves there mid-way and resumes from it when it exists.
+    """
+    t0 = time.perf_counter() if started is None else started
+    seed_stage(cfg.seed, "base")
     plan = new_base_plan(cfg, data)
     check_model_size(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels,
                      source="model.kwargs", **plan.arch_kwargs)
     model = build_model(plan.arch, num_classes=plan.num_classes, in_channels=plan.in_channels, **plan.arch_kwargs)
     if cfg.model.weights:
         load_weights_file(model, cfg.model.weights)
-    t0 = time.perf_counter()
+    ck = None
     if cfg.train.epochs > 0:
-        train_baseline(model, data.train, cfg.train, device=device)
-    seconds = time.perf_counter() - t0
+        loader = stage_loader(data.train, first_epoch=0)
+        state = baseline_state(model.to(device), loader, cfg.train)
+        if checkpoint is not None:
+            ck = Checkpointer(checkpoint, {"model": model}, state, started=t0)
+            ck.restore()
+        train_baseline(model, loader, cfg.train, device=device, state=state,
+                       on_step=ck.save if ck else None)
+    seconds = ck.seconds() if ck else time.perf_counter() - t0
     metrics = evaluate(model, data.test, device)
     if not all(np.isfinite(v) for v in metrics.values()):
         raise NonFiniteError(f"train: the trained model's test loss is {metrics['loss']} after "
@@ -201,26 +273,35 @@ def train_base(cfg: RunConfig, data: DataBundle, device: torch.device) -> tuple[
 
 
 def score_context(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | None,
-                  device: torch.device, *, method: str) -> ScoreContext:
-    """What the named scorer gets: its own config section, the run's goal, the batched loader."""
+                  device: torch.device, *, method: str, checkpoint: Path | None = None) -> ScoreContext:
+    """What the named scorer gets: its own config section, the run's goal, the batched loader
+    (the training stream from where scoring starts on it, :func:`first_epochs`)."""
     example = plan.example()
-    loader = data.train if data else None
-    if loader is not None and cfg.scoring.batch_size and hasattr(loader, "with_options"):
-        loader = loader.with_options(batch_size=cfg.scoring.batch_size)
+    loader = None
+    if data is not None:
+        first = first_epochs(cfg, data.train, trained=trained_here(plan))["score"]
+        loader = stage_loader(data.train, batch_size=cfg.scoring.batch_size, first_epoch=first)
     return ScoreContext(model=model, nodes=discover(model, example), example=example,
                         cfg=SCORERS.get(method).config_of(cfg), train_loader=loader, device=device,
-                        seed=cfg.seed, goal=Goal.of(cfg))
+                        seed=cfg.seed, goal=Goal.of(cfg), checkpoint=checkpoint)
 
 
 def score(model: nn.Module, plan: ModelPlan, cfg: RunConfig, data: DataBundle | None,
-          device: torch.device, *, method: str | None = None) -> dict[str, Any]:
+          device: torch.device, *, method: str | None = None, checkpoint: Path | None = None,
+          started: float | None = None) -> dict[str, Any]:
     """Channel and node scores of ``model`` by the named scorer, as a JSON-ready dict (with the
-    widths it decided, under ``decision``, when the scorer decides them: RBP)."""
+    widths it decided, under ``decision``, when the scorer decides them: RBP).
+
+    Seeded from (seed, "score") and fed from where the config puts scoring on the data stream,
+    so ``score`` and ``run`` give the same scores; a scorer that trains may checkpoint to
+    ``checkpoint`` and resume from it.
+    """
     method = method or cfg.scoring.method
     scorer = SCORERS.get(method)()
     weights = weights_digest(model.state_dict())  # the weights the scores are learnt on
-    ctx = score_context(model, plan, cfg, data, device, method=method)
-    t0 = time.perf_counter()
+    seed_stage(cfg.seed, "score")
+    ctx = score_context(model, plan, cfg, data, device, method=method, checkpoint=checkpoint)
+    t0 = time.perf_counter() if started is None else started
     scores = scorer.score(ctx)
     model.cpu()
     seconds = time.perf_counter() - t0

@@ -21,11 +21,9 @@ from torch import nn
 
 from deploy_prune import distributed, pipeline, speed
 from deploy_prune.artifacts import (
-    ArtifactError,
     ModelPlan,
     OutputLock,
     atomic_write_text,
-    check_finite_state,
     check_model_size,
     finite_json,
     load_model_dir,
@@ -35,12 +33,13 @@ from deploy_prune.artifacts import (
     save_model_dir,
     versions,
 )
+from deploy_prune.checkpoint import Checkpointer
 from deploy_prune.config import RunConfig, to_dict
-from deploy_prune.data import DataBundle, load_data
+from deploy_prune.data import DataBundle, load_data, stage_loader
 from deploy_prune.nodes import discover
 from deploy_prune.recovery.layerwise import layerwise
-from deploy_prune.recovery.mimic import StepState, finetune, finetune_state, recover, recovery_state
-from deploy_prune.train import evaluate
+from deploy_prune.recovery.mimic import finetune, finetune_state, recover, recovery_state
+from deploy_prune.train import StepState, evaluate
 
 log = logging.getLogger(__name__)
 STAGES = ("base", "score", "prune", "recover", "finetune")
@@ -66,42 +65,14 @@ class RunState:
         return self.data["stages"][stage]
 
 
-class Checkpointer:
-    """Mid-stage checkpoints (model, optimizer, scheduler, step), written atomically."""
-
-    def __init__(self, path: Path, model: nn.Module, state: StepState) -> None:
-        self.path, self.model, self.state = path, model, state
-        self.every = max(1, state.steps // 10)
-
-    def save(self, step: int) -> None:
-        if step % self.every and step != self.state.steps:
-            return
-        check_finite_state(self.model.state_dict(), f"{self.path.stem} checkpoint at step {step}")
-        blob = {"model": self.model.state_dict(), "optimizer": self.state.optimizer.state_dict(),
-                "scheduler": self.state.scheduler.state_dict() if self.state.scheduler else None,
-                "step": step}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(self.path)
-
-    def restore(self) -> bool:
-        """Load a checkpoint if one exists; returns whether it did."""
-        if not self.path.is_file():
-            return False
-        try:
-            blob = torch.load(self.path, map_location="cpu", weights_only=True)
-            check_finite_state(blob["model"], str(self.path))
-            self.model.load_state_dict(blob["model"])
-            self.state.optimizer.load_state_dict(blob["optimizer"])
-            if self.state.scheduler is not None and blob["scheduler"] is not None:
-                self.state.scheduler.load_state_dict(blob["scheduler"])
-            self.state.start = int(blob["step"])
-        except Exception as e:  # truncated, foreign or non-finite: one line, not a traceback
-            raise ArtifactError(f"{self.path}: unreadable checkpoint ({type(e).__name__}); delete it "
-                                "to redo this stage from its start") from None
-        log.info("resumed %s at step %d/%d", self.path.name, self.state.start, self.state.steps)
-        return True
+def checkpoint_seconds(path: Path) -> float:
+    """Seconds an interrupted stage had spent up to its last checkpoint (0 when none)."""
+    if not path.is_file():
+        return 0.0
+    try:
+        return float(torch.load(path, map_location="cpu", weights_only=True)["seconds"])
+    except Exception:  # unreadable: the stage restarts from step 0 and counts from there
+        return 0.0
 
 
 def prepare_out(out: Path, *, resume: bool, force: bool) -> OutputLock:
@@ -129,8 +100,9 @@ class Runner:
     """Holds what the stages share; each stage method is idempotent given ``state.json``."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, base_dir: str | None = None,
-                 data: DataBundle | None = None) -> None:
+                 data: DataBundle | None = None, display_out: str | Path | None = None) -> None:
         self.cfg, self.out, self.base_dir = cfg, out, base_dir
+        self.display_out = display_out if display_out is not None else out  # as the user typed it
         self.device = pipeline.setup(cfg)
         self.state = RunState(out)
         self._data: DataBundle | None = data
@@ -147,13 +119,25 @@ class Runner:
         return metrics
 
     def timed(self, stage: str, fn) -> None:
+        """Run a stage unless done; its seconds add up over the segments of a resumed run."""
         if self.state.done(stage):
             log.info("stage %s: done, skipped", stage)
             return
-        t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
+        prior = checkpoint_seconds(self.ckpt(stage))
         metrics = fn() or {}
-        self.state.finish(stage, time.perf_counter() - t0, **metrics)
-        log.info("stage %s: %.1fs %s", stage, time.perf_counter() - t0, metrics)
+        seconds = prior + time.perf_counter() - self.t0
+        self.state.finish(stage, seconds, **metrics)
+        log.info("stage %s: %.1fs %s", stage, seconds, metrics)
+
+    def ckpt(self, stage: str) -> Path:
+        return self.out / "ckpt" / f"{stage}.pt"
+
+    def checkpointer(self, stage: str, model: nn.Module, state: StepState) -> Checkpointer:
+        """A mid-stage checkpointer for ``stage``, restored from disk when one is there."""
+        ck = Checkpointer(self.ckpt(stage), {"model": model}, state, started=self.t0)
+        ck.restore()
+        return ck
 
     # -- stages --------------------------------------------------------------------------------
     def stage_base(self) -> dict:
@@ -162,17 +146,21 @@ class Runner:
             plan.info.setdefault("config", to_dict(self.cfg))
             metrics = self.evaluate(model)
         else:
-            model, plan, metrics = pipeline.train_base(self.cfg, self.data, self.device)
+            model, plan, metrics = pipeline.train_base(self.cfg, self.data, self.device,
+                                                       checkpoint=self.ckpt("base"), started=self.t0)
         save_model_dir(model, plan, self.out / "base", force=True)
         return {"top1": metrics["top1"], "top5": metrics["top5"]}
 
     def stage_score(self) -> dict:
         model, plan = load_model_dir(self.out / "base")
-        result = pipeline.score(model, plan, self.cfg, self.data, self.device)
+        result = pipeline.score(model, plan, self.cfg, self.data, self.device, checkpoint=self.ckpt("score"),
+                                started=self.t0)
         atomic_write_text(self.out / "scores.json", finite_json(result, what=str(self.out / "scores.json")))
         return {"scorer": result["scorer"]}
 
     def stage_prune(self) -> dict:
+        """Allocate, cut and evaluate. A ``speed`` entry in the returned metrics (a quick measured
+        speedup of the cut model, see :func:`speed_line`) reaches report.json and the summary."""
         model, plan = load_model_dir(self.out / "base")
         scores, decision = pipeline.read_scored(self.out / "scores.json", plan, model)
         res = pipeline.prune(model, plan, self.cfg, scores, decision=decision)
@@ -181,10 +169,12 @@ class Runner:
         return {"top1": m["top1"], "top5": m["top5"], "flops_reduction": res.allocation.flops_reduction}
 
     def stage_recover(self) -> dict:
-        teacher, _ = load_model_dir(self.out / "base")
+        teacher, base_plan = load_model_dir(self.out / "base")
         student, plan = load_model_dir(self.out / "pruned")
-        student, info = recover_slim(teacher, student, plan, self.cfg, self._loader(self.cfg.recovery.batch_size),
-                                     self.device, ckpt=self.out / "ckpt" / "recover.pt")
+        pipeline.seed_stage(self.cfg.seed, "recover")
+        loader = self._loader("recover", self.cfg.recovery.batch_size, base_plan)
+        student, info = recover_slim(teacher, student, plan, self.cfg, loader, self.device,
+                                     ckpt=self.ckpt("recover"), started=self.t0)
         save_model_dir(student, plan, self.out / "recovered", force=True)
         m = self.evaluate(student)
         return {"top1": m["top1"], "top5": m["top5"], **info}
@@ -192,11 +182,11 @@ class Runner:
     def stage_finetune(self) -> dict:
         student, plan = load_model_dir(self.out / "recovered")
         fc = self.cfg.finetune
-        loader = self._loader(None)
+        pipeline.seed_stage(self.cfg.seed, "finetune")
+        loader = self._loader("finetune", None, load_model_dir(self.out / "base")[1])
         if fc.epochs > 0:
-            state = finetune_state(student, loader, fc)
-            ck = Checkpointer(self.out / "ckpt" / "finetune.pt", student, state)
-            ck.restore()
+            state = finetune_state(student.to(self.device), loader, fc)
+            ck = self.checkpointer("finetune", student, state)
             finetune(student, loader=loader, cfg=fc, device=self.device, state=state, on_step=ck.save)
         student.cpu().eval()
         save_model_dir(student, plan, self.out / "slim", force=True)
@@ -209,11 +199,10 @@ class Runner:
         slim, slim_plan = load_model_dir(self.out / "slim")
         return speed.speed_check(base, base_plan, slim, slim_plan, self.cfg)
 
-    def _loader(self, batch_size: int | None):
-        loader = self.data.train
-        if batch_size and hasattr(loader, "with_options"):
-            loader = loader.with_options(batch_size=batch_size)
-        return loader
+    def _loader(self, stage: str, batch_size: int | None, base_plan):
+        """The training stream from where ``stage`` starts on it (a function of the config)."""
+        first = pipeline.first_epochs(self.cfg, self.data.train, trained=pipeline.trained_here(base_plan))
+        return stage_loader(self.data.train, batch_size=batch_size, first_epoch=first[stage])
 
     def run(self) -> dict[str, Any]:
         for stage in STAGES:
@@ -224,12 +213,13 @@ class Runner:
         if check is not None:
             report["speed_check"] = check
         atomic_write_text(self.out / "report.json", json.dumps(report, indent=1))
-        atomic_write_text(self.out / "report.md", render_report(report))
+        atomic_write_text(self.out / "report.md", render_report(report, self.display_out))
         return report
 
 
 def recover_slim(teacher: nn.Module, student: nn.Module, plan: ModelPlan, cfg: RunConfig, loader,
-                 device: torch.device, *, ckpt: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                 device: torch.device, *, ckpt: Path | None = None,
+                 started: float | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Recover ``student`` (cut from ``teacher`` by ``plan``) per ``cfg.recovery``; returns it (eval,
     CPU) and what was done. ``ckpt``: a mid-stage checkpoint file to resume from and write."""
     rc, example = cfg.recovery, plan.example()
@@ -246,7 +236,7 @@ def recover_slim(teacher: nn.Module, student: nn.Module, plan: ModelPlan, cfg: R
         state = recovery_state(student, loader, rc)
         on_step = None
         if ckpt is not None:
-            ck = Checkpointer(ckpt, student, state)
+            ck = Checkpointer(ckpt, {"model": student}, state, started=started)
             ck.restore()
             on_step = ck.save
         recover(teacher, student, teacher_nodes=discover(teacher, example),
@@ -275,6 +265,8 @@ def build_report(out: Path, state: RunState, cfg: RunConfig, device: torch.devic
         "params_reduction": slim["base_params"] / max(slim["params"], 1),
         "crucial_nodes": slim["crucial_nodes"],
         **latency_fields(slim),
+        # the quick measured speedup, when the prune stage measured one (see speed_line)
+        **({"speed": s["prune"]["speed"]} if s["prune"].get("speed") else {}),
         "widths": widths,
         "recovery": {k: v for k, v in s["recover"].items() if k not in ("top1", "top5", "seconds")},
         "seconds": {k: round(v["seconds"], 2) for k, v in s.items()},
@@ -295,27 +287,82 @@ def latency_fields(slim_plan: dict[str, Any]) -> dict[str, Any]:
     return {"latency": {k: lat[k] for k in keys if k in lat}}
 
 
-def render_report(r: dict[str, Any]) -> str:
-    """A readable report.md from report.json."""
+def speed_line(r: dict[str, Any]) -> str | None:
+    """One line on the measured speedup, when the run has one.
+
+    ``report["speed"]`` is the hook for the quick measurement made after pruning (the slowdown
+    guard): ``{"speedup": float, "ci": [lo, hi] (optional), "backend": str, "device": str,
+    "batch": int, "precision": str}``. A latency-targeted run also has ``latency.measured_speedup``.
+    """
+    if r.get("speed_check"):  # the slowdown guard (deploy_prune.speed), measured at the end of run
+        return speed.summary_line(r["speed_check"])
+    sp = r.get("speed")
+    if sp and sp.get("speedup") is not None:
+        ci = f" [{sp['ci'][0]:.2f}, {sp['ci'][1]:.2f}]" if sp.get("ci") else ""
+        where = ", ".join(str(sp[k]) for k in ("backend", "device", "precision") if sp.get(k))
+        batch = f", batch {sp['batch']}" if sp.get("batch") else ""
+        return f"measured speedup {sp['speedup']:.2f}x{ci} ({where}{batch})"
+    lat = r.get("latency", {})
+    if lat.get("measured_speedup") is not None:
+        return (f"measured speedup {lat['measured_speedup']:.2f}x ({lat.get('backend', '?')}, "
+                f"{lat.get('device', '?')}, batch {lat.get('batch', '?')})")
+    return None
+
+
+def next_commands(out: str | Path) -> list[str]:
+    """What a user runs after ``run``: export the slim model and measure it against its base."""
+    return [f"deploy-prune export {out}/slim --format onnx --out {out}/slim.onnx",
+            f"deploy-prune bench --base {out}/base --slim {out}/slim --backends torch ort --device cpu "
+            f"--precision fp32 --batch 1 8 --threads 1 --clock cpu --out {out}/bench"]
+
+
+def width_rows(r: dict[str, Any]) -> list[tuple[str, int, int, str]]:
+    """(node, base, slim, note) per node of the report's width table."""
+    crucial = set(r.get("crucial_nodes") or [])
+    return [(k, w["base"], w["slim"], "crucial" if k in crucial else "") for k, w in r["widths"].items()]
+
+
+def summary_text(r: dict[str, Any], out: str | Path) -> str:
+    """What ``run`` prints at the end: widths, accuracies, speed (if measured) and next commands."""
+    lines = [f"{'node':<32} {'base':>6} {'slim':>6} {'kept':>7}  note", "-" * 62]
+    for name, b, sl, note in width_rows(r):
+        lines.append(f"{name:<32} {b:>6} {sl:>6} {100 * sl / b:>6.1f}%  {note}".rstrip())
+    lines += [f"{r['base']['arch']}: {r['flops_reduction']:.2f}x fewer FLOPs; top-1 base "
+              f"{r['base']['top1']:.2f}% | pruned {r['pruned']['top1']:.2f}% | recovered "
+              f"{r['recovered']['top1']:.2f}% | slim {r['slim']['top1']:.2f}%"]
+    speed = speed_line(r)
+    lines += [speed] if speed else []
+    lines += ["stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items()),
+              f"report: {out}/report.md, slim model: {out}/slim", "next:"]
+    lines += [f"  {c}" for c in next_commands(out)]
+    return "\n".join(lines)
+
+
+def render_report(r: dict[str, Any], out: str | Path | None = None) -> str:
+    """A readable report.md from report.json (``out``: the run directory, for the next commands)."""
     lines = [f"# deploy-prune run: {r['base']['arch']}", "",
              f"FLOPs {r['base']['flops'] / 1e6:.2f}M -> {r['slim']['flops'] / 1e6:.2f}M "
              f"(**{r['flops_reduction']:.2f}x fewer**), params {r['base']['params'] / 1e6:.3f}M -> "
-             f"{r['slim']['params'] / 1e6:.3f}M; device {r['device']}, {r['threads']} threads.", "",
-             "| stage | top-1 (%) | top-5 (%) | seconds |", "|---|---:|---:|---:|"]
+             f"{r['slim']['params'] / 1e6:.3f}M; device {r['device']}, {r['threads']} threads.", ""]
+    speed = speed_line(r)
+    lines += [speed[0].upper() + speed[1:] + ".", ""] if speed else []
+    lines += ["| stage | top-1 (%) | top-5 (%) | seconds |", "|---|---:|---:|---:|"]
     sec = r["seconds"]
     for label, key, stage in [("baseline", "base", "base"), ("pruned, no recovery", "pruned", "prune"),
                               ("after mimic recovery", "recovered", "recover"),
                               ("after fine-tuning (slim)", "slim", "finetune")]:
         lines.append(f"| {label} | {r[key]['top1']:.2f} | {r[key]['top5']:.2f} | {sec.get(stage, 0):.1f} |")
-    if "speed_check" in r:
-        lines += ["", f"Speed check: {speed.summary_line(r['speed_check'])}."]
+    if r.get("speed_check"):
         if r["speed_check"].get("cause"):
             lines += ["", f"**Warning: the slim model is not faster than its base.** Likely cause: "
                       f"{r['speed_check']['cause']}."]
     lines += ["", f"Crucial nodes (never narrowed, mimicked): {', '.join(r['crucial_nodes'])}", "",
-              "| node | base | slim | kept |", "|---|---:|---:|---:|"]
-    for k, w in r["widths"].items():
-        lines.append(f"| {k} | {w['base']} | {w['slim']} | {100 * w['slim'] / w['base']:.0f}% |")
+              "| node | base | slim | kept | note |", "|---|---:|---:|---:|---|"]
+    for name, b, sl, note in width_rows(r):
+        lines.append(f"| {name} | {b} | {sl} | {100 * sl / b:.0f}% | {note} |")
+    if out is not None:
+        lines += ["", "Next: export the slim model and measure it against its base:", "", "```bash",
+                  *next_commands(out), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +404,7 @@ def run(cfg: RunConfig, out: str | Path, *, resume: bool = False, force: bool = 
         # folder inside it (kept until the run finishes, so a resumed run finds it)
         work = out if distributed.is_main() else out / f".rank{distributed.rank()}"
         work.mkdir(parents=True, exist_ok=True)
-        report = Runner(cfg, work, base_dir=base_dir, data=data).run()
+        report = Runner(cfg, work, base_dir=base_dir, data=data, display_out=out).run()
         distributed.barrier()
         if distributed.is_main():
             for scratch in out.glob(".rank*"):

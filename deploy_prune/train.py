@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,9 +13,24 @@ from torch import nn
 from deploy_prune import distributed
 from deploy_prune.artifacts import NonFiniteError
 from deploy_prune.config import TrainConfig
+from deploy_prune.data import epoch_batches
 from deploy_prune.progress import progress
 
 log = logging.getLogger(__name__)
+
+# Test hook: called as ``stop_hook(desc, step)`` after every optimiser step (and its checkpoint);
+# tests raise from it to interrupt a stage at a chosen step, as a kill would.
+stop_hook: Callable[[str, int], None] | None = None
+
+
+@dataclass
+class StepState:
+    """Optimiser state of a training stage, to checkpoint and resume it mid-way."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps: int
+    start: int = 0
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -31,19 +47,24 @@ def steps_for(epochs: float, loader) -> int:
     return max(1, int(math.ceil(epochs * len(loader))))
 
 
-def batches(loader: Iterable, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Cycle ``loader`` for exactly ``steps`` batches (a new shuffle each pass)."""
-    done = 0
-    while done < steps:
-        before = done
-        for xb, yb in loader:
+def batches(loader: Iterable, steps: int, *, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``start .. steps - 1`` of cycling ``loader`` (epoch ``e`` has its own shuffle).
+
+    Step ``k`` is batch ``k % len(loader)`` of epoch ``k // len(loader)`` whatever ran before, so
+    a stage resumed at step ``start`` sees exactly the batches an uninterrupted one would.
+    """
+    if len(loader) == 0:  # an empty loader would loop here for ever
+        raise ValueError("the training split is empty (check data.max_train_samples, "
+                         "data.val_fraction and the dataset)")
+    per_epoch = len(loader)
+    step = start
+    while step < steps:
+        epoch, offset = divmod(step, per_epoch)
+        for xb, yb in epoch_batches(loader, epoch, start=offset):
             yield xb, yb
-            done += 1
-            if done >= steps:
+            step += 1
+            if step >= steps:
                 return
-        if done == before:  # an empty loader would loop here for ever
-            raise ValueError("the training split is empty (check data.max_train_samples, "
-                             "data.val_fraction and the dataset)")
 
 
 @torch.no_grad()
@@ -109,7 +130,7 @@ def fit(
     """
     net, by_hand = distributed.wrap(model, optimizer)
     running, count = 0.0, 0
-    it = batches(loader, steps - start_step)
+    it = batches(loader, steps, start=start_step)
     bar = progress(it, total=steps - start_step, desc=desc, leave=False)
     for i, (xb, yb) in enumerate(bar, start=start_step):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -132,6 +153,8 @@ def fit(
             check_finite_params(model, desc, i + 1, steps)
         if on_step is not None:
             on_step(i + 1)
+        if stop_hook is not None:
+            stop_hook(desc, i + 1)
     distributed.sync_buffers(model)
     check_finite_params(model, desc, steps, steps)
     return running / max(count, 1)
@@ -157,14 +180,26 @@ def cross_entropy(label_smoothing: float = 0.0):
     return loss
 
 
-def train_baseline(model: nn.Module, train_loader, cfg: TrainConfig, *, device: torch.device) -> float:
-    """Train all weights with cross-entropy per ``cfg``; returns the last mean loss."""
-    model.to(device).train()
+def baseline_state(model: nn.Module, train_loader, cfg: TrainConfig) -> StepState:
+    """Optimiser, schedule and step count of baseline training (what a checkpoint restores)."""
     steps = steps_for(cfg.epochs, train_loader)
     opt = make_optimizer(model.parameters(), name=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
                          weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, name=cfg.schedule, total_steps=steps, steps_per_epoch=len(train_loader),
                            step_size=cfg.step_size, gamma=cfg.gamma)
-    log.info("training baseline: %d steps (%.2f epochs)", steps, cfg.epochs)
-    return fit(model, train_loader, steps=steps, loss_fn=cross_entropy(cfg.label_smoothing),
-               optimizer=opt, scheduler=sched, device=device, desc="train")
+    return StepState(opt, sched, steps)
+
+
+def train_baseline(model: nn.Module, train_loader, cfg: TrainConfig, *, device: torch.device,
+                   state: StepState | None = None, on_step: Callable[[int], None] | None = None) -> float:
+    """Train all weights with cross-entropy per ``cfg``; returns the last mean loss.
+
+    ``state`` (from :func:`baseline_state`, possibly restored from a checkpoint) resumes at its
+    ``start`` step; ``on_step(step)`` runs after each step (mid-stage checkpoints).
+    """
+    model.to(device).train()
+    state = state or baseline_state(model, train_loader, cfg)
+    log.info("training baseline: %d steps (%.2f epochs)", state.steps, cfg.epochs)
+    return fit(model, train_loader, steps=state.steps, loss_fn=cross_entropy(cfg.label_smoothing),
+               optimizer=state.optimizer, scheduler=state.scheduler, device=device, desc="train",
+               start_step=state.start, on_step=on_step)

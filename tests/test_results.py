@@ -52,3 +52,34 @@ def test_block_marks_a_missing_batch() -> None:
     assert "| VGG-16 | OSPR | 5x | 5.02x | CPU, 1 thread | ONNX Runtime | fp32 | 3.10x [3.00, 3.20] | 0.62 | - | - |" \
         in text
     assert "| PyTorch eager | fp32 | - | - | 2.00x [3.00, 3.20] | 0.62 |" in text
+
+
+def _default_pair() -> pd.DataFrame:
+    csv = pd.read_csv(RESULTS / "fashion_accuracy.csv")
+    return csv[csv["model"] == "default"].set_index(["backend", "batch"])
+
+
+def test_readme_main_pair_figures_come_from_the_committed_csv() -> None:
+    """Sections 2 and 4 quote one measurement of the main job's pair: fashion_accuracy.csv."""
+    readme = (REPO / "README.md").read_text()
+    pair = _default_pair()
+    ci = {k: f"{r.speedup:.2f}x [{r.speedup_ci_low:.2f}, {r.speedup_ci_high:.2f}]" for k, r in pair.iterrows()}
+    for (backend, batch), r in pair.iterrows():  # section 2's table, row by row
+        name = {"torch": "torch eager", "ort": "ONNX Runtime"}[backend]
+        row = (f"| {name} | {batch} | {r.base_p50_ms:.3f} -> {r.slim_p50_ms:.3f} ms | {ci[backend, batch]} | "
+               f"{r.flops_reduction:.2f}x | {r.efficiency:.2f} |")
+        assert row in readme, row
+    base, slim = pair["run_base_top1"].iloc[0], pair["run_slim_top1"].iloc[0]
+    row4 = (f"| small VGG (`configs/default.yaml`) | {pair['flops_reduction'].iloc[0]:.2f}x | {base:.2f}% -> "
+            f"{slim:.2f}% | {ci['ort', 1]} | {ci['ort', 8]} | {ci['torch', 1]} | {ci['torch', 8]} |")
+    assert row4 in readme, row4  # section 4 gives the same figures
+    assert f"| baseline | {base:.2f}% |" in readme and f"**{slim:.2f}%**" in readme  # section 1
+
+
+def test_readme_cut_accuracy_is_the_ablation_csvs() -> None:
+    readme = (REPO / "README.md").read_text()
+    csv = pd.read_csv(RESULTS / "ablation.csv").set_index(["study", "variant"])["pruned_top1"]
+    assert f"| cut, no recovery (`pruned.top1`) | {csv['loss', 'kl']:.2f}% |" in readme
+    for variant, label in [("random", "random"), ("first_k", "first-k"), ("l1", "L1")]:
+        assert f"{label} {csv['selection', variant]:.2f}%" in readme, variant
+    assert f"RBP {csv['scorer', 'rbp']:.2f}%" in readme

@@ -217,20 +217,21 @@ def _has_tabulate() -> bool:
 
 
 def _plot(df, path: Path, base_top1: float) -> None:
+    """Top-1 after recovery and after fine-tuning per row; labels slanted so they never overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(df)), 4))
-    labels = [f"{s}\n{v}" for s, v in zip(df["study"], df["variant"])]
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(df)), 4.8))
+    labels = [f"{s}: {v}" for s, v in zip(df["study"], df["variant"])]
     x = range(len(df))
     ax.bar([i - 0.2 for i in x], df["recovered_top1"], width=0.4, label="after recovery")
     ax.bar([i + 0.2 for i in x], df["finetuned_top1"], width=0.4, label="after fine-tuning")
     ax.axhline(base_top1, color="k", ls="--", lw=1, label=f"baseline {base_top1:.2f}%")
     lo = max(0.0, min(df["recovered_top1"].min(), base_top1) - 5)
     ax.set_ylim(lo, min(100.0, base_top1 + 3))
-    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=40, ha="right", rotation_mode="anchor")
     ax.set_ylabel("top-1 (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from deploy_prune.config import RecoveryConfig
+from deploy_prune.data import stage_loader
 from deploy_prune.nodes import Node
 from deploy_prune.recovery.losses import MSEMimic
 from deploy_prune.recovery.mimic import classifier_modules, mimic_loss_fn
@@ -46,7 +47,7 @@ def layerwise(teacher: nn.Module, nodes: list[Node], plan: Plan, *, loader, cfg:
                 p.requires_grad_(not cfg.freeze_classifier)
         opt = make_optimizer(student.parameters(), name="adam", lr=cfg.lr)
         log.info("layerwise %d/%d: cut %s, reconstruct %s", i + 1, len(todo), node.name, target.name)
-        fit(student, loader, steps=steps_each, loss_fn=mimic_loss_fn(teacher, [target], MSEMimic()),
+        fit(student, stage_loader(loader, f"layer{i}"), steps=steps_each, loss_fn=mimic_loss_fn(teacher, [target], MSEMimic()),
             optimizer=opt, device=device, desc=f"layer {i + 1}/{len(todo)}")
         student.cpu()
     for p in student.parameters():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,14 @@ from deploy_prune.config import FinetuneConfig, RecoveryConfig
 from deploy_prune.nodes import Node, last_node
 from deploy_prune.recovery.capture import FeatureCapture
 from deploy_prune.recovery.losses import MIMIC_LOSSES, MimicLoss
-from deploy_prune.train import cross_entropy, fit, make_optimizer, make_scheduler, steps_for
+from deploy_prune.train import (
+    StepState,
+    cross_entropy,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    steps_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +67,6 @@ def mimic_nodes(student: nn.Module, teacher_nodes: list[Node], names: list[str],
                                 "mimic only crucial (unpruned) nodes")
         out.append(t[name])
     return out
-
-
-@dataclass
-class StepState:
-    """Optimiser state to checkpoint and resume a stage mid-way."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    steps: int
-    start: int = 0
 
 
 def mimic_loss_fn(teacher: nn.Module, nodes: list[Node], loss: MimicLoss, *, ce_weight: float = 0.0,

@@ -34,6 +34,7 @@ class ScoreContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     goal: Goal = field(default_factory=Goal)
+    checkpoint: Any = None  # a path for mid-stage checkpoints (scorers that train), or None
 
 
 class Scorer(abc.ABC):

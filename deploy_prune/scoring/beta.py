@@ -18,7 +18,7 @@ from torch import nn
 
 from deploy_prune.gates import ChannelGates, frozen
 from deploy_prune.scoring._base import SCORERS, ScoreContext, Scorer, Scores
-from deploy_prune.train import fit, steps_for
+from deploy_prune.train import StepState, fit, steps_for
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,15 @@ class BetaScorer(Scorer):
         def loss_fn(m, x, y):
             return nn.functional.cross_entropy(m(x), y) + lam * betas.l1()
 
+        state, on_step = StepState(opt, None, steps), None
+        if ctx.checkpoint is not None:  # resumable: the betas and Adam's state are all that train
+            from deploy_prune.checkpoint import Checkpointer
+
+            ck = Checkpointer(ctx.checkpoint, {"betas": betas}, state)
+            ck.restore()
+            on_step = ck.save
         log.info("beta scoring: %d nodes, %d steps, lambda=%g, lr=%g", len(ctx.nodes), steps, lam, cfg.lr)
         with frozen(model), ChannelGates(model, ctx.nodes, betas.gate):
-            fit(model, loader, steps=steps, loss_fn=loss_fn, optimizer=opt, device=ctx.device, desc="score")
+            fit(model, loader, steps=steps, loss_fn=loss_fn, optimizer=opt, device=ctx.device, desc="score",
+                start_step=state.start, on_step=on_step)
         return {name: v.detach().abs().cpu().double().numpy() for name, v in zip(betas.names, betas.values)}

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from deploy_prune.config import RBPConfig, RunConfig
+from deploy_prune.data import stage_loader
 from deploy_prune.decisions import Decision, Goal, floor_width, round_width, select_crucial
 from deploy_prune.flops import count
 from deploy_prune.gates import ChannelGates, frozen
@@ -128,6 +129,7 @@ def learn_noise(model: nn.Module, nodes: list[Node], noisy: Mapping[str, Channel
         kl = sum(z.kl(cfg.prior_std) for z in noisy.values())
         return nn.functional.cross_entropy(m(x), y) + cfg.kl_weight * kl
 
+    loader = stage_loader(loader, desc)  # each node's pass has its own shuffles
     with frozen(model), ChannelGates(model, gates.active(nodes), gates.factor):
         return fit(model, loader, steps=steps_for(epochs, loader), loss_fn=loss_fn, optimizer=opt,
                    device=device, desc=desc)

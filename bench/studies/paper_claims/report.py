@@ -143,23 +143,35 @@ def summary(s: pd.DataFrame) -> pd.DataFrame:
 def plot(s: pd.DataFrame, path: Path) -> Path:
     """FLOPs reduction vs measured speedup (with its interval) per backend/batch, and y = x."""
     from matplotlib.figure import Figure  # an Agg canvas, no pyplot global state (as bench.report)
+    from matplotlib.lines import Line2D
 
-    fig = Figure(figsize=(7.5, 5.5))
+    fig = Figure(figsize=(8.5, 6))
     ax = fig.subplots()
     markers = {1: "o", 8: "s", 32: "^"}
-    for (model, backend, device, precision, batch), g in s.groupby(
-            ["model", "backend", "device", "precision", "batch"]):
+    keys = ["model", "backend", "device", "precision", "batch"]
+    # one colour per (model, backend, device, precision, batch) series, one marker per width rounding: no colour is
+    # reused (tab20 has 20 distinct colours; the suite has 8 series)
+    series = list(s.groupby(keys).groups) if len(s) else []
+    palette = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray",
+                                     "olive", "cyan")]
+    colours = {key: palette[i] if i < len(palette) else f"C{i}" for i, key in enumerate(series)}
+    handles = []
+    for key, g in s.groupby(keys):
+        model, backend, device, precision, batch = key
         for rnd, gg in g.groupby("rounding"):
             err = [gg["speedup"] - gg["speedup_ci_low"], gg["speedup_ci_high"] - gg["speedup"]]
             ax.errorbar(gg["flops_reduction"], gg["speedup"], yerr=err, fmt=markers.get(int(rnd), "x"),
-                        capsize=2, alpha=0.8, label=f"{model} {backend} {device} {precision} b{batch} r{rnd}")
+                        color=colours[key], capsize=2, alpha=0.85)
+        handles.append(Line2D([], [], color=colours[key], marker="o", ls="", label=f"{model} {backend} {device} {precision} b{batch}"))
+    handles += [Line2D([], [], color="k", marker=m, ls="", label=f"rounding {r}") for r, m in markers.items()
+                if len(s) and r in set(s["rounding"].astype(int))]
     top = max([1.0, *s["flops_reduction"].tolist()]) * 1.05 if len(s) else 8.0
-    ax.plot([1, top], [1, top], "k--", lw=1, label="y = x (FLOPs cut = time cut)")
+    (ref,) = ax.plot([1, top], [1, top], "k--", lw=1, label="y = x (FLOPs cut = time cut)")
     ax.set_xlabel("FLOPs reduction (base / slim)")
     ax.set_ylabel("measured speedup (base / slim latency, end to end)")
     ax.set_title(f"Papers' operating points: FLOPs reduction vs measured speedup ({device_label(s)})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(handles=[*handles, ref], fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
