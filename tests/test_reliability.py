@@ -594,15 +594,15 @@ def test_truncated_model_weights(capsys, small_vgg_dir):
 
 
 def test_truncated_checkpoint(tmp_path):
-    from deploy_prune.recovery.mimic import StepState
-    from deploy_prune.run import Checkpointer
+    from deploy_prune.checkpoint import Checkpointer
+    from deploy_prune.train import StepState
 
     model = build_model("small_vgg", num_classes=10, in_channels=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "ckpt" / "recover.pt"
     path.parent.mkdir()
     path.write_bytes(b"PK\x03\x04 truncated")
-    ck = Checkpointer(path, model, StepState(optimizer=opt, scheduler=None, steps=10))
+    ck = Checkpointer(path, {"model": model}, StepState(optimizer=opt, scheduler=None, steps=10))
     with pytest.raises(ArtifactError, match="recover.pt: unreadable checkpoint"):
         ck.restore()
 
