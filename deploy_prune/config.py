@@ -106,7 +106,7 @@ class DataConfig:
     # for ImageFolder, a plain resize to image_size for the in-memory datasets; 0: plain resize (no crop)
     interpolation: str = "bilinear"  # bilinear | bicubic | nearest (resize filter)
     mean: list[float] | None = None  # per channel; None: the dataset's (ImageNet's for ImageFolder)
-    std: list[float] | None = None
+    std: list[float] | None = None  # per channel; None: the dataset's (ImageNet's for ImageFolder)
     channels: int | None = None  # 1 or 3; None: the dataset's own (grayscale is repeated to 3)
     augment: bool = False  # training augmentation (flip + shift/crop); off: train on the eval transform
 
@@ -204,7 +204,7 @@ class RecoveryConfig:
     # mode=onestep: extra terms beside the mimic loss (0 = OSPR's pure mimicking)
     ce_weight: float = 0.0  # + ce_weight * cross-entropy on the labels (the task loss)
     kd_weight: float = 0.0  # + kd_weight * T^2 * KL(teacher logits/T || student logits/T)
-    kd_temperature: float = 4.0
+    kd_temperature: float = 4.0  # T of the logit distillation (kd_weight > 0)
 
 
 @dataclass

@@ -243,8 +243,13 @@ class SpeedMeter:
 # One seed
 
 
+# Exact widths for every method, as Torch-Pruning prunes and as the committed page was measured
+# (before widths defaulted to multiples of 8); --set allocation.round_to=8 studies rounded widths.
+STUDY_DEFAULTS = ("allocation.round_to=1",)
+
+
 def seed_config(study: Study, seed: int, extra: tuple[str, ...] = ()) -> RunConfig:
-    return load_config(study.config, [*study.overrides, f"seed={seed}", *extra])
+    return load_config(study.config, [*STUDY_DEFAULTS, *study.overrides, f"seed={seed}", *extra])
 
 
 def budget(cfg: RunConfig) -> dict[str, float]:
