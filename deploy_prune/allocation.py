@@ -174,7 +174,7 @@ def rounding_note(cfg: AllocationConfig, used: int | None = None) -> dict[str, A
     note = {"round_to": m, "backend": cfg.backend, "device": cfg.device, "reason": why}
     if used is not None and used != m:
         note.update(round_to=used, requested=m,
-                    reason=f"round_to={m} could not reach the target (nodes too narrow); fell back "
+                    reason=f"round_to={m} could not meet the target within allocation.tolerance; fell back "
                     f"to {used}. {why}")
     return note
 
@@ -221,9 +221,10 @@ def allocate(
 ) -> Allocation:
     """Global allocation to ``cfg``'s target; ``selection`` picks channels (default: ``scores``).
 
-    When a FLOPs target is out of reach at the default rounding (or a finer one) only because
-    small nodes cannot go below one multiple, the rounding is halved until it is reachable, with a warning; the
-    rounding used is in ``extra["round_to"]``.
+    When a FLOPs target cannot be met within ``cfg.tolerance`` at the default rounding (or a
+    finer one), because small nodes cannot go below one multiple or the nearest multiples
+    overshoot or undershoot, the rounding is halved until it is met, with a warning; the rounding
+    used is in ``extra["round_to"]``.
     """
     try:
         return _allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg, selection=selection)
@@ -313,6 +314,12 @@ def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, histor
     if k > 0 and abs(red(k - 1) - target) < abs(red(k) - target):
         k -= 1
     achieved = red(k)
+    if abs(achieved / target - 1) > cfg.tolerance and 1 < cfg.round_to <= DEFAULT_ROUND_TO:
+        # the default rounding is a speed preference, not worth missing the target: allocate()
+        # retries at a finer multiple (a coarser one asked for explicitly is honoured below)
+        raise OutOfReach(f"at multiples of {cfg.round_to} the nearest widths give {achieved:.2f}x, "
+                         f"{100 * abs(achieved / target - 1):.1f}% off the {target:.2f}x FLOPs target "
+                         f"(allocation.tolerance {cfg.tolerance:g})")
     if abs(achieved / target - 1) > cfg.tolerance:
         log.warning("FLOPs reduction %.3fx is %.1f%% off the %.2fx target (round_to=%d is coarse)",
                     achieved, 100 * abs(achieved / target - 1), target, cfg.round_to)

@@ -131,7 +131,7 @@ def warn_if_busy() -> None:
     if not hasattr(os, "getloadavg"):
         return
     load, cores = os.getloadavg()[0], cpu_count()
-    if load >= cores:
+    if load >= cores and torch.get_num_threads() > 1:
         log.warning("this machine is busy (load %.1f on %d cores) and torch uses %d threads; with "
                     "threads=1 (a key=value override) a job often finishes sooner", load, cores,
                     torch.get_num_threads())

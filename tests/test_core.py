@@ -256,3 +256,18 @@ def test_grouped_conv_nodes_are_cut_group_consistently():
     assert slim(x).shape == (2, 10)
     with pytest.raises(PlanError, match="same positions"):
         apply_plan(_grouped_net(), {"0": list(range(8))}, x[:1])
+
+
+def test_default_rounding_never_misses_a_flops_target_beyond_tolerance(example_nodes):
+    """Multiples of 8 move FLOPs in coarse steps: when the nearest step misses the target by more
+    than allocation.tolerance (the small VGG landed at 2.72x for 3x), a finer multiple is used."""
+    model, x, nodes = example_nodes
+    rng = np.random.default_rng(0)
+    crucial = [last_node(nodes).name]
+    for target in (1.5, 2.0, 2.5, 3.0, 3.5):
+        scores = {n.name: rng.random(n.channels) for n in nodes}
+        cfg = AllocationConfig(flops_reduction=target, min_fraction=0.0)
+        a = allocate(model, nodes, scores, x, crucial=crucial, cfg=cfg)
+        assert abs(a.flops_reduction / target - 1) <= cfg.tolerance, (target, a.flops_reduction)
+        used = a.extra.get("round_to", cfg.round_to)
+        assert all(c % used == 0 or c == n.channels for n in nodes for c in [a.counts[n.name]])
