@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -79,7 +80,21 @@ def test_readme_main_pair_figures_come_from_the_committed_csv() -> None:
 def test_readme_cut_accuracy_is_the_ablation_csvs() -> None:
     readme = (REPO / "README.md").read_text()
     csv = pd.read_csv(RESULTS / "ablation.csv").set_index(["study", "variant"])["pruned_top1"]
-    assert f"| cut, no recovery (`pruned.top1`) | {csv['loss', 'kl']:.2f}% |" in readme
+    assert f"The beta-selected cut is at {csv['loss', 'kl']:.2f}% before recovery" in readme
     for variant, label in [("random", "random"), ("first_k", "first-k"), ("l1", "L1")]:
         assert f"{label} {csv['selection', variant]:.2f}%" in readme, variant
     assert f"RBP {csv['scorer', 'rbp']:.2f}%" in readme
+
+
+def test_readme_main_job_is_the_committed_report() -> None:
+    """Section 1 quotes the main job's report.json (docs/results/main_job_report.json)."""
+    readme = (REPO / "README.md").read_text()
+    r = json.loads((RESULTS / "main_job_report.json").read_text())
+    assert f"| cut, no recovery (`pruned.top1`) | {r['pruned']['top1']:.2f}% | {r['pruned']['top5']:.2f}% |" in readme
+    assert f"| after one-step recovery (`recovered.top1`) | {r['recovered']['top1']:.2f}% |" in readme
+    assert f"**{r['slim']['top1']:.2f}%** (-{r['base']['top1'] - r['slim']['top1']:.2f})" in readme
+    assert f"**{r['flops_reduction']:.2f}x fewer**" in readme
+    assert ("top-1 base {:.2f}% | pruned {:.2f}% | recovered {:.2f}% | slim {:.2f}%".format(
+        r["base"]["top1"], r["pruned"]["top1"], r["recovered"]["top1"], r["slim"]["top1"])) in readme
+
+
