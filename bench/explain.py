@@ -30,6 +30,7 @@ the measured end-to-end latency and the profiled sum (profiler overhead when neg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -977,10 +978,8 @@ def preferred_multiple(backend: str, device: str, precision: str) -> tuple[int, 
             return 8, "fp16/bf16 tensor cores take channels in multiples of 8"
         return 4, "fp32/TF32 kernels vectorise 4 channels"
     flags = ""
-    try:
+    with contextlib.suppress(OSError):  # not Linux: no AVX-512 claim
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        pass
     simd = 16 if " avx512f" in flags else 8
     what = "AVX-512" if simd == 16 else "AVX2"
     if backend == "ort":
