@@ -11,6 +11,7 @@ from deploy_prune.artifacts import ModelPlan, save_model_dir
 from deploy_prune.config import RunConfig, from_dict
 from deploy_prune.models import build_model
 from deploy_prune.nodes import discover
+from deploy_prune.surgery import apply_plan
 
 # Small models on 2 cores run several times faster on one thread (no oversubscription).
 torch.set_num_threads(1)
@@ -65,3 +66,17 @@ def example_nodes():
     model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
     x = torch.zeros(1, 1, 28, 28)
     return model, x, discover(model, x)
+
+
+def half_width_pair(root) -> tuple:
+    """small_vgg (random weights) and a copy keeping the first half of every node's channels,
+    saved as model directories under ``root``: the bench tests' base/slim pair."""
+    torch.manual_seed(0)
+    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
+    plan = ModelPlan("small_vgg", 10, 1, 28, kept=None)
+    base = save_model_dir(model, plan, root / "base")
+    example = plan.example(2)
+    kept = {n.name: list(range(n.channels // 2)) for n in discover(model, example) if n.prunable}
+    apply_plan(model, kept, example)
+    slim = save_model_dir(model, ModelPlan("small_vgg", 10, 1, 28, kept=kept), root / "slim")
+    return base, slim

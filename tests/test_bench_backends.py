@@ -17,11 +17,8 @@ from bench.backends import BACKENDS, Backend, BackendOptions, register
 from bench.backends.torch_eager import TorchBackend
 from bench.sweep import BenchConfig
 from bench.timing import TimingConfig
-from deploy_prune.artifacts import ModelPlan, save_model_dir
+from conftest import half_width_pair
 from deploy_prune.cli import main
-from deploy_prune.models import build_model
-from deploy_prune.nodes import discover
-from deploy_prune.surgery import apply_plan
 
 SLOW = {"compile", "aoti"}  # Inductor C++ compilation takes tens of seconds on 2 cores
 FAST = tuple(n for n in BACKENDS.names() if n not in SLOW)
@@ -34,15 +31,7 @@ QUICK = TimingConfig(warmup_s=0.0, warmup_iters=2, min_time_s=0.05, rounds=4, mi
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """small_vgg (random weights) and a copy keeping the first half of every node's channels."""
     root = tmp_path_factory.mktemp("bench-models")
-    torch.manual_seed(0)
-    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
-    plan = ModelPlan("small_vgg", 10, 1, 28, kept=None)
-    base = save_model_dir(model, plan, root / "base")
-    example = plan.example(2)
-    kept = {n.name: list(range(n.channels // 2)) for n in discover(model, example) if n.prunable}
-    apply_plan(model, kept, example)
-    slim = save_model_dir(model, ModelPlan("small_vgg", 10, 1, 28, kept=kept), root / "slim")
-    return base, slim
+    return half_width_pair(root)
 
 
 def quick_config(backends: tuple[str, ...], **kw) -> BenchConfig:

@@ -21,10 +21,7 @@ from bench.backends import BACKENDS, BackendOptions
 from bench.backends import torch_compile as tc
 from bench.sweep import BenchConfig, load_artifact
 from bench.timing import TimingConfig
-from deploy_prune.artifacts import ModelPlan, save_model_dir
-from deploy_prune.models import build_model
-from deploy_prune.nodes import discover
-from deploy_prune.surgery import apply_plan
+from conftest import half_width_pair
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -50,15 +47,7 @@ def test_every_backend_is_covered() -> None:
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("gpu-models")
-    torch.manual_seed(0)
-    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
-    plan = ModelPlan("small_vgg", 10, 1, 28, kept=None)
-    base = save_model_dir(model, plan, root / "base")
-    example = plan.example(2)
-    kept = {n.name: list(range(n.channels // 2)) for n in discover(model, example) if n.prunable}
-    apply_plan(model, kept, example)
-    slim = save_model_dir(model, ModelPlan("small_vgg", 10, 1, 28, kept=kept), root / "slim")
-    return base, slim
+    return half_width_pair(root)
 
 
 def _options(mode: str = "default") -> BackendOptions:
