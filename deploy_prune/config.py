@@ -212,6 +212,9 @@ class FinetuneConfig:
     epochs: float = 20  # cross-entropy fine-tuning epochs after recovery (0: none)
     lr: float = 1e-5  # fixed learning rate (OSPR: 1e-5)
     optimizer: str = "adam"  # adam | sgd
+    # constant (OSPR: a fixed lr) | cosine (annealed to 0 over the fine-tuning steps, the
+    # schedule of Torch-Pruning's fine-tuning; docs/results/peers.md ablation)
+    schedule: str = "constant"
 
 
 @dataclass

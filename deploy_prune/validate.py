@@ -152,6 +152,7 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _num("finetune.epochs", f.epochs, lo=0)
     _num("finetune.lr", f.lr, lo=0, lo_open=True)
     _choice("finetune.optimizer", f.optimizer, OPTIMIZERS)
+    _choice("finetune.schedule", f.schedule, ("constant", "cosine"))
     _num("speed_check.require_speedup", cfg.speed_check.require_speedup, lo=0, lo_open=True, optional=True)
     return cfg
 

@@ -92,6 +92,7 @@ BAD_VALUES = [
     ("train.optimizer=sgdd", "train.optimizer"),
     ("train.schedule=cos", "train.schedule"),
     ("finetune.optimizer=adamw", "finetune.optimizer"),
+    ("finetune.schedule=step", "finetune.schedule"),
 ]
 
 

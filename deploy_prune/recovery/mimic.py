@@ -115,7 +115,9 @@ def finetune_state(student: nn.Module, loader, cfg: FinetuneConfig) -> StepState
         p.requires_grad_(True)
     steps = steps_for(cfg.epochs, loader)
     opt = make_optimizer(student.parameters(), name=cfg.optimizer, lr=cfg.lr)
-    return StepState(opt, None, steps)
+    sched = (make_scheduler(opt, name="cosine", total_steps=steps, steps_per_epoch=len(loader))
+             if cfg.schedule == "cosine" else None)
+    return StepState(opt, sched, steps)
 
 
 def recover(teacher: nn.Module, student: nn.Module, *, teacher_nodes: list[Node], student_nodes: list[Node],
