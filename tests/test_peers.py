@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from bench.studies import peers
 from deploy_prune.allocation import AllocationError, select_crucial
+from deploy_prune.config import FinetuneConfig, load_config
 from deploy_prune.models import build_model
 from deploy_prune.nodes import discover, stage_of
 from deploy_prune.recovery.losses import KLMimic
-from deploy_prune.recovery.mimic import RecoveryError, mimic_loss_fn
+from deploy_prune.recovery.mimic import RecoveryError, finetune_state, mimic_loss_fn
+from deploy_prune.run import Runner
 
 
 def _vgg():
@@ -64,6 +66,30 @@ def test_recovery_adds_task_and_distillation_terms():
         mimic_loss_fn(teacher, mimic, KLMimic(), kd_weight=-1.0)
 
 
+def test_study_runs_the_default_config_as_it_is():
+    """Nothing is pinned over the config: the widths' rounding is the product's default (8)."""
+    cfg = peers.seed_config(peers.Study(config="configs/default.yaml"), 3)
+    default = load_config("configs/default.yaml", [])
+    assert cfg.allocation.round_to == default.allocation.round_to == 8
+    assert cfg.seed == 3
+    assert (cfg.crucial, cfg.recovery, cfg.finetune) == (default.crucial, default.recovery, default.finetune)
+
+
+def test_finetune_schedule_cosine_anneals_to_zero():
+    model, _, _ = _vgg()
+    loader = [(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))] * 4
+    const = finetune_state(model, loader, FinetuneConfig(epochs=2, lr=0.01, optimizer="sgd"))
+    assert const.scheduler is None and const.steps == 8
+    cos = finetune_state(model, loader, FinetuneConfig(epochs=2, lr=0.01, optimizer="sgd", schedule="cosine"))
+    lrs = []
+    for _ in range(cos.steps):
+        lrs.append(cos.optimizer.param_groups[0]["lr"])
+        cos.optimizer.step()
+        cos.scheduler.step()
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert cos.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_frontier_interpolates_and_never_extrapolates():
     pts = [(1.0, 90.0), (2.0, 88.0), (3.0, 85.0)]
     assert peers.frontier_at(pts, 1.5) == pytest.approx(89.0)
@@ -99,6 +125,19 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert df.top1.between(0, 100).all() and not df.top1.isna().any()
     tp_epochs = df[df.method == "tp-l1"].epochs.iloc[0]
     assert tp_epochs == pytest.approx(0.75)  # the peers get scoring + recovery + fine-tuning epochs
+    # each row says how its widths were rounded: dp as the config does it (default: multiples of 8,
+    # finer only when the target is out of reach), the peers exact (Torch-Pruning's round_to=None)
+    for _, r in df.iterrows():
+        widths = [int(w) for w in str(r.widths).split()]
+        assert r.round_to in ((8, 4, 2, 1) if r.method.startswith("dp") else (1,))
+        assert all(w % r.round_to == 0 for w in widths), (r.method, r.round_to, widths)
+    # the study's dp row is what `deploy-prune run` gives from the same config and seed
+    stage_kd = peers.METHODS["dp-stage-kd"].overrides
+    cfg = load_config("configs/default.yaml", [*sets, "seed=0", *stage_kd, "allocation.flops_reduction=2.0",
+                                               "allocation.target=flops", "speed_check.enabled=false"])
+    report = Runner(cfg, tmp_path / "run").run()
+    assert report["base"]["top1"] == pytest.approx(df.base_top1.iloc[0], abs=1e-3)
+    assert report["slim"]["top1"] == pytest.approx(df[df.method == "dp-stage-kd"].top1.iloc[0], abs=1e-3)
     # resumed: nothing is re-run, the rows are the same
     assert peers.main(argv) == 0
     assert pd.read_csv(tmp_path / "p" / "peers.csv").equals(df)

@@ -45,10 +45,10 @@ from torch import nn
 from deploy_prune import pipeline
 from deploy_prune.artifacts import ModelPlan, atomic_write_text, load_model_dir, save_model_dir
 from deploy_prune.config import RunConfig, load_config
-from deploy_prune.data import load_data
+from deploy_prune.data import load_data, stage_loader
 from deploy_prune.flops import count
-from deploy_prune.nodes import discover
-from deploy_prune.recovery.mimic import finetune, recover
+from deploy_prune.recovery.mimic import finetune
+from deploy_prune.run import recover_slim
 from deploy_prune.train import evaluate, make_optimizer, make_scheduler, steps_for
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ METHODS: dict[str, Method] = {
                     label="deploy-prune, top-N crucial, KL mimic + CE + logit KD"),
     "dp-stage-kd": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1"),
                           label="deploy-prune, one crucial node per stage, KL mimic + CE + logit KD"),
+    # ablation: the default recipe with the peers' fine-tuning schedule (SGD, lr 0.01, cosine) in
+    # its own fine-tuning epochs; same widths, same budget
+    "dp-stage-kd-sgdft": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
+                                       "finetune.optimizer=sgd", "finetune.lr=0.01", "finetune.schedule=cosine"),
+                                label="deploy-prune default + SGD lr 0.01 cosine fine-tuning"),
     "tp-l1": Method("tp", importance="l1", label="Torch-Pruning L1 (global) + CE fine-tune"),
     "tp-bn": Method("tp", importance="bn", label="Torch-Pruning BN-scale (global) + CE fine-tune"),
     "tp-taylor": Method("tp", importance="taylor", label="Torch-Pruning Taylor (global) + CE fine-tune"),
@@ -243,13 +248,14 @@ class SpeedMeter:
 # One seed
 
 
-# Exact widths for every method, as Torch-Pruning prunes and as the committed page was measured
-# (before widths defaulted to multiples of 8); --set allocation.round_to=8 studies rounded widths.
-STUDY_DEFAULTS = ("allocation.round_to=1",)
+# Nothing is pinned: the dp rows run the config as it is (configs/default.yaml: widths in multiples
+# of 8, falling back to 4, 2, 1 when the target is out of reach). Each row records the rounding its
+# widths got (``round_to``). The peers keep Torch-Pruning's own default (``round_to=None``: exact).
+TP_ROUND_TO = 1
 
 
 def seed_config(study: Study, seed: int, extra: tuple[str, ...] = ()) -> RunConfig:
-    return load_config(study.config, [*STUDY_DEFAULTS, *study.overrides, f"seed={seed}", *extra])
+    return load_config(study.config, [*study.overrides, f"seed={seed}", *extra])
 
 
 def budget(cfg: RunConfig) -> dict[str, float]:
@@ -314,28 +320,37 @@ def one_row(study: Study, name: str, seed: int, target: float, model: nn.Module,
     method = METHODS[name]
     cfg = seed_config(study, seed, (*method.overrides, f"allocation.flops_reduction={target}",
                                     "allocation.target=flops"))
-    pipeline.seed_everything(seed)
     example = plan.example()
-    loader = data.train.with_options() if hasattr(data.train, "with_options") else data.train
+    # Every method reads the training stream where `deploy-prune run` reads it after the base
+    # (pipeline.first_epochs): dp's recovery and fine-tuning exactly as run's stages (same seeds,
+    # same batches), the peers' fine-tuning from where scoring starts, i.e. the same fresh epochs.
+    first = pipeline.first_epochs(cfg, data.train, trained=pipeline.trained_here(plan))
     b = budget(cfg)
     t0 = time.process_time()
     if method.kind == "dp":
         res = pipeline.prune(model, plan, cfg, scores)
         slim, crucial = res.slim, res.plan.info["crucial_nodes"]
-        nodes = discover(model, example)
-        recover(model, slim, teacher_nodes=nodes, student_nodes=discover(slim, example), names=crucial,
-                loader=loader, cfg=cfg.recovery, device=device)
-        finetune(slim, loader=loader, cfg=cfg.finetune, device=device)
+        pipeline.seed_stage(seed, "recover")
+        loader = stage_loader(data.train, batch_size=cfg.recovery.batch_size, first_epoch=first["recover"])
+        slim, _ = recover_slim(model, slim, res.plan, cfg, loader, device)
+        if cfg.finetune.epochs > 0:
+            pipeline.seed_stage(seed, "finetune")
+            loader = stage_loader(data.train, first_epoch=first["finetune"])
+            finetune(slim, loader=loader, cfg=cfg.finetune, device=device)
         slim.cpu().eval()
         model.cpu()
-        epochs, extra = b["recovery"] + b["finetune"], {"crucial": crucial}
+        rounding = res.plan.info.get("rounding", {})
+        epochs, extra = b["recovery"] + b["finetune"], {"crucial": crucial,
+                                                        "round_to": int(rounding.get("round_to", 1))}
         cpu = time.process_time() - t0
     else:
+        pipeline.seed_stage(seed, "tp-finetune")
+        loader = stage_loader(data.train, first_epoch=first["score"])
         grads = taylor_grads(copy.deepcopy(model), loader, study.taylor_batches) \
             if method.importance == "taylor" else None
         slim, _ = tp_to_target(model, example, method.importance, target, grads)
         ce_finetune(slim, loader, b["total"], device)
-        epochs, extra = b["total"], {"crucial": []}
+        epochs, extra = b["total"], {"crucial": [], "round_to": TP_ROUND_TO}
         cpu = time.process_time() - t0
     top1 = evaluate(slim.to(device), data.test, device)["top1"]
     slim.cpu().eval()
@@ -417,7 +432,7 @@ def report(out: Path, page_dir: Path | None, command: str) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     cols = [c for c in ("seed", "target", "method", "base_top1", "top1", "flops_reduction", "ort_speedup",
                         "ort_low", "ort_high", "torch_speedup", "torch_low", "torch_high", "epochs",
-                        "cpu_seconds", "crucial", "widths") if c in df.columns]
+                        "cpu_seconds", "round_to", "crucial", "widths") if c in df.columns]
     flat = df[cols].copy()
     for c in ("crucial", "widths"):
         if c in flat.columns:
@@ -452,12 +467,20 @@ def _tables(df, eq, command: str) -> str:
             ok = d.notna()
             lines.append(f"| {dp} | {g['seed'].nunique()} | {int(ok.sum())}/{len(d)} | {d[ok].mean():+.2f} | "
                          f"{d[ok].min():+.2f} | {int((d[ok] >= 0.5).sum())} | {int((d[ok] >= 0).sum())} |")
+        lines += ["", "Per seed: each delta, peer by peer (peer target, peer ORT speedup).", "",
+                  "| dp method | seed | worst delta | mean delta | deltas |", "|---|---:|---:|---:|---|"]
+        for (dp, seed), g in eq.groupby(["dp_method", "seed"]):
+            d = g["delta"].dropna()
+            each = ", ".join(f"{r.peer} {r.target:g}x @{r.peer_speedup:.2f}x: {r.delta:+.2f}"
+                             for r in g.sort_values(["target", "peer"]).itertuples())
+            lines.append(f"| {dp} | {seed} | {d.min():+.2f} | {d.mean():+.2f} | {each} |")
     return "\n".join(lines) + "\n"
 
 
 COLORS = {"dp-ospr": "#1f77b4", "dp-stage": "#2ca02c", "dp-kd": "#9467bd", "dp-stage-kd": "#d62728",
+          "dp-stage-kd-sgdft": "#e377c2",
           "tp-l1": "#ff7f0e", "tp-bn": "#8c564b", "tp-taylor": "#7f7f7f"}
-MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "tp-l1": "^", "tp-bn": "v",
+MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "dp-stage-kd-sgdft": "X", "tp-l1": "^", "tp-bn": "v",
            "tp-taylor": "P"}
 
 
