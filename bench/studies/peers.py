@@ -454,7 +454,7 @@ def _tables(df, eq, command: str) -> str:
         ort = (f"{r['ort_speedup_mean']:.2f}x [{r['ort_speedup_min']:.2f}, {r['ort_speedup_max']:.2f}]"
                if "ort_speedup_mean" in r else "-")
         tor = f"{r['torch_speedup_mean']:.2f}x" if "torch_speedup_mean" in r else "-"
-        lines.append(f"| {r['target']:.1f}x | {r['method']} | {r['seed_nunique']} | {r['top1_mean']:.2f} | "
+        lines.append(f"| {r['target']:g}x | {r['method']} | {r['seed_nunique']} | {r['top1_mean']:.2f} | "
                      f"{r['top1_std']:.2f} | {r['top1_min']:.2f} | {r['flops_reduction_mean']:.2f}x | {ort} | {tor} | "
                      f"{r['cpu_seconds_mean']:.0f} |")
     if not eq.empty:
