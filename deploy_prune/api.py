@@ -77,7 +77,7 @@ def prune(
     keep_fraction: float | None = None,
     scorer: str | None = None,
     crucial: list[str] | None = None,
-    round_to: int = 1,
+    round_to: int | str = "auto",
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     config: dict[str, Any] | list[str] | None = None,
@@ -94,7 +94,8 @@ def prune(
         keep_fraction: instead, keep this fraction of the prunable channels.
         scorer: a name in ``deploy_prune.scoring.SCORERS``; default ``beta`` with a loader, else ``l1``.
         crucial: node names never narrowed (and mimicked by :func:`recover`); default: top-2 by score.
-        round_to: round kept widths to a multiple (8 for tensor cores).
+        round_to: round kept widths to a multiple; ``auto`` (default): the channel block of the
+            hardware in ``config``'s ``allocation.device`` (16 on AVX-512 CPUs, 8 on AVX2 and GPUs); 1 = exact.
         arch, arch_kwargs: the registered architecture name of ``model``, when it is one, so the
             saved plan rebuilds without your constructor.
         config: further settings as a nested dict (``{"scoring": {"epochs": 1}}``) or dotted
