@@ -43,26 +43,28 @@ def models() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None = None):
-    """(base, base_plan, PruneResult) for torchvision ``name`` at ``flops``x, L1 scores."""
+def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None = None,
+              overrides: list[str] | None = None):
+    """(base, base_plan, PruneResult) for torchvision ``name`` at ``flops``x, L1 scores;
+    ``overrides``: ``key=value`` config settings on top (``allocation.round_to=8``)."""
     from deploy_prune import pipeline
     from deploy_prune.artifacts import ModelPlan
-    from deploy_prune.config import RunConfig, from_dict
+    from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides
     from deploy_prune.models import build_model
 
     torch.manual_seed(seed)
     size = size or INPUT_SIZE.get(name, 64)
     plan = ModelPlan(f"tv.{name}", 10, 3, size)
     model = build_model(plan.arch, num_classes=10, in_channels=3).eval()
-    cfg = from_dict(RunConfig, {"scoring": {"method": "l1"}, "allocation": {"flops_reduction": flops},
-                                "speed_check": {"enabled": False}})
+    cfg = from_dict(RunConfig, merge({"scoring": {"method": "l1"}, "allocation": {"flops_reduction": flops},
+                                      "speed_check": {"enabled": False}}, parse_overrides(overrides)))
     result = pipeline.score(model, plan, cfg, None, torch.device("cpu"))
     scores = {k: np.asarray(v) for k, v in result["channel_scores"].items()}
     return model, plan, pipeline.prune(model, plan, cfg, scores)
 
 
 def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float = 2.0,
-              size: int | None = None) -> dict[str, Any]:
+              size: int | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """One matrix row: prune -> forward eval+train -> ONNX export with parity -> paired timing."""
     from bench.guard import measure
     from export.parity import probe_inputs
@@ -72,7 +74,7 @@ def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float =
     size = size or INPUT_SIZE.get(name, 64)
     row: dict[str, Any] = {"model": name, "flops_asked": flops, "input": f"3x{size}"}
     try:
-        base, plan, res = prune_one(name, flops=flops, size=size)
+        base, plan, res = prune_one(name, flops=flops, size=size, overrides=overrides)
     except ValueError as e:  # the one-line refusal (transformers, untraceable graphs)
         row.update(status="refused", detail=str(e).splitlines()[0], seconds=time.perf_counter() - t0)
         return row
@@ -101,16 +103,16 @@ def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float =
     return row
 
 
-def _child(name: str, out: Path) -> None:
+def _child(name: str, out: Path, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     try:
-        row = check_one(name)
+        row = check_one(name, overrides=overrides)
     except Exception as e:  # recorded as the model's error row
         row = {"model": name, "status": "error", "detail": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     out.write_text(json.dumps(row))
 
 
-def run(out: Path, names: list[str], timeout: float) -> Path:
+def run(out: Path, names: list[str], timeout: float, overrides: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "families.csv"
     done = set()
@@ -124,7 +126,8 @@ def run(out: Path, names: list[str], timeout: float) -> Path:
         tmp = out / f".{name}.json"
         t0 = time.perf_counter()
         try:
-            subprocess.run([sys.executable, "-m", "bench.families", "_one", name, str(tmp)], env=env,
+            subprocess.run([sys.executable, "-m", "bench.families", "_one", name, str(tmp),
+                            *(f"--set={o}" for o in overrides or ())], env=env,
                            timeout=timeout, check=False)
             row = json.loads(tmp.read_text()) if tmp.is_file() else {
                 "model": name, "status": "error", "detail": "the child process died without a row"}
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--models", help="comma-separated subset (default: every torchvision classifier)")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config setting on top of the defaults, repeatable (allocation.round_to=8)")
     d = sub.add_parser("render")
     d.add_argument("csv", type=Path)
     d.add_argument("--out", required=True, type=Path)
@@ -214,14 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("_one")
     o.add_argument("name")
     o.add_argument("json", type=Path)
+    o.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
     if args.cmd == "run":
         names = args.models.split(",") if args.models else models()
-        print(run(args.out, names, args.timeout))
+        print(run(args.out, names, args.timeout, args.overrides))
     elif args.cmd == "render":
         print(render(args.csv, args.out, args.command))
     else:
-        _child(args.name, args.json)
+        _child(args.name, args.json, args.overrides)
     return 0
 
 

@@ -45,3 +45,21 @@ def test_family_prunes_exports_and_times_or_is_refused_in_one_line(name):
     assert row["parity"] == "pass"
     assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("speedup", "speedup_low", "speedup_high"))
     assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
+
+
+def test_matrix_settings_reach_the_allocation():
+    """``bench.families run --set allocation.round_to=8`` prunes with that rounding; without it the
+    defaults (auto: the hardware's channel block) apply and are recorded."""
+    from bench.families import prune_one
+    from deploy_prune.allocation import resolve_round_to
+
+    _, _, eight = prune_one("squeezenet1_1", size=32, overrides=["allocation.round_to=8"])
+    _, _, auto = prune_one("squeezenet1_1", size=32)
+    assert eight.plan.info["rounding"]["setting"] == 8
+    assert auto.plan.info["rounding"]["setting"] == "auto"
+    for res in (eight, auto):
+        m = res.plan.info["rounding"]["round_to"]
+        cut_widths = [w for n, w in res.plan.info["widths"].items() if w != res.plan.info["base_widths"][n]]
+        assert cut_widths and all(w % m == 0 for w in cut_widths)
+    assert auto.plan.info["rounding"]["requested" if "requested" in auto.plan.info["rounding"] else "round_to"] \
+        == resolve_round_to("auto", "cpu")
