@@ -285,6 +285,10 @@ def _allocate(
         if not 0 < cfg.keep_fraction <= 1:
             raise AllocationError(f"allocation.keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
         k = int(round((1 - cfg.keep_fraction) * ranking.total))
+        kept = sum(ranking.counts(k).values()) / max(ranking.total, 1)
+        if strict and cfg.round_to > 1 and abs(kept / cfg.keep_fraction - 1) > cfg.tolerance:
+            raise OutOfReach(f"at multiples of {cfg.round_to} the nearest widths keep {100 * kept:.1f}% of the "
+                             f"prunable channels, not {100 * cfg.keep_fraction:.1f}%")
     else:
         raise AllocationError(f"allocation.target {cfg.target!r} is not handled by FLOPs/channel "
                               "allocation (use flops or channels, or the latency allocator)")

@@ -82,6 +82,7 @@ def prune(
     arch_kwargs: dict[str, Any] | None = None,
     config: dict[str, Any] | list[str] | None = None,
     device: str | torch.device = "cpu",
+    speed_check: bool = True,
 ) -> tuple[nn.Module, ModelPlan]:
     """Score ``model``'s channels, pick crucial nodes, allocate globally and cut the channels out.
 
@@ -104,6 +105,11 @@ def prune(
             when CLI stages (``bench --accuracy``, ``recover``) should evaluate the saved model on
             your data with its preprocessing (the default is the built-in Fashion-MNIST).
         device: where scoring runs.
+        speed_check: time the slim model against ``model`` (a few seconds; ONNX Runtime CPU, batch 1
+            unless ``config`` sets ``allocation.backend/device/batch``), log the measured speedup
+            beside the FLOPs reduction, warn loudly when it is not faster, and record it in
+            ``plan.info["speed_check"]``; ``config={"speed_check": {"require_speedup": 1.5}}``
+            raises :class:`~deploy_prune.speed.SlowerThanRequired` below that.
 
     Returns:
         ``(slim, plan)``: the smaller ``nn.Module`` and its :class:`~deploy_prune.artifacts.ModelPlan`
@@ -126,6 +132,14 @@ def prune(
     scores, decision = pipeline.scored(result, base, source=f"scorer {method}")
     res = pipeline.prune(model, base, cfg, scores, decision=decision)
     res.plan.info["scorer"] = method
+    if speed_check:
+        from deploy_prune import speed
+
+        check = speed.speed_check(model, base, res.slim, res.plan, cfg)
+        if check is not None:
+            res.plan.info["speed_check"] = check
+            log.info(speed.summary_line(check))
+        speed.enforce(check, cfg, where="the pruned model was not returned")
     return res.slim, res.plan
 
 
