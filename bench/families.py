@@ -203,6 +203,36 @@ def render(csv_path: Path, out: Path, command: str) -> Path:
     return page
 
 
+def compare(a_csv: Path, b_csv: Path, labels: tuple[str, str], page: Path, command: str,
+            title: str = "Two settings of the family matrix, model by model") -> Path:
+    """A page setting two matrix runs side by side (the models measured in both): speedup with
+    interval and efficiency per model, and the median efficiency of each."""
+    def rows(path: Path) -> dict[str, dict[str, str]]:
+        with path.open() as f:
+            return {r["model"]: r for r in csv.DictReader(f) if r["status"] == "ok"}
+
+    a, b = rows(a_csv), rows(b_csv)
+    both = [m for m in a if m in b]
+    if not both:
+        raise ValueError(f"{a_csv} and {b_csv} have no measured model in common")
+    cell = lambda r: (f"{float(r['flops_got']):.2f}x | {float(r['speedup']):.2f} "  # noqa: E731
+                      f"[{float(r['speedup_low']):.2f}, {float(r['speedup_high']):.2f}] | {float(r['efficiency']):.2f}")
+    med = [float(np.median([float(rs[m]["efficiency"]) for m in both])) for rs in (a, b)]
+    wins = sum(float(a[m]["efficiency"]) > float(b[m]["efficiency"]) for m in both)
+    lines = [f"# {title}", "", "Each row: the model pruned to 2x fewer FLOPs (L1 scores, random weights, "
+             "64x64 input) and timed against its base on ONNX Runtime CPU, batch 1, one thread, CPU clock, "
+             "paired rounds (`python -m bench.families`). Efficiency = measured speedup / FLOPs reduction.",
+             "", "```bash", command, "```", "",
+             f"{len(both)} models measured under both. Median efficiency: **{labels[0]} {med[0]:.2f}**, "
+             f"**{labels[1]} {med[1]:.2f}**; {labels[0]} is ahead on {wins} of {len(both)}.", "",
+             f"| model | FLOPs red. ({labels[0]}) | speedup [95% CI] | efficiency | FLOPs red. ({labels[1]}) "
+             "| speedup [95% CI] | efficiency |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {m} | {cell(a[m])} | {cell(b[m])} |" for m in both]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    return page
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.families", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -216,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("csv", type=Path)
     d.add_argument("--out", required=True, type=Path)
     d.add_argument("--command", default="python -m bench.families run --out runs/families")
+    c = sub.add_parser("compare", help="two runs' CSVs side by side on one page")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
+    c.add_argument("--labels", nargs=2, default=("A", "B"))
+    c.add_argument("--page", required=True, type=Path)
+    c.add_argument("--title", default="Two settings of the family matrix, model by model")
+    c.add_argument("--command", default="python -m bench.families run ...")
     o = sub.add_parser("_one")
     o.add_argument("name")
     o.add_argument("json", type=Path)
@@ -226,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         print(run(args.out, names, args.timeout, args.overrides))
     elif args.cmd == "render":
         print(render(args.csv, args.out, args.command))
+    elif args.cmd == "compare":
+        try:
+            print(compare(args.a, args.b, tuple(args.labels), args.page, args.command, args.title))
+        except (ValueError, OSError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         _child(args.name, args.json, args.overrides)
     return 0

@@ -63,3 +63,29 @@ def test_matrix_settings_reach_the_allocation():
         assert cut_widths and all(w % m == 0 for w in cut_widths)
     assert auto.plan.info["rounding"]["requested" if "requested" in auto.plan.info["rounding"] else "round_to"] \
         == resolve_round_to("auto", "cpu")
+
+
+def test_compare_page_sets_two_runs_side_by_side(tmp_path):
+    """`bench.families compare` keeps the models measured in both runs and medians each side."""
+    import csv
+
+    from bench.families import FIELDS, main
+
+    def write(path, effs):
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            w.writeheader()
+            for m, e in effs.items():
+                w.writerow({"model": m, "status": "ok" if e else "timeout", "flops_got": 2.0,
+                            "speedup": 2 * (e or 0), "speedup_low": 1.0, "speedup_high": 3.0, "efficiency": e})
+
+    write(tmp_path / "a.csv", {"m1": 0.9, "m2": 0.8, "m3": 0.7, "only_a": 0.1})
+    write(tmp_path / "b.csv", {"m1": 0.6, "m2": 0.85, "m3": 0.5, "only_a": None})
+    page = tmp_path / "cmp.md"
+    assert main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--labels", "16", "8",
+                 "--page", str(page)]) == 0
+    text = page.read_text()
+    assert "3 models measured under both" in text and "**16 0.80**" in text and "**8 0.60**" in text
+    assert "ahead on 2 of 3" in text and "only_a" not in text
+    write(tmp_path / "c.csv", {"other": 0.5})
+    assert main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "c.csv"), "--page", str(page)]) == 2
