@@ -67,10 +67,10 @@ def test_recovery_adds_task_and_distillation_terms():
 
 
 def test_study_runs_the_default_config_as_it_is():
-    """Nothing is pinned over the config: the widths' rounding is the product's default (8)."""
+    """Nothing is pinned over the config: the widths' rounding is the product's default (auto)."""
     cfg = peers.seed_config(peers.Study(config="configs/default.yaml"), 3)
     default = load_config("configs/default.yaml", [])
-    assert cfg.allocation.round_to == default.allocation.round_to == 8
+    assert cfg.allocation.round_to == default.allocation.round_to == "auto"
     assert cfg.seed == 3
     assert (cfg.crucial, cfg.recovery, cfg.finetune) == (default.crucial, default.recovery, default.finetune)
 
@@ -125,11 +125,11 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert df.top1.between(0, 100).all() and not df.top1.isna().any()
     tp_epochs = df[df.method == "tp-l1"].epochs.iloc[0]
     assert tp_epochs == pytest.approx(0.75)  # the peers get scoring + recovery + fine-tuning epochs
-    # each row says how its widths were rounded: dp as the config does it (default: multiples of 8,
-    # finer only when the target is out of reach), the peers exact (Torch-Pruning's round_to=None)
+    # each row says how its widths were rounded: dp as the config does it (default: the CPU's
+    # channel block, finer only when the target is out of reach), the peers exact (round_to=None)
     for _, r in df.iterrows():
         widths = [int(w) for w in str(r.widths).split()]
-        assert r.round_to in ((8, 4, 2, 1) if r.method.startswith("dp") else (1,))
+        assert r.round_to in ((16, 8, 4, 2, 1) if r.method.startswith("dp") else (1,))
         assert all(w % r.round_to == 0 for w in widths), (r.method, r.round_to, widths)
     # the study's dp row is what `deploy-prune run` gives from the same config and seed
     stage_kd = peers.METHODS["dp-stage-kd"].overrides

@@ -71,11 +71,17 @@ METHODS: dict[str, Method] = {
                     label="deploy-prune, top-N crucial, KL mimic + CE + logit KD"),
     "dp-stage-kd": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1"),
                           label="deploy-prune, one crucial node per stage, KL mimic + CE + logit KD"),
-    # ablation: the default recipe with the peers' fine-tuning schedule (SGD, lr 0.01, cosine) in
-    # its own fine-tuning epochs; same widths, same budget
+    # the default recipe with widths in multiples of 8 (the default before round_to=auto, and what
+    # auto picks on AVX2 CPUs and GPUs; auto is 16 on AVX-512)
+    "dp-stage-kd-r8": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
+                                    "allocation.round_to=8"),
+                             label="deploy-prune default recipe, widths in multiples of 8"),
+    # ablation: dp-stage-kd-r8 with the peers' fine-tuning schedule (SGD, lr 0.01, cosine) in its
+    # own fine-tuning epochs; same widths, same budget
     "dp-stage-kd-sgdft": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                       "finetune.optimizer=sgd", "finetune.lr=0.01", "finetune.schedule=cosine"),
-                                label="deploy-prune default + SGD lr 0.01 cosine fine-tuning"),
+                                       "allocation.round_to=8", "finetune.optimizer=sgd", "finetune.lr=0.01",
+                                       "finetune.schedule=cosine"),
+                                label="deploy-prune default recipe (multiples of 8) + SGD lr 0.01 cosine fine-tuning"),
     "tp-l1": Method("tp", importance="l1", label="Torch-Pruning L1 (global) + CE fine-tune"),
     "tp-bn": Method("tp", importance="bn", label="Torch-Pruning BN-scale (global) + CE fine-tune"),
     "tp-taylor": Method("tp", importance="taylor", label="Torch-Pruning Taylor (global) + CE fine-tune"),
@@ -248,8 +254,8 @@ class SpeedMeter:
 # One seed
 
 
-# Nothing is pinned: the dp rows run the config as it is (configs/default.yaml: widths in multiples
-# of 8, falling back to 4, 2, 1 when the target is out of reach). Each row records the rounding its
+# Nothing is pinned: the dp rows run the config as it is (configs/default.yaml: round_to=auto, the
+# CPU's channel block, 16 on AVX-512, falling back to 8, 4, 2, 1 when the target is out of reach). Each row records the rounding its
 # widths got (``round_to``). The peers keep Torch-Pruning's own default (``round_to=None``: exact).
 TP_ROUND_TO = 1
 
@@ -478,9 +484,9 @@ def _tables(df, eq, command: str) -> str:
 
 
 COLORS = {"dp-ospr": "#1f77b4", "dp-stage": "#2ca02c", "dp-kd": "#9467bd", "dp-stage-kd": "#d62728",
-          "dp-stage-kd-sgdft": "#e377c2",
+          "dp-stage-kd-sgdft": "#e377c2", "dp-stage-kd-r8": "#17becf",
           "tp-l1": "#ff7f0e", "tp-bn": "#8c564b", "tp-taylor": "#7f7f7f"}
-MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "dp-stage-kd-sgdft": "X", "tp-l1": "^", "tp-bn": "v",
+MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "dp-stage-kd-sgdft": "X", "dp-stage-kd-r8": "h", "tp-l1": "^", "tp-bn": "v",
            "tp-taylor": "P"}
 
 
