@@ -43,9 +43,12 @@ class Node:
     junctions: tuple[str, ...] = ()
     prunable: bool = True  # False when its channel groups cannot be kept consistently
     # > 1 when tied to a grouped (non-depthwise) conv with this many groups: the node's channels
-    # are ``groups`` equal blocks, and a cut keeps the same positions in every block (the group
-    # count stays, each group gets narrower), as torch-pruning's grouped-conv pruning does
+    # are ``groups`` equal blocks. With ``tie`` set, a cut removes whole blocks, together with
+    # the same blocks of every node sharing the tie (the conv loses whole groups: fewer groups,
+    # same width per group). Without it (the blocks do not line up, see ``_tie_groups``), a cut
+    # keeps the same positions in every block (the group count stays, each group narrows).
     groups: int = 1
+    tie: str = ""  # the unit of nodes that lose the same whole groups (its first node's name)
 
     @property
     def is_junction(self) -> bool:
@@ -112,7 +115,7 @@ def _exec_order(model: nn.Module, example: torch.Tensor,
     return order, chans
 
 
-def _is_grouped(m) -> bool:
+def is_grouped(m: nn.Module) -> bool:
     """A grouped conv that is not depthwise: cutting channels would break its group structure."""
     return isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels)
 
@@ -148,7 +151,7 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     # Linears on flattened (B, F) features are classifier heads: never pruned. Linears on
     # (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's MLP): they produce nodes.
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2]
-    nodes = []
+    nodes, touches = [], {}
     for group in dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)):
         convs = [dep.target.module for dep, _ in group
                  if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
@@ -157,11 +160,10 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if not convs:
             continue
         node = _make_node(dg, convs, names, modules, order, chans)
-        tied = {dep.target.module.groups for dep, _ in group if _is_grouped(dep.target.module)}
-        if tied:
-            g = math.lcm(*tied)
-            node = dataclasses.replace(node, groups=g, prunable=node.channels % g == 0 and g < node.channels)
+        touches[node.name] = [_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
+                              for it in group if is_grouped(it.dep.target.module)]
         nodes.append(node)
+    nodes = _tie_groups(nodes, touches)
     model.train(was_training)
     if not nodes:
         raise UnsupportedModel(
@@ -169,6 +171,86 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
             "on (B, H, W, C) maps, whose output channels are not tied to the classifier)")
     nodes.sort(key=lambda n: n.order)
     return nodes
+
+
+@dataclass(frozen=True)
+class _Touch:
+    """A node's channels entering (``out=False``) or leaving (``out=True``) a grouped conv."""
+
+    conv: str
+    module: nn.Conv2d
+    out: bool
+    aligned: bool  # node channel i is the conv's channel i, all of them: its groups are whole blocks
+
+
+def _touch(item, out: bool, names: dict[nn.Module, str], width: int) -> _Touch:
+    """The grouped conv of a dependency-group item; aligned when the node's channel i is the
+    conv's channel i, for all of them."""
+    conv = item.dep.target.module
+    n = conv.out_channels if out else conv.in_channels
+    aligned = n == width and sorted(zip(item.root_idxs, item.idxs)) == [(i, i) for i in range(n)]
+    return _Touch(names[conv], conv, out, aligned)
+
+
+def _tie_groups(nodes: list[Node], touches: dict[str, list[_Touch]]) -> list[Node]:
+    """Nodes joined through grouped convs, tied so that they lose whole groups together.
+
+    A grouped conv with G groups computes group g from input block g alone, so removing group g
+    removes block g of the node feeding it and block g of the node it produces, and nothing
+    else changes (ResNeXt, RegNet: conv1-out with conv2-in, conv2-out with conv3-in). A unit
+    (the nodes connected through grouped convs) is tied when all its convs have one group count
+    and meet the nodes' channels one to one; otherwise its nodes keep the old rule (the same
+    positions in every group, the group count kept) and one line says why."""
+    parent = {n.name: n.name for n in nodes}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    by_conv: dict[str, list[str]] = {}
+    for name, ts in touches.items():
+        for t in ts:
+            by_conv.setdefault(t.conv, []).append(name)
+    for members in by_conv.values():
+        for m in members[1:]:
+            parent[find(m)] = find(members[0])
+    units: dict[str, list[Node]] = {}
+    for n in nodes:
+        if touches.get(n.name):
+            units.setdefault(find(n.name), []).append(n)
+    out = {n.name: n for n in nodes}
+    for members in units.values():
+        ts = [t for n in members for t in touches[n.name]]
+        why = _untieable(members, ts)
+        if why:
+            log.warning("grouped convs narrowed per group, not cut by whole groups: nodes %s: %s",
+                        ", ".join(n.name for n in members), why)
+            for n in members:
+                g = math.lcm(*{t.module.groups for t in touches[n.name]})
+                out[n.name] = dataclasses.replace(n, groups=g, prunable=n.channels % g == 0 and g < n.channels)
+            continue
+        g, tie = ts[0].module.groups, min(members, key=lambda n: n.order).name
+        for n in members:
+            out[n.name] = dataclasses.replace(n, groups=g, tie=tie)
+    return [out[n.name] for n in nodes]
+
+
+def _untieable(members: list[Node], ts: list[_Touch]) -> str:
+    """Why these nodes cannot lose whole groups together ('' when they can)."""
+    counts = {t.module.groups for t in ts}
+    if len(counts) > 1:
+        return f"their grouped convs have different group counts ({sorted(counts)})"
+    bad = next((t for t in ts if not t.aligned), None)
+    if bad:
+        return (f"{bad.conv} meets them through a concat, split or reshape, so its groups are not "
+                "whole blocks of one node")
+    fed = {t.conv for t in ts if not t.out}
+    made = {t.conv for t in ts if t.out}
+    if fed != made:
+        conv = sorted(fed ^ made)[0]
+        return f"{conv}'s {'input' if conv in made else 'output'} is not a prunable node (a model input?)"
+    return ""
 
 
 def _refuse_train_only(model: nn.Module, example: torch.Tensor, order: dict[str, int]) -> None:
@@ -206,6 +288,9 @@ def _make_node(dg, convs, names, modules, order, chans) -> Node:
     junctions: tuple[str, ...] = ()
     if len(plain) > 1:  # channels tied by residual adds: read them at the block outputs
         found = {_junction(p, modules, chans, width) for p in producers} - {None}
+        # a junction enclosing another is a block output, not where these channels meet (RegNet-Y:
+        # conv b and the SE's fc2 meet at the SE, inside the block whose output is the residual node)
+        found = {j for j in found if not any(k.startswith(j + ".") for k in found)}
         junctions = tuple(sorted(found, key=lambda n: order[n]))
     if junctions:
         capture, relu, name = junctions[-1], False, junctions[-1]
