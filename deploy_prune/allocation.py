@@ -266,9 +266,9 @@ def prunable_nodes(nodes: list[Node], crucial: list[str]) -> list[Node]:
     prunable = [n for n in nodes if n.name not in crucial and n.prunable and n.tie not in fixed_ties]
     if not prunable:
         fixed = [n for n in nodes if not n.prunable]
-        why = (f"; {len(fixed)} of {len(nodes)} nodes are tied to grouped convolutions whose groups do "
-               f"not divide their channels (e.g. {fixed[0].name}: {fixed[0].channels} channels, "
-               f"{fixed[0].groups} groups)") if fixed else ""
+        why = (f"; {len(fixed)} of {len(nodes)} nodes are kept whole (e.g. {fixed[0].name}: "
+               + (fixed[0].fixed or f"tied to grouped convolutions whose {fixed[0].groups} groups do not "
+                  f"divide its {fixed[0].channels} channels") + ")") if fixed else ""
         raise AllocationError(f"no prunable node is left outside the crucial set {crucial}{why}")
     return prunable
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Node:
     # keeps the same positions in every block (the group count stays, each group narrows).
     groups: int = 1
     tie: str = ""  # the unit of nodes that lose the same whole groups (its first node's name)
+    fixed: str = ""  # why the node is kept whole (prunable False), one line
 
     @property
     def is_junction(self) -> bool:
@@ -69,20 +71,88 @@ def refuse_unsupported(model: nn.Module) -> None:
                 "convolutional networks are supported")
 
 
+class _ChannelMoves(TorchFunctionMode):
+    """Records, during the trace, every view/reshape that moves channels between positions (a
+    channel shuffle's view (B, C, H, W) -> (B, g, C/g, H, W) and back): output grad_fn -> what
+    it did and in which module. Flattening (B, C, H, W) -> (B, CHW) and reshapes that keep
+    (B, C) are left to torch-pruning, which maps them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.moves: dict = {}  # grad_fn -> "view (1, 48, 8, 8) -> (1, 2, 24, 8, 8) in stage2.0"
+        self._stack: list[str] = []
+        self._hooks = []
+        for name, m in model.named_modules():
+            self._hooks += [m.register_forward_pre_hook(lambda *a, n=name: self._enter(n)),
+                            m.register_forward_hook(self._leave)]
+
+    def _enter(self, name: str) -> None:
+        if not name:  # a new forward of the whole model (an earlier one may have failed midway)
+            self._stack.clear()
+        self._stack.append(name)
+
+    def _leave(self, *args) -> None:
+        self._stack.pop()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        fn = getattr(out, "grad_fn", None)
+        if (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and fn is not None
+                and any(k in fn.name().lower() for k in ("view", "reshape")) and _moves_channels(src.shape, out.shape)):
+            where = next((n for n in reversed(self._stack) if n), "the top module")
+            self.moves[fn] = f"{getattr(func, '__name__', 'reshape')} {tuple(src.shape)} -> {tuple(out.shape)} in {where}"
+        return out
+
+
+def _moves_channels(src: torch.Size, out: torch.Size) -> bool:
+    """A reshape of a (B, C, ...) map that neither keeps (B, C) nor flattens it to (B, C*...)."""
+    if len(src) < 3 or src == out or tuple(out[:2]) == tuple(src[:2]):
+        return False
+    return not (len(out) == 2 and out[1] == math.prod(src[1:]))
+
+
+class _Graph(tp.DependencyGraph):
+    """torch-pruning's graph, with reshapes that move channels made opaque: a dependency group
+    that reaches one stops there (nothing is mapped through it), and ``discover`` keeps every
+    node whose group reaches one whole (``Node.fixed``). The channels after it are then never
+    cut either: only a group coming through it could cut them."""
+
+    def __init__(self, moves: dict) -> None:
+        super().__init__()
+        self.moves, self.opaque = moves, {}  # opaque: tp node -> what the reshape did
+
+    def _trace(self, *args, **kwargs):
+        module2node = super()._trace(*args, **kwargs)
+        for op, node in list(module2node.items()):
+            if node.type == tp.ops.OPTYPE.RESHAPE and node.grad_fn in self.moves:
+                node.module = tp.ops._ElementWiseOp(op.id, "ChannelMove")
+                node.type, node.module_class = tp.ops.OPTYPE.ELEMENTWISE, type(node.module)
+                module2node[node.module] = module2node.pop(op)
+                self.opaque[node] = self.moves[node.grad_fn]
+        return module2node
+
+    def _build_dependency(self, module2node) -> None:
+        super()._build_dependency(module2node)
+        for node in self.opaque:
+            node.dependencies = []  # no rule leads through it
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of ``model`` traced on ``example``."""
     refuse_unsupported(model)
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        with torch.enable_grad(), _ChannelMoves(model) as moves:
+            return _Graph(moves.moves).build_dependency(model, example_inputs=example, verbose=False)
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
-        shuffles = [n for n, m in model.named_modules() if n and "shuffle" in type(m).__name__.lower()
-                    or n and "InvertedResidual" in type(m).__name__]
         raise UnsupportedModel(
-            f"cannot prune {type(model).__name__}: a reshape moves channels between groups (channel "
-            f"shuffle: view -> transpose -> view{', e.g. in ' + shuffles[0] if shuffles else ''}), which "
-            f"ties every branch's channels to the other's through a permutation that the dependency "
-            f"tracer cannot map ({e})") from e
+            f"cannot prune {type(model).__name__}: a reshape maps channels in a way the dependency tracer "
+            f"cannot follow ({e})") from e
     except Exception as e:  # tracing failures come from deep inside torch-pruning
         raise UnsupportedModel(
             f"cannot trace the channel dependencies of {type(model).__name__} "
@@ -160,6 +230,10 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if not convs:
             continue
         node = _make_node(dg, convs, names, modules, order, chans)
+        moved = next((dg.opaque[it.dep.target] for it in group if it.dep.target in dg.opaque), None)
+        if moved:
+            node = dataclasses.replace(node, prunable=False, fixed=f"its channels pass through a reshape that "
+                                       f"moves them between positions (channel shuffle: {moved})")
         touches[node.name] = [_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
                               for it in group if is_grouped(it.dep.target.module)]
         nodes.append(node)

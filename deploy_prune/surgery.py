@@ -38,8 +38,9 @@ def validate_plan(plan: Mapping[str, Sequence[int]], nodes: list[Node]) -> None:
         c = known[name].channels
         node = known[name]
         if not node.prunable and len(kept) != c:
-            raise PlanError(f"node {name!r} cannot be narrowed (its channels are tied to grouped "
-                            f"convolutions with {node.groups} groups that do not divide its {c} channels)")
+            why = node.fixed or (f"its channels are tied to grouped convolutions with {node.groups} groups "
+                                 f"that do not divide its {c} channels")
+            raise PlanError(f"node {name!r} cannot be narrowed ({why})")
         if node.tie:
             continue  # checked per tied unit below
         if node.groups > 1 and len(kept) != c:

@@ -1,5 +1,5 @@
-"""The family matrix: every torchvision classifier prunes at 2x (or, for transformers and
-channel-shuffle nets, is refused with one line naming the cause), runs in eval and train mode,
+"""The family matrix: every torchvision classifier prunes at 2x (or, for transformers, is
+refused with one line naming the cause), runs in eval and train mode,
 exports to ONNX with parity and gives one bench row. A few fast models run in CI; the rest are
 ``slow`` (docs/results/families.md has the whole matrix, made by ``python -m bench.families``)."""
 
@@ -33,7 +33,6 @@ from deploy_prune.surgery import PlanError, apply_plan
 
 FAST = {"mobilenet_v3_small", "regnet_x_400mf", "shufflenet_v2_x0_5", "vit_b_32"}
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
-REFUSED = {"shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"}
 TINY = TimingConfig(warmup_s=0.0, warmup_iters=2, min_time_s=0.05, rounds=2, min_samples=4, min_per_round=2,
                     clock="cpu")
 ALL = torchvision.models.list_models(module=torchvision.models)
@@ -52,9 +51,6 @@ def test_family_prunes_exports_and_times_or_is_refused_in_one_line(name):
     row = check_one(name, timing=TINY, size=None if name in ("inception_v3",) else 64)
     if name.startswith(TRANSFORMERS):
         assert row["status"] == "refused" and "transformer" in row["detail"] and "\n" not in row["detail"]
-        return
-    if name in REFUSED:
-        assert row["status"] == "refused" and "channel shuffle" in row["detail"] and "\n" not in row["detail"]
         return
     assert row["status"] == "ok", row
     assert row["prunable"] > 0
@@ -221,3 +217,74 @@ def test_regnet_pruned_by_groups_at_2x_rebuilds_from_its_plan():
         for again, _ in (api.load(Path(tmp) / "slim"), load_model_dir(Path(tmp) / "slim")):
             with torch.no_grad():
                 torch.testing.assert_close(again(x), res.slim.eval()(x), rtol=0, atol=0)
+
+
+# -- channel shuffle (ShuffleNetV2): the channels inside each branch prune, the shuffled ones stay --
+
+
+def _shuffle_net() -> nn.Module:
+    """conv 3->8, a ShuffleNetV2 unit (half the channels pass, the other half go through
+    1x1 4->6 -> depthwise 6 -> 1x1 6->4), concat, channel shuffle, conv 8->8, head."""
+
+    class Unit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.branch = nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.ReLU(),
+                                        nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6),
+                                        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+            self.tail = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+        def forward(self, x):
+            x1, x2 = self.stem(x).chunk(2, dim=1)
+            y = torch.cat((x1, self.branch(x2)), dim=1)  # (B, 8, H, W)
+            b, c, h, w = y.shape
+            y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)  # shuffle
+            return self.head(self.tail(y))
+
+    torch.manual_seed(0)
+    return _randomise_bn(Unit())
+
+
+def test_channel_shuffle_keeps_the_shuffled_channels_and_prunes_inside_the_branch():
+    """The branch's internal channels (1x1 -> depthwise -> 1x1) are cut; the channels entering the
+    shuffle are kept whole with one line naming the reshape; the cut equals the base with those
+    internal channels zeroed."""
+    model, x = _shuffle_net(), torch.randn(2, 3, 8, 8)
+    nodes = {n.name: n for n in discover(model, x[:1])}
+    assert nodes["branch.0"].prunable and nodes["tail.0"].prunable
+    for conv in ("stem.0", "branch.5"):  # the convs whose channels enter the shuffle
+        node = next(n for n in nodes.values() if conv in n.producers)
+        assert not node.prunable and node.fixed.endswith("(channel shuffle: view (1, 8, 8, 8) -> (1, 2, 4, 8, 8) in the "
+                                                          "top module)"), node.fixed
+    slim = cut(model, {"branch.0": [0, 2, 5]}, x[:1])
+    assert (slim.branch[0].out_channels, slim.branch[3].groups, slim.branch[5].in_channels) == (3, 3, 3)
+    zeroed = copy.deepcopy(model)
+    for t in (zeroed.branch[1].weight, zeroed.branch[1].bias):
+        t.data[[1, 3, 4]] = 0  # the BNs after the first 1x1 and the depthwise: those channels are 0
+    for t in (zeroed.branch[4].weight, zeroed.branch[4].bias):
+        t.data[[1, 3, 4]] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), zeroed(x), rtol=0, atol=1e-6)
+    with pytest.raises(PlanError, match="cannot be narrowed .*channel shuffle"):
+        apply_plan(copy.deepcopy(model), {"stem.0": list(range(6))}, x[:1])
+
+
+def test_a_model_whose_every_node_feeds_a_shuffle_is_refused_in_one_line():
+    class AllShuffled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = y.view(y.shape[0], 2, 4, *y.shape[2:]).transpose(1, 2).reshape(y.shape)
+            return self.head(y.mean((2, 3)))
+
+    model, x = AllShuffled().eval(), torch.randn(1, 3, 8, 8)
+    nodes = discover(model, x)
+    with pytest.raises(ValueError, match=r"no prunable node .*conv\.0: its channels pass through a reshape") as e:
+        prunable_nodes(nodes, [])
+    assert "\n" not in str(e.value)
