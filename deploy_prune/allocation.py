@@ -262,7 +262,8 @@ def min_keep(channels: int, cfg: AllocationConfig) -> int:
 
 def prunable_nodes(nodes: list[Node], crucial: list[str]) -> list[Node]:
     """The nodes an allocator may narrow; an error when the crucial set leaves none."""
-    fixed_ties = {n.tie for n in nodes if n.tie and n.name in crucial}  # a crucial node keeps its unit whole
+    # a crucial (or fixed) node keeps its whole tied unit: its partners' groups cannot go alone
+    fixed_ties = {n.tie for n in nodes if n.tie and (n.name in crucial or not n.prunable)}
     prunable = [n for n in nodes if n.name not in crucial and n.prunable and n.tie not in fixed_ties]
     if not prunable:
         fixed = [n for n in nodes if not n.prunable]

@@ -288,3 +288,11 @@ def test_a_model_whose_every_node_feeds_a_shuffle_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"no prunable node .*conv\.0: its channels pass through a reshape") as e:
         prunable_nodes(nodes, [])
     assert "\n" not in str(e.value)
+
+
+def test_a_builder_that_reads_tensor_values_passes_the_size_check():
+    """torchvision RegNet computes its widths with tensors, which the meta device cannot read:
+    the size check builds it with only the parameters on meta (load_model_dir used to refuse it)."""
+    from deploy_prune.artifacts import check_model_size
+
+    check_model_size("tv.regnet_x_400mf", num_classes=10, in_channels=3, source="plan.json")
