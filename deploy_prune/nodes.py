@@ -298,16 +298,29 @@ def _tie_groups(nodes: list[Node], touches: dict[str, list[_Touch]]) -> list[Nod
         ts = [t for n in members for t in touches[n.name]]
         why = _untieable(members, ts)
         if why:
-            log.warning("grouped convs narrowed per group, not cut by whole groups: nodes %s: %s",
-                        ", ".join(n.name for n in members), why)
+            _warn_once(f"grouped convs not cut by whole groups: nodes {', '.join(n.name for n in members)}: {why}; "
+                       "those that meet a conv one to one keep the same positions in every group, the rest are kept whole")
             for n in members:
                 g = math.lcm(*{t.module.groups for t in touches[n.name]})
-                out[n.name] = dataclasses.replace(n, groups=g, prunable=n.channels % g == 0 and g < n.channels)
+                bad = next((t.conv for t in touches[n.name] if not t.aligned), None)
+                fixed = f"its channels reach the grouped conv {bad} through a concat, split or reshape" if bad else ""
+                out[n.name] = dataclasses.replace(n, groups=g, fixed=fixed,
+                                                  prunable=not bad and n.channels % g == 0 and g < n.channels)
             continue
         g, tie = ts[0].module.groups, min(members, key=lambda n: n.order).name
         for n in members:
             out[n.name] = dataclasses.replace(n, groups=g, tie=tie)
     return [out[n.name] for n in nodes]
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """``discover`` runs for every candidate cut: say a model-level fact once per process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 def _untieable(members: list[Node], ts: list[_Touch]) -> str:

@@ -296,3 +296,30 @@ def test_a_builder_that_reads_tensor_values_passes_the_size_check():
     from deploy_prune.artifacts import check_model_size
 
     check_model_size("tv.regnet_x_400mf", num_classes=10, in_channels=3, source="plan.json")
+
+
+def test_groups_reached_through_a_concat_are_not_tied_and_say_so_in_one_line(caplog):
+    """A grouped conv fed by a concat of two convs: its groups are not whole blocks of either
+    node, so those nodes are kept whole (the reason in ``Node.fixed`` and one warning line),
+    and the conv's own output keeps the same positions in every group; any cut still runs."""
+
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+            self.b = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+            self.g = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU())
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+
+        def forward(self, x):
+            return self.head(self.g(torch.cat([self.a(x), self.b(x)], 1)))
+
+    model, x = Cat().eval(), torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="deploy_prune.nodes"):
+        nodes = {n.name: n for n in discover(model, x[:1])}
+    assert not nodes["a.0"].prunable and "g.0 through a concat" in nodes["a.0"].fixed and not nodes["a.0"].tie
+    assert nodes["g.0"].prunable and nodes["g.0"].groups == 4 and not nodes["g.0"].tie
+    lines = [r.getMessage() for r in caplog.records if "not cut by whole groups" in r.getMessage()]
+    assert len(lines) <= 1 and all("\n" not in m for m in lines)  # once per process
+    slim = cut(model, {"g.0": [0, 1, 4, 5, 8, 9, 12, 13]}, x[:1])
+    assert (slim.g[0].groups, slim.g[0].out_channels) == (4, 8) and slim(x).shape == (2, 2)
