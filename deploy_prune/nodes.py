@@ -23,6 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,15 @@ def refuse_unsupported(model: nn.Module) -> None:
 class _ChannelMoves(TorchFunctionMode):
     """Records, during the trace, every view/reshape that moves channels between positions (a
     channel shuffle's view (B, C, H, W) -> (B, g, C/g, H, W) and back): output grad_fn -> what
-    it did and in which module. Flattening (B, C, H, W) -> (B, CHW) and reshapes that keep
-    (B, C) are left to torch-pruning, which maps them."""
+    it did and in which module. Flattening (B, C, H, W) -> (B, CHW), reshapes that keep (B, C)
+    and reshapes of parameters (weight standardisation) are left to torch-pruning."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
         super().__init__()
         self.moves: dict = {}  # grad_fn -> "view (1, 48, 8, 8) -> (1, 2, 24, 8, 8) in stage2.0"
+        # feature maps: tensors computed from the input (not from weights alone, as in weight
+        # standardisation); by id, with the tensors held so that no id is reused during the trace
+        self._maps: dict[int, torch.Tensor] = {id(example): example}
         self._stack: list[str] = []
         self._hooks = []
         for name, m in model.named_modules():
@@ -101,18 +105,27 @@ class _ChannelMoves(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not any(id(t) in self._maps for t in inputs):
+            return out
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._maps[id(t)] = t
         src = args[0] if args else None
         fn = getattr(out, "grad_fn", None)
-        if (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and fn is not None
-                and any(k in fn.name().lower() for k in ("view", "reshape")) and _moves_channels(src.shape, out.shape)):
+        if (isinstance(src, torch.Tensor) and id(src) in self._maps and isinstance(out, torch.Tensor)
+                and fn is not None and any(k in fn.name().lower() for k in ("view", "reshape"))
+                and _moves_channels(src.shape, out.shape)):
             where = next((n for n in reversed(self._stack) if n), "the top module")
             self.moves[fn] = f"{getattr(func, '__name__', 'reshape')} {tuple(src.shape)} -> {tuple(out.shape)} in {where}"
         return out
 
 
 def _moves_channels(src: torch.Size, out: torch.Size) -> bool:
-    """A reshape of a (B, C, ...) map that neither keeps (B, C) nor flattens it to (B, C*...)."""
-    if len(src) < 3 or src == out or tuple(out[:2]) == tuple(src[:2]):
+    """A reshape of a (B, C, H, W) map (or of a 5-D one back) that neither keeps (B, C) nor
+    flattens it to (B, C*H*W). 3-D reshapes (ECA's (B, 1, C) attention, weight standardisation)
+    are left to torch-pruning as before."""
+    if len(src) < 4 or src == out or tuple(out[:2]) == tuple(src[:2]):
         return False
     return not (len(out) == 2 and out[1] == math.prod(src[1:]))
 
@@ -144,20 +157,23 @@ class _Graph(tp.DependencyGraph):
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of ``model`` traced on ``example``."""
+    """torch-pruning's dependency graph of ``model`` traced on ``example``, with the reshapes that
+    move channels opaque (torch-pruning maps a channel shuffle wrongly, or fails on it)."""
     refuse_unsupported(model)
     try:
-        with torch.enable_grad(), _ChannelMoves(model) as moves:
+        with torch.enable_grad(), _ChannelMoves(model, example) as moves:
             return _Graph(moves.moves).build_dependency(model, example_inputs=example, verbose=False)
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
         raise UnsupportedModel(
             f"cannot prune {type(model).__name__}: a reshape maps channels in a way the dependency tracer "
             f"cannot follow ({e})") from e
     except Exception as e:  # tracing failures come from deep inside torch-pruning
-        raise UnsupportedModel(
-            f"cannot trace the channel dependencies of {type(model).__name__} "
-            f"({type(e).__name__}: {e}); this architecture is not supported for pruning"
-        ) from e
+        raise _untraceable(model, e) from e
+
+
+def _untraceable(model: nn.Module, e: Exception) -> UnsupportedModel:
+    return UnsupportedModel(f"cannot trace the channel dependencies of {type(model).__name__} "
+                            f"({type(e).__name__}: {e}); this architecture is not supported for pruning")
 
 
 def _exec_order(model: nn.Module, example: torch.Tensor,
@@ -221,7 +237,7 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     # Linears on flattened (B, F) features are classifier heads: never pruned. Linears on
     # (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's MLP): they produce nodes.
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2]
-    nodes, touches = [], {}
+    nodes, touches = [], []  # touches[i]: node i's grouped convs
     for group in dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)):
         convs = [dep.target.module for dep, _ in group
                  if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
@@ -234,10 +250,10 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if moved:
             node = dataclasses.replace(node, prunable=False, fixed=f"its channels pass through a reshape that "
                                        f"moves them between positions (channel shuffle: {moved})")
-        touches[node.name] = [_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
-                              for it in group if is_grouped(it.dep.target.module)]
+        touches.append([_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
+                        for it in group if is_grouped(it.dep.target.module)])
         nodes.append(node)
-    nodes = _tie_groups(nodes, touches)
+    nodes = _tie_groups(_unique_names(nodes, order), touches)
     model.train(was_training)
     if not nodes:
         raise UnsupportedModel(
@@ -245,6 +261,22 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
             "on (B, H, W, C) maps, whose output channels are not tied to the classifier)")
     nodes.sort(key=lambda n: n.order)
     return nodes
+
+
+def _unique_names(nodes: list[Node], order: dict[str, int]) -> list[Node]:
+    """Nodes that claim one junction name drop their junctions that enclose another of theirs:
+    such a junction is a block output that only happens to have as many channels (RegNet-Y: conv b
+    and the SE's fc2 meet at the SE, inside the block whose output is the residual node's)."""
+    seen: dict[str, int] = {}
+    for n in nodes:
+        seen[n.name] = seen.get(n.name, 0) + 1
+    out = []
+    for n in nodes:
+        inner = tuple(j for j in n.junctions if not any(k.startswith(j + ".") for k in n.junctions))
+        if seen[n.name] > 1 and inner and inner != n.junctions:
+            n = dataclasses.replace(n, name=inner[-1], capture=inner[-1], order=order[inner[-1]], junctions=inner)
+        out.append(n)
+    return out
 
 
 @dataclass(frozen=True)
@@ -266,7 +298,7 @@ def _touch(item, out: bool, names: dict[nn.Module, str], width: int) -> _Touch:
     return _Touch(names[conv], conv, out, aligned)
 
 
-def _tie_groups(nodes: list[Node], touches: dict[str, list[_Touch]]) -> list[Node]:
+def _tie_groups(nodes: list[Node], touches: list[list[_Touch]]) -> list[Node]:
     """Nodes joined through grouped convs, tied so that they lose whole groups together.
 
     A grouped conv with G groups computes group g from input block g alone, so removing group g
@@ -275,42 +307,43 @@ def _tie_groups(nodes: list[Node], touches: dict[str, list[_Touch]]) -> list[Nod
     (the nodes connected through grouped convs) is tied when all its convs have one group count
     and meet the nodes' channels one to one; otherwise its nodes keep the old rule (the same
     positions in every group, the group count kept) and one line says why."""
-    parent = {n.name: n.name for n in nodes}
+    parent = list(range(len(nodes)))
 
-    def find(a: str) -> str:
+    def find(a: int) -> int:
         while parent[a] != a:
             a = parent[a]
         return a
 
-    by_conv: dict[str, list[str]] = {}
-    for name, ts in touches.items():
+    by_conv: dict[str, list[int]] = {}
+    for i, ts in enumerate(touches):
         for t in ts:
-            by_conv.setdefault(t.conv, []).append(name)
+            by_conv.setdefault(t.conv, []).append(i)
     for members in by_conv.values():
         for m in members[1:]:
             parent[find(m)] = find(members[0])
-    units: dict[str, list[Node]] = {}
-    for n in nodes:
-        if touches.get(n.name):
-            units.setdefault(find(n.name), []).append(n)
-    out = {n.name: n for n in nodes}
-    for members in units.values():
-        ts = [t for n in members for t in touches[n.name]]
+    units: dict[int, list[int]] = {}
+    for i in range(len(nodes)):
+        if touches[i]:
+            units.setdefault(find(i), []).append(i)
+    out = list(nodes)
+    for idx in units.values():
+        members = [nodes[i] for i in idx]
+        ts = [t for i in idx for t in touches[i]]
         why = _untieable(members, ts)
         if why:
             _warn_once(f"grouped convs not cut by whole groups: nodes {', '.join(n.name for n in members)}: {why}; "
                        "those that meet a conv one to one keep the same positions in every group, the rest are kept whole")
-            for n in members:
-                g = math.lcm(*{t.module.groups for t in touches[n.name]})
-                bad = next((t.conv for t in touches[n.name] if not t.aligned), None)
+            for i in idx:
+                n, g = nodes[i], math.lcm(*{t.module.groups for t in touches[i]})
+                bad = next((t.conv for t in touches[i] if not t.aligned), None)
                 fixed = f"its channels reach the grouped conv {bad} through a concat, split or reshape" if bad else ""
-                out[n.name] = dataclasses.replace(n, groups=g, fixed=fixed,
-                                                  prunable=not bad and n.channels % g == 0 and g < n.channels)
+                out[i] = dataclasses.replace(n, groups=g, fixed=fixed,
+                                             prunable=not bad and n.channels % g == 0 and g < n.channels)
             continue
         g, tie = ts[0].module.groups, min(members, key=lambda n: n.order).name
-        for n in members:
-            out[n.name] = dataclasses.replace(n, groups=g, tie=tie)
-    return [out[n.name] for n in nodes]
+        for i in idx:
+            out[i] = dataclasses.replace(nodes[i], groups=g, tie=tie)
+    return out
 
 
 _WARNED: set[str] = set()
@@ -375,9 +408,6 @@ def _make_node(dg, convs, names, modules, order, chans) -> Node:
     junctions: tuple[str, ...] = ()
     if len(plain) > 1:  # channels tied by residual adds: read them at the block outputs
         found = {_junction(p, modules, chans, width) for p in producers} - {None}
-        # a junction enclosing another is a block output, not where these channels meet (RegNet-Y:
-        # conv b and the SE's fc2 meet at the SE, inside the block whose output is the residual node)
-        found = {j for j in found if not any(k.startswith(j + ".") for k in found)}
         junctions = tuple(sorted(found, key=lambda n: order[n]))
     if junctions:
         capture, relu, name = junctions[-1], False, junctions[-1]

@@ -47,8 +47,9 @@ def random_plan(nodes, *, frac: float = 0.5, seed: int = 0) -> dict[str, list[in
     tied (``Node.tie``), the same random whole groups as the other nodes of its unit."""
     rng = random.Random(seed)
     plan, unit_groups = {}, {}
+    whole = {n.tie for n in nodes if n.tie and not n.prunable}  # a unit with a fixed node stays whole
     for n in nodes:
-        if not n.prunable:
+        if not n.prunable or n.tie in whole:
             continue
         width = n.channels // n.groups
         if n.tie:
