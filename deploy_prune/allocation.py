@@ -25,10 +25,13 @@ from deploy_prune._registry import Registry
 from deploy_prune.artifacts import ModelPlan
 from deploy_prune.config import AllocationConfig
 from deploy_prune.decisions import (  # noqa: F401 (select_crucial, round_width: re-exported)
+    AUTO_ROUND,
     AllocationError,
     Decision,
     Scores,
+    auto_round_to,
     floor_width,
+    resolve_round_to,
     round_width,
     select_crucial,
 )
@@ -130,6 +133,7 @@ class _Ranking:
 
     def __init__(self, nodes: list[Node], scores: Scores, cfg: AllocationConfig) -> None:
         self.nodes, self.cfg = nodes, cfg
+        self.round_to = resolve_round_to(cfg.round_to, cfg.device)
         scores = tied_scores(nodes, scores)
         keys, vals = [], []
         for i, n in enumerate(nodes):
@@ -153,7 +157,7 @@ class _Ranking:
         for i, n in enumerate(self.nodes):
             kept = max(n.channels - int(removed[i]), self.min_keep(n.channels))
             # grouped: whole positions of every group (widths stay multiples of the group count)
-            out[n.name] = round_width(kept, n.channels, n.groups if n.groups > 1 else self.cfg.round_to)
+            out[n.name] = round_width(kept, n.channels, n.groups if n.groups > 1 else self.round_to)
         return self._whole_groups(out, removed)
 
     def _whole_groups(self, out: dict[str, int], removed: np.ndarray) -> dict[str, int]:
@@ -232,27 +236,30 @@ def rounding_note(cfg: AllocationConfig, used: int | None = None) -> dict[str, A
     """Why the kept widths are multiples of ``cfg.round_to``: recorded in plan.json (``rounding``).
 
     ``used``: the finer rounding the allocation fell back to when the target was out of reach."""
-    m = cfg.round_to
-    if m <= 1:
-        why = ("requested: exact widths; on ONNX Runtime CPU they measured slower per FLOP than "
-               "multiples of 8 (ResNet-50 at 2.8x fewer FLOPs: 2.04x vs 2.43x, "
-               "docs/results/paper_claims.md), and depthwise nets could end slower than their base")
-    elif m == DEFAULT_ROUND_TO and cfg.device == "cuda":
-        why = ("default: multiples of 8 fill tensor-core tiles (fp16/bf16/int8 kernels); odd widths "
-               "fall back to padded or slower kernels")
-    elif m == DEFAULT_ROUND_TO:
-        why = ("default, measured: on ONNX Runtime CPU batch 1 widths rounded to 8 ran 2.43x vs "
-               "2.04x (rounding 1) for ResNet-50 at 2.8x fewer FLOPs, efficiency 0.87 vs 0.73 "
-               "(docs/results/paper_claims.md); mobilenet_v2/efficientnet_b0 at 2x ran 0.42-0.59x "
-               "of their base at rounding 1 and 1.62-1.85x at rounding 8")
+    if cfg.round_to == AUTO_ROUND:
+        m, why = auto_round_to(cfg.device)
     else:
-        why = f"requested: multiples of {m}"
-    note = {"round_to": m, "backend": cfg.backend, "device": cfg.device, "reason": why}
+        m = int(cfg.round_to)
+        if m <= 1:
+            why = ("requested: exact widths; on ONNX Runtime CPU they measured slower per FLOP than "
+                   "multiples of 8 (ResNet-50 at 2.8x fewer FLOPs: 2.04x vs 2.43x, "
+                   "docs/results/paper_claims.md), and depthwise nets could end slower than their base")
+        else:
+            why = f"requested: multiples of {m}"
+    note = {"round_to": m, "setting": cfg.round_to, "backend": cfg.backend, "device": cfg.device,
+            "reason": why}
     if used is not None and used != m:
         note.update(round_to=used, requested=m,
                     reason=f"round_to={m} could not meet the target within allocation.tolerance; fell back "
                     f"to {used}. {why}")
     return note
+
+
+def with_rounding(cfg: AllocationConfig) -> tuple[AllocationConfig, bool]:
+    """``cfg`` with ``round_to`` as a number (``auto`` resolved for ``cfg.device``), and whether
+    that multiple is a default (auto, or at most 8) that may fall back to a finer one."""
+    m = resolve_round_to(cfg.round_to, cfg.device)
+    return dataclasses.replace(cfg, round_to=m), cfg.round_to == AUTO_ROUND or 1 < m <= DEFAULT_ROUND_TO
 
 
 def min_keep(channels: int, cfg: AllocationConfig) -> int:
@@ -304,15 +311,19 @@ def allocate(
     overshoot or undershoot, the rounding is halved until it is met, with a warning; the rounding
     used is in ``extra["round_to"]``.
     """
-    try:
-        return _allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg, selection=selection)
-    except OutOfReach as e:
-        if not 1 < cfg.round_to <= DEFAULT_ROUND_TO:  # a coarser rounding was asked for: honour it
-            raise
-        finer = dataclasses.replace(cfg, round_to=cfg.round_to // 2)
-        log.warning("%s at round_to=%d; retrying with round_to=%d", e, cfg.round_to, finer.round_to)
-        alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=finer, selection=selection)
-        alloc.extra.setdefault("round_to", finer.round_to)
+    cfg, may_refine = with_rounding(cfg)
+    while True:
+        try:
+            alloc = _allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg, selection=selection,
+                              strict=may_refine)
+        except OutOfReach as e:
+            if not (may_refine and cfg.round_to > 1):  # a coarser rounding was asked for: honour it
+                raise
+            finer = dataclasses.replace(cfg, round_to=cfg.round_to // 2)
+            log.warning("%s at round_to=%d; retrying with round_to=%d", e, cfg.round_to, finer.round_to)
+            cfg = finer
+            continue
+        alloc.extra.setdefault("round_to", cfg.round_to)
         return alloc
 
 
@@ -329,6 +340,7 @@ def _allocate(
     crucial: list[str],
     cfg: AllocationConfig,
     selection: Scores | None = None,
+    strict: bool = False,
 ) -> Allocation:
     prunable = prunable_nodes(nodes, crucial)
     base = count(model, example)
@@ -346,11 +358,15 @@ def _allocate(
 
     history: list[tuple[int, float]] = []
     if cfg.target == "flops":
-        k = _search(flops_at, ranking.total, base.flops, cfg, history)
+        k = _search(flops_at, ranking.total, base.flops, cfg, history, strict=strict)
     elif cfg.target == "channels":
         if not 0 < cfg.keep_fraction <= 1:
             raise AllocationError(f"allocation.keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
         k = int(round((1 - cfg.keep_fraction) * ranking.total))
+        kept = sum(ranking.counts(k).values()) / max(ranking.total, 1)
+        if strict and cfg.round_to > 1 and abs(kept / cfg.keep_fraction - 1) > cfg.tolerance:
+            raise OutOfReach(f"at multiples of {cfg.round_to} the nearest widths keep {100 * kept:.1f}% of the "
+                             f"prunable channels, not {100 * cfg.keep_fraction:.1f}%")
     else:
         raise AllocationError(f"allocation.target {cfg.target!r} is not handled by FLOPs/channel "
                               "allocation (use flops or channels, or the latency allocator)")
@@ -367,7 +383,8 @@ def decided(model: nn.Module, nodes: list[Node], scores: Scores, example: torch.
                              extra={"decided_by": decision.by})
 
 
-def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, history) -> int:
+def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, history, *,
+            strict: bool = False) -> int:
     """Smallest number of removed channels meeting the FLOPs reduction, or the closer neighbour."""
     target = cfg.flops_reduction
     if target < 1.0:
@@ -392,7 +409,7 @@ def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, histor
     if k > 0 and abs(red(k - 1) - target) < abs(red(k) - target):
         k -= 1
     achieved = red(k)
-    if abs(achieved / target - 1) > cfg.tolerance and 1 < cfg.round_to <= DEFAULT_ROUND_TO:
+    if abs(achieved / target - 1) > cfg.tolerance and strict and cfg.round_to > 1:
         # the default rounding is a speed preference, not worth missing the target: allocate()
         # retries at a finer multiple (a coarser one asked for explicitly is honoured below)
         raise OutOfReach(f"at multiples of {cfg.round_to} the nearest widths give {achieved:.2f}x, "

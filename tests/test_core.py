@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import digits_cfg, random_plan
 from deploy_prune import allocation
-from deploy_prune.allocation import AllocationError, allocate, cut, select_crucial
+from deploy_prune.allocation import AllocationError, allocate, cut, resolve_round_to, select_crucial
 from deploy_prune.artifacts import ArtifactError, ModelPlan, load_model_dir, save_model_dir
 from deploy_prune.config import AllocationConfig
 from deploy_prune.data import load_data
@@ -226,9 +226,28 @@ def test_default_rounding_falls_back_only_when_target_is_out_of_reach(example_no
     a = allocate(model, nodes, scores, x, crucial=crucial, cfg=cfg)
     assert a.flops_reduction >= target * 0.9 and a.extra["round_to"] < DEFAULT_ROUND_TO
     note = rounding_note(cfg, a.extra["round_to"])
-    assert note["requested"] == 8 and "fell back" in note["reason"]
+    assert note["requested"] == resolve_round_to("auto", "cpu") and "fell back" in note["reason"]
+    assert note["setting"] == "auto"
     with pytest.raises(AllocationError, match="out of reach"):  # asked for 16 explicitly: no fallback
         allocate(model, nodes, scores, x, crucial=crucial, cfg=dataclasses.replace(cfg, round_to=16))
+
+
+@pytest.mark.parametrize(("flags", "device", "want"), [
+    ("fpu avx2 avx512f avx512bw", "cpu", 16), ("fpu sse4_2 avx2 fma", "cpu", 8), ("fpu neon", "cpu", 8),
+    ("fpu avx2 avx512f", "cuda", 8), ("fpu avx2 avx512f", "cuda:1", 8)])
+def test_auto_rounding_follows_the_hardware_channel_block(monkeypatch, tmp_path, flags, device, want):
+    """``round_to=auto`` is 16 where CPU kernels block channels in 16s (AVX-512), 8 on AVX2 CPUs
+    and on GPUs, read from the CPU's flags, and the plan note says why."""
+    from deploy_prune import host
+    from deploy_prune.allocation import rounding_note
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(host, "CPUINFO", info)
+    assert resolve_round_to("auto", device) == want
+    note = rounding_note(AllocationConfig(device=device))
+    assert note["round_to"] == want and note["setting"] == "auto" and str(want) in note["reason"]
+    assert resolve_round_to(4, device) == 4
 
 
 def _grouped_net() -> nn.Module:

@@ -323,3 +323,47 @@ def test_groups_reached_through_a_concat_are_not_tied_and_say_so_in_one_line(cap
     assert len(lines) <= 1 and all("\n" not in m for m in lines)  # once per process
     slim = cut(model, {"g.0": [0, 1, 4, 5, 8, 9, 12, 13]}, x[:1])
     assert (slim.g[0].groups, slim.g[0].out_channels) == (4, 8) and slim(x).shape == (2, 2)
+
+
+def test_matrix_settings_reach_the_allocation():
+    """``bench.families run --set allocation.round_to=8`` prunes with that rounding; without it the
+    defaults (auto: the hardware's channel block) apply and are recorded."""
+    from bench.families import prune_one
+    from deploy_prune.allocation import resolve_round_to
+
+    _, _, eight = prune_one("squeezenet1_1", size=32, overrides=["allocation.round_to=8"])
+    _, _, auto = prune_one("squeezenet1_1", size=32)
+    assert eight.plan.info["rounding"]["setting"] == 8
+    assert auto.plan.info["rounding"]["setting"] == "auto"
+    for res in (eight, auto):
+        m = res.plan.info["rounding"]["round_to"]
+        cut_widths = [w for n, w in res.plan.info["widths"].items() if w != res.plan.info["base_widths"][n]]
+        assert cut_widths and all(w % m == 0 for w in cut_widths)
+    assert auto.plan.info["rounding"]["requested" if "requested" in auto.plan.info["rounding"] else "round_to"] \
+        == resolve_round_to("auto", "cpu")
+
+
+def test_compare_page_sets_two_runs_side_by_side(tmp_path):
+    """`bench.families compare` keeps the models measured in both runs and medians each side."""
+    import csv
+
+    from bench.families import FIELDS, main
+
+    def write(path, effs):
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            w.writeheader()
+            for m, e in effs.items():
+                w.writerow({"model": m, "status": "ok" if e else "timeout", "flops_got": 2.0,
+                            "speedup": 2 * (e or 0), "speedup_low": 1.0, "speedup_high": 3.0, "efficiency": e})
+
+    write(tmp_path / "a.csv", {"m1": 0.9, "m2": 0.8, "m3": 0.7, "only_a": 0.1})
+    write(tmp_path / "b.csv", {"m1": 0.6, "m2": 0.85, "m3": 0.5, "only_a": None})
+    page = tmp_path / "cmp.md"
+    assert main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--labels", "16", "8",
+                 "--page", str(page)]) == 0
+    text = page.read_text()
+    assert "3 models measured under both" in text and "**16 0.80**" in text and "**8 0.60**" in text
+    assert "ahead on 2 of 3" in text and "only_a" not in text
+    write(tmp_path / "c.csv", {"other": 0.5})
+    assert main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "c.csv"), "--page", str(page)]) == 2
