@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +63,18 @@ class UnsupportedModel(ValueError):
     """A model that cannot be channel-pruned; the message is one line naming the cause."""
 
 
+def _is_attention(m: nn.Module) -> bool:
+    """Token attention (MultiheadAttention, Swin's ShiftedWindowAttention[V2], MaxViT's ...Attention);
+    not the channel/spatial gates some CNNs name ChannelAttention or SpatialAttention (CBAM)."""
+    name = type(m).__name__
+    return isinstance(m, nn.MultiheadAttention) or (
+        re.search(r"Attention(V\d+)?$", name) is not None and not name.startswith(("Channel", "Spatial")))
+
+
 def refuse_unsupported(model: nn.Module) -> None:
     """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to heads)."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention")):
+        if _is_attention(m):
             raise UnsupportedModel(
                 f"cannot prune {type(model).__name__}: it is a transformer ({type(m).__name__} at "
                 f"{name or 'the top'} ties channels to attention heads and token embeddings); only "
