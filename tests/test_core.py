@@ -259,21 +259,28 @@ def _grouped_net() -> nn.Module:
 
 
 def test_grouped_conv_nodes_are_cut_group_consistently():
-    """A node feeding or leaving a grouped conv keeps the same positions in every group, so the
-    conv keeps its group count; a plan that breaks the groups is refused by name."""
+    """The nodes feeding and leaving a grouped conv are tied: they lose whole groups together and
+    the conv keeps fewer groups of the same width (tests/test_families.py has the zeroed-group
+    oracle). keep_top's per-position rule, for units that cannot be tied, keeps the same
+    positions in every group. A plan that breaks the groups is refused by name."""
     from deploy_prune.allocation import keep_top
 
     model, x = _grouped_net(), torch.randn(2, 3, 8, 8)
     nodes = {n.name: n for n in discover(model, x[:1])}
-    assert nodes["0"].groups == 4 and nodes["3"].groups == 4 and nodes["0"].prunable
+    assert nodes["0"].groups == 4 and nodes["3"].groups == 4 and nodes["0"].tie == nodes["3"].tie == "0"
     scores = {"0": np.arange(16.0), "3": np.arange(16.0)[::-1].copy()}
-    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4})  # 9 -> 8: whole positions per group
+    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4})  # untied: whole positions per group
     assert plan["0"] == [2, 3, 6, 7, 10, 11, 14, 15] and plan["3"] == [0, 1, 4, 5, 8, 9, 12, 13]
+    scores["0"][12:] = -1.0  # group 3 is the weakest of the unit; 17 channels of blocks of 8 -> 2 groups
+    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4}, {"0": "0", "3": "0"})
+    assert plan["0"] == plan["3"] == [0, 1, 2, 3, 4, 5, 6, 7]
     slim = cut(model, plan, x[:1])
-    assert slim[3].groups == 4 and slim[3].in_channels == 8 and slim[3].out_channels == 8
+    assert (slim[3].groups, slim[3].in_channels, slim[3].out_channels) == (2, 8, 8)
     slim.train()
     assert slim(x).shape == (2, 10)
-    with pytest.raises(PlanError, match="same positions"):
+    with pytest.raises(PlanError, match="whole blocks"):
+        apply_plan(_grouped_net(), {"0": list(range(0, 16, 2)), "3": list(range(8))}, x[:1])
+    with pytest.raises(PlanError, match="same groups"):
         apply_plan(_grouped_net(), {"0": list(range(8))}, x[:1])
 
 
