@@ -52,7 +52,7 @@ from deploy_prune.config import (
 from deploy_prune.data import DataBundle, stage_loader, stream_seed
 from deploy_prune.flops import count
 from deploy_prune.host import cpu_count
-from deploy_prune.models import build_model, load_weights_file
+from deploy_prune.models import build_model, load_weights_file, zoo
 from deploy_prune.models.tv import is_torchvision
 from deploy_prune.nodes import Node, discover, stage_of
 from deploy_prune.precision import check_precision
@@ -182,17 +182,24 @@ def new_base_plan(cfg: RunConfig, data: DataBundle, *, num_classes: int | None =
 
 def import_overrides(arch: str, data_cfg: DataConfig) -> list[str]:
     """torchvision models default to their ImageNet recipe: 224 crop of a 256 resize (scaled with
-    ``image_size``), ImageNet mean/std, 3 channels; the caller's own settings win."""
-    if not is_torchvision(arch):
+    ``image_size``), ImageNet mean/std, 3 channels; timm models to their ``pretrained_cfg``'s
+    (mean/std, crop fraction, resize filter; ImageNet's where it records none). The caller's own
+    settings win."""
+    timm = zoo.is_timm(arch)
+    if not (is_torchvision(arch) or timm):
         return []
-    size = data_cfg.image_size or 224
+    cfg = zoo.pretrained_defaults(arch) if timm else {}
+    size = data_cfg.image_size or cfg.get("input_size", 224)
     out = [f"data.image_size={size}"]
     if data_cfg.resize is None:
-        out.append(f"data.resize={round(size / CROP_RATIO)}")
+        out.append(f"data.resize={round(size / cfg.get('crop_pct', CROP_RATIO))}")
+    if "interpolation" in cfg and data_cfg.interpolation == DataConfig.interpolation:  # at its default
+        out.append(f"data.interpolation={cfg['interpolation']}")
     if data_cfg.channels is None:
         out.append("data.channels=3")
     if data_cfg.mean is None and data_cfg.channels in (None, 3):
-        out += [f"data.mean={list(IMAGENET_MEAN)}", f"data.std={list(IMAGENET_STD)}"]
+        out += [f"data.mean={list(cfg.get('mean', IMAGENET_MEAN))}",
+                f"data.std={list(cfg.get('std', IMAGENET_STD))}"]
     return out
 
 

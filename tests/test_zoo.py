@@ -1,0 +1,114 @@
+"""timm models as first-class architectures (``timm.NAME``): built, imported with their own
+preprocessing, pruned, rebuilt from plan.json; a missing timm is one line saying how to install
+it; and the generic causes the held-out timm sweep (docs/results/zoo.md) found, each with a test."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from deploy_prune.cli import main
+from deploy_prune.config import DataConfig
+from deploy_prune.models import build_model, get_spec
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(tmp_path, arch: str, *, in_channels: int = 3, num_classes: int = 10):
+    src = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels).eval()
+    path = tmp_path / f"{arch}.pth"
+    torch.save(src.state_dict(), path)
+    return src, path
+
+
+def test_timm_arch_builds_like_timm_itself(tmp_path):
+    src, path = _weights(tmp_path, "resnet10t", in_channels=1)
+    model = build_model("timm.resnet10t", num_classes=10, in_channels=1).eval()
+    from deploy_prune.weights import load_weights
+
+    load_weights(model, path, arch="timm.resnet10t")
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+    assert get_spec("timm.resnet10t").input_size == 176  # timm's pretrained_cfg input size
+    assert get_spec("timm.resnet18.a1_in1k")  # a pretrained tag names the same architecture
+
+
+@pytest.mark.parametrize("arch,expect", [
+    ("timm.resnet10x", "did you mean timm.resnet10t"),
+    ("resnet26d", "did you mean timm.resnet26d"),  # the prefix left out
+    ("mobilenet_v2", "did you mean tv.mobilenet_v2"),  # torchvision still first for its names
+])
+def test_unknown_names_suggest_the_zoo_name(tmp_path, capsys, arch, expect):
+    _, path = _weights(tmp_path, "resnet10t")
+    code = main(["import", "--arch", arch, "--weights", str(path), "--data", "digits", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert expect in err[0]
+
+
+def test_missing_timm_is_one_line_saying_pip_install(tmp_path, capsys, monkeypatch):
+    _, path = _weights(tmp_path, "resnet10t")
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError, as without timm
+    with pytest.raises(ImportError):
+        import timm as _  # noqa: F401
+    out = tmp_path / "b"
+    code = main(["import", "--arch", "timm.resnet10t", "--weights", str(path), "--data", "digits", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert "pip install timm" in err[0] and "timm.resnet10t" in err[0]
+    assert not out.exists()
+    # torchvision and registered names do not need timm, and the listing simply leaves timm out
+    assert build_model("tv.resnet18", num_classes=3, in_channels=3) is not None
+    from deploy_prune.models import arch_names
+
+    assert not any(n.startswith("timm.") for n in arch_names())
+    from bench.families import check_one
+
+    row = check_one("timm.resnet10t")
+    assert row["status"] == "refused" and "pip install timm" in row["detail"]
+
+
+def test_import_defaults_come_from_the_pretrained_cfg():
+    from deploy_prune.pipeline import import_overrides
+
+    over = import_overrides("timm.inception_v3", DataConfig(image_size=64))  # mean/std 0.5, crop 0.875
+    assert "data.mean=[0.5, 0.5, 0.5]" in over and "data.std=[0.5, 0.5, 0.5]" in over
+    assert "data.resize=73" in over and "data.interpolation=bicubic" in over
+    imnet = import_overrides("timm.resnet10t", DataConfig())  # ImageNet's mean/std, 176 px, crop 0.875
+    assert "data.mean=[0.485, 0.456, 0.406]" in imnet and "data.image_size=176" in imnet
+    assert "data.resize=201" in imnet
+    own = import_overrides("timm.resnet10t", DataConfig(image_size=32, resize=40, mean=[0.1], std=[0.2],
+                                                       interpolation="nearest"))
+    assert not any(o.startswith(("data.resize", "data.mean", "data.interpolation")) for o in own)
+
+
+def test_import_prune_and_rebuild_from_plan(tmp_path, capsys):
+    """import --arch timm.X, prune it, and both directories rebuild from plan.json alone."""
+    from bench.families import prune_one
+    from deploy_prune.artifacts import load_model_dir, save_model_dir
+
+    _, path = _weights(tmp_path, "resnet10t")
+    base = tmp_path / "base"
+    assert main(["import", "--arch", "timm.resnet10t", "--weights", str(path), "--data", "digits",
+                 "--input-size", "32", "--out", str(base)]) == 0, capsys.readouterr().err
+    model, plan = load_model_dir(base)
+    assert plan.arch == "timm.resnet10t" and plan.info["preprocess"]["interpolation"] == "bicubic"
+
+    base_model, base_plan, res = prune_one("timm.resnet10t", size=32)
+    assert res.plan.info["flops_reduction"] == pytest.approx(2.0, rel=0.05)
+    save_model_dir(res.slim, res.plan, tmp_path / "slim")
+    again, plan2 = load_model_dir(tmp_path / "slim")
+    x = torch.randn(2, 3, 32, 32)
+    res.slim.eval()
+    torch.testing.assert_close(again.eval()(x), res.slim(x), rtol=0, atol=0)
+    assert plan2.arch == "timm.resnet10t" and plan2.kept == res.plan.kept
