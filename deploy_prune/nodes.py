@@ -13,6 +13,7 @@ post-activation output) for a residual node, e.g. torchvision ResNet-50 ``layer2
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -57,8 +58,14 @@ class UnsupportedModel(ValueError):
 
 
 def refuse_unsupported(model: nn.Module) -> None:
-    """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to heads)."""
+    """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to
+    heads; a conv1d across the channel axis ties each channel to its neighbours)."""
     for name, m in model.named_modules():
+        if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1:
+            raise UnsupportedModel(
+                f"cannot prune {type(model).__name__}: {name} is a 1-channel Conv1d run across the "
+                "channel axis (ECA channel attention: a view folds the channels into its length), which "
+                "ties each channel to its neighbours in a way the channel-dependency tracer cannot map")
         if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention")):
             raise UnsupportedModel(
                 f"cannot prune {type(model).__name__}: it is a transformer ({type(m).__name__} at "
@@ -85,6 +92,75 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
             f"cannot trace the channel dependencies of {type(model).__name__} "
             f"({type(e).__name__}: {e}); this architecture is not supported for pruning"
         ) from e
+
+
+# torch-pruning grows a dependency group to a fixed point by mapping channel indices through every
+# op. A few patterns make that blow up instead of converging: a view that folds the channel axis
+# into another one (ECA's conv1d across channels: C channels -> C*C indices), or a residual add on
+# a slice of the channels next to a concat (ReXNet's x[:, :C] + shortcut: the group keeps
+# re-adding partial index sets). Bounded, they become a one-line refusal in seconds, not a hang.
+MAX_GROUP_INDICES = 500_000  # channel indices summed over one group's entries (VGG's flatten at 224: 75k)
+MIN_GROUP_ENTRIES = 2_000  # entries in one group: at least this, or 4 per traced op
+
+
+class _GroupTooLarge(Exception):
+    def __init__(self, op: str, near: str | None, indices: bool) -> None:
+        super().__init__(op, near, indices)
+        self.op, self.near, self.indices = op, near, indices
+
+
+_OP_WORDS = {"_ReshapeOp": "a reshape/view", "_SliceOp": "a channel slice", "_ConcatOp": "a concat",
+             "_SplitOp": "a split", "_ExpandOp": "an expand", "_ElementWiseOp": "an element-wise op"}
+
+
+@contextlib.contextmanager
+def _bounded_groups(dg: tp.DependencyGraph, names: dict[nn.Module, str]):
+    """While inside, every dependency group torch-pruning builds raises :class:`_GroupTooLarge`
+    past :data:`MAX_GROUP_INDICES` indices or its entry limit, naming the op that grew it and
+    the last model module seen before it."""
+    from torch_pruning.dependency import graph as tp_graph
+
+    base = tp_graph.Group
+    max_entries = max(MIN_GROUP_ENTRIES, 4 * len(dg.module2node))
+
+    class Bounded(base):
+        def add_dep(self, dep, idxs):
+            super().add_dep(dep, idxs)
+            self._n_idx = getattr(self, "_n_idx", 0) + len(idxs)
+            module = dep.target.module
+            if module in names:
+                self._near = names[module]
+            if self._n_idx > MAX_GROUP_INDICES or len(self._group) > max_entries:
+                raise _GroupTooLarge(_OP_WORDS.get(type(module).__name__, type(module).__name__),
+                                     getattr(self, "_near", None), self._n_idx > MAX_GROUP_INDICES)
+
+    tp_graph.Group = Bounded
+    try:
+        yield
+    finally:
+        tp_graph.Group = base
+
+
+def _group_refusal(model: nn.Module, e: _GroupTooLarge) -> UnsupportedModel:
+    why = (f"its channel indices multiply past {MAX_GROUP_INDICES:,}: a view folds the channel axis into "
+           "another one, as ECA's conv1d across channels does" if e.indices else
+           "it keeps re-adding partial channel sets: an add on a slice of the channels next to a "
+           "concat, as ReXNet's x[:, :C] + shortcut")
+    return UnsupportedModel(
+        f"cannot prune {type(model).__name__}: the coupled channels through {e.op}"
+        f"{' after ' + e.near if e.near else ''} do not resolve ({why}); this architecture is not "
+        "supported for pruning")
+
+
+def pruning_group(dg: tp.DependencyGraph, model: nn.Module, root: nn.Module, idxs: list[int]):
+    """torch-pruning's group for cutting ``idxs`` of ``root``'s outputs, bounded as in discovery."""
+    names = {m: n for n, m in model.named_modules()}
+    pruner = dg.get_pruner_of_module(root)
+    try:
+        with _bounded_groups(dg, names):
+            return dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+    except _GroupTooLarge as e:
+        raise _group_refusal(model, e) from None
 
 
 def _exec_order(model: nn.Module, example: torch.Tensor,
@@ -149,7 +225,12 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     # (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's MLP): they produce nodes.
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2]
     nodes = []
-    for group in dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)):
+    try:
+        with _bounded_groups(dg, names):
+            groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)))
+    except _GroupTooLarge as e:
+        raise _group_refusal(model, e) from None
+    for group in groups:
         convs = [dep.target.module for dep, _ in group
                  if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
                  and dg.is_out_channel_pruning_fn(dep.handler)]

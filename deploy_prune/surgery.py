@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from deploy_prune.nodes import Node, build_graph, discover
+from deploy_prune.nodes import Node, build_graph, discover, pruning_group
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
         drop = [i for i in range(node.channels) if i not in kept]
         if not drop:
             continue
-        root = modules[node.root]
-        pruner = dg.get_pruner_of_module(root)
-        dg.get_pruning_group(root, pruner.prune_out_channels, drop).prune(record_history=False)
+        pruning_group(dg, model, modules[node.root], drop).prune(record_history=False)
     model.train(was_training)
     return model
 

@@ -112,3 +112,49 @@ def test_import_prune_and_rebuild_from_plan(tmp_path, capsys):
     res.slim.eval()
     torch.testing.assert_close(again.eval()(x), res.slim(x), rtol=0, atol=0)
     assert plan2.arch == "timm.resnet10t" and plan2.kept == res.plan.kept
+
+
+class _TinyEca(torch.nn.Module):
+    """conv -> BN -> ECA (mean -> view (B, 1, C) -> 1-channel conv1d -> view -> sigmoid gate) -> head."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c)
+        self.eca = torch.nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        y = self.eca(x.mean((2, 3)).view(x.shape[0], 1, -1)).view(x.shape[0], -1, 1, 1)
+        return self.fc((x * y.sigmoid()).mean((2, 3)))
+
+
+def test_eca_channel_attention_is_refused_in_one_line():
+    """Before: at 16 channels the cut produced a conv with 0 filters (the tracer mapped the
+    channel view wrongly); at 2048 (timm.ecaresnet26t) discovery did not finish in 300 s."""
+    from deploy_prune.nodes import UnsupportedModel, discover
+
+    with pytest.raises(UnsupportedModel) as e:
+        discover(_TinyEca().eval(), torch.randn(1, 3, 16, 16))
+    msg = str(e.value)
+    assert "\n" not in msg and "eca" in msg and "ECA" in msg and "channel axis" in msg
+
+
+def test_a_dependency_group_that_does_not_converge_is_refused_in_seconds():
+    """timm.rexnet_100 (x[:, :C] + shortcut next to a concat) hung in torch-pruning's group
+    fixed point for > 300 s; bounded, it is one line naming the op and where."""
+    import time
+
+    from deploy_prune.nodes import UnsupportedModel, discover
+
+    model = timm.create_model("rexnet_100", pretrained=False, num_classes=10).eval()
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedModel) as e:
+        discover(model, torch.randn(1, 3, 32, 32))
+    assert time.perf_counter() - t0 < 60  # the bound is in entries, not seconds: ~2 s alone
+    msg = str(e.value)
+    assert "\n" not in msg and "channel slice after features." in msg and "ReXNet" in msg
