@@ -47,6 +47,11 @@ class Node:
     # are ``groups`` equal blocks, and a cut keeps the same positions in every block (the group
     # count stays, each group gets narrower), as torch-pruning's grouped-conv pruning does
     groups: int = 1
+    # when a producer's outputs are not the node's channels one-to-one (a concat of two convs,
+    # GhostNet's primary + cheap op, MixNet's split kernels): per producer (and its gate), the node
+    # channel each of its output channels belongs to (-1: none); empty when all are one-to-one
+    maps: tuple[tuple[int, ...], ...] = ()
+    whole: str = ""  # why a non-prunable node is kept whole ("channels ..."), when not grouped convs
 
     @property
     def is_junction(self) -> bool:
@@ -238,10 +243,17 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if not convs:
             continue
         node = _make_node(dg, convs, names, modules, order, chans)
+        if any(_out_width(c) != node.channels for c in convs):
+            node = _with_maps(dg, model, node, convs, names)
         tied = {dep.target.module.groups for dep, _ in group if _is_grouped(dep.target.module)}
         if tied:
             g = math.lcm(*tied)
             node = dataclasses.replace(node, groups=g, prunable=node.channels % g == 0 and g < node.channels)
+        if any(type(dep.target.module).__name__ == "_SplitOp" for dep, _ in group):
+            # torch.split(x, sizes, dim=1) keeps its sizes in Python (MixNet's mixed kernels,
+            # Res2Net's scales): a cut would leave them summing to the old width
+            node = dataclasses.replace(node, prunable=False, whole=(
+                "channels pass through a torch.split with fixed sizes, which a cut cannot update"))
         nodes.append(node)
     model.train(was_training)
     if not nodes:
@@ -278,6 +290,27 @@ def _refuse_train_only(model: nn.Module, example: torch.Tensor, order: dict[str,
             "training; build the model without them (torchvision: model.kwargs.aux_logits=false)")
 
 
+def _out_width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _with_maps(dg, model: nn.Module, node: Node, convs: list[nn.Module], names) -> Node:
+    """``node`` with its root's channels as the node's, and each producer's output channels
+    mapped onto them through torch-pruning's index mapping (concat, split, depthwise)."""
+    modules = dict(model.named_modules())
+    root = modules[node.root]
+    width = _out_width(root)
+    group = pruning_group(dg, model, root, list(range(width)))
+    maps = {c: [-1] * _out_width(c) for c in convs}
+    for item in group:
+        m = item.dep.target.module
+        if m in maps and dg.is_out_channel_pruning_fn(item.dep.handler):
+            for i, r in zip(item.idxs, item.root_idxs):
+                if 0 <= i < len(maps[m]) and r is not None:
+                    maps[m][i] = int(r)
+    return dataclasses.replace(node, channels=width, maps=tuple(tuple(maps[c]) for c in convs))
+
+
 def _make_node(dg, convs, names, modules, order, chans) -> Node:
     plain = [c for c in convs if getattr(c, "groups", 1) == 1 or c.groups != c.out_channels]
     root = names[(plain or convs)[0]]
@@ -294,6 +327,19 @@ def _make_node(dg, convs, names, modules, order, chans) -> Node:
         capture, relu, name = gates[-1], True, root
     return Node(name=name, root=root, producers=producers, gates=gates, capture=capture,
                 capture_relu=relu, channels=width, order=order[capture], junctions=junctions)
+
+
+def kept_whole(nodes: list[Node]) -> str:
+    """'K of N nodes are kept whole: why (e.g. NAME)', one clause per cause; '' when none are."""
+    fixed = [n for n in nodes if not n.prunable]
+    if not fixed:
+        return ""
+    causes: dict[str, list[Node]] = {}
+    for n in fixed:
+        why = n.whole or "channels are tied to grouped convolutions whose groups do not divide them"
+        causes.setdefault(why, []).append(n)
+    parts = [f"{len(ns)} whose {why} (e.g. {ns[0].name})" for why, ns in causes.items()]
+    return f"{len(fixed)} of {len(nodes)} nodes are kept whole: " + "; ".join(parts)
 
 
 def stage_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> dict[str, tuple[int, ...]]:

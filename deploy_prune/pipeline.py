@@ -23,6 +23,7 @@ from deploy_prune import distributed
 from deploy_prune.allocation import (
     PLUGIN_TARGETS,
     Allocation,
+    OutOfReach,
     allocate,
     cut,
     decided,
@@ -54,7 +55,7 @@ from deploy_prune.flops import count
 from deploy_prune.host import cpu_count
 from deploy_prune.models import build_model, load_weights_file, zoo
 from deploy_prune.models.tv import is_torchvision
-from deploy_prune.nodes import Node, discover, stage_of
+from deploy_prune.nodes import Node, discover, kept_whole, stage_of
 from deploy_prune.precision import check_precision
 from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
@@ -453,7 +454,13 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         return distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(
             model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, plan=plan,
             selection=selection))
-    return allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
+    try:
+        return allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
+    except OutOfReach as e:
+        whole = kept_whole(nodes)  # the cause, when nodes the tracer ties together are kept whole
+        if whole and "kept whole" not in str(e):
+            raise OutOfReach(f"{e}; {whole}") from None
+        raise
 
 
 def load_base(path: str | Path) -> tuple[nn.Module, ModelPlan]:

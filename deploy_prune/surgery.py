@@ -36,8 +36,9 @@ def validate_plan(plan: Mapping[str, Sequence[int]], nodes: list[Node]) -> None:
         c = known[name].channels
         node = known[name]
         if not node.prunable and len(kept) != c:
-            raise PlanError(f"node {name!r} cannot be narrowed (its channels are tied to grouped "
-                            f"convolutions with {node.groups} groups that do not divide its {c} channels)")
+            why = f"its {node.whole}" if node.whole else (f"its channels are tied to grouped convolutions with {node.groups} "
+                                 f"groups that do not divide its {c} channels")
+            raise PlanError(f"node {name!r} cannot be narrowed ({why})")
         if node.groups > 1 and len(kept) != c:
             width = c // node.groups
             blocks = [sorted(i - b * width for i in kept if b * width <= i < (b + 1) * width)

@@ -158,3 +158,79 @@ def test_a_dependency_group_that_does_not_converge_is_refused_in_seconds():
     assert time.perf_counter() - t0 < 60  # the bound is in entries, not seconds: ~2 s alone
     msg = str(e.value)
     assert "\n" not in msg and "channel slice after features." in msg and "ReXNet" in msg
+
+
+def test_concat_producers_map_onto_the_node_channels():
+    """GhostNet's node = primary conv + its depthwise cheap op, concatenated (and a later
+    depthwise conv over the concat): the L1 scorer crashed on the width mismatch. Each producer's
+    outputs now map onto the root's channels; zero gates equal the cut exactly."""
+    import numpy as np
+
+    from deploy_prune.gates import ChannelGates
+    from deploy_prune.nodes import discover
+    from deploy_prune.scoring import SCORERS, ScoreContext
+    from deploy_prune.surgery import apply_plan
+
+    torch.manual_seed(0)
+    model = timm.create_model("ghostnet_050", pretrained=False, num_classes=10).eval()
+    for m in model.modules():  # non-trivial BN, so a gate that misses a path shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    nodes = discover(model, x[:1])
+    mapped = [n for n in nodes if n.maps]
+    modules = dict(model.named_modules())
+    assert mapped and all(len(n.maps) == len(n.producers) == len(n.gates) for n in mapped)
+    assert all(len(mp) == modules[p].out_channels for n in mapped for p, mp in zip(n.producers, n.maps))
+    assert all(max(max(mp) for mp in n.maps) == n.channels - 1 for n in mapped)
+    scores = SCORERS.get("l1")().score(ScoreContext(model=model, nodes=nodes, example=x[:1]))
+    assert all(np.asarray(scores[n.name]).shape == (n.channels,) for n in nodes)
+    rng = np.random.default_rng(0)
+    plan = {n.name: sorted(rng.choice(n.channels, max(1, n.channels // 2), replace=False).tolist())
+            for n in mapped}
+    masks = {n.name: torch.zeros(n.channels).index_fill_(0, torch.tensor(plan[n.name]), 1.0)
+             if n.name in plan else torch.ones(n.channels) for n in nodes}
+    with torch.no_grad(), ChannelGates(model, nodes, masks.__getitem__):
+        gated = model(x)
+    with torch.no_grad():
+        cut = apply_plan(model, plan, x[:1])(x)
+    torch.testing.assert_close(gated, cut, rtol=1e-4, atol=1e-4)
+
+
+class _Split(torch.nn.Module):
+    """conv -> torch.split(x, [4, 4]) -> a 3x3 and a 5x5 conv -> concat (MixNet's mixed kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.k3 = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.k5 = torch.nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False)
+        self.head_conv = torch.nn.Conv2d(8, 16, 1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        a, b = torch.split(torch.relu(self.bn(self.stem(x))), [4, 4], dim=1)
+        x = torch.relu(self.head_conv(torch.cat([self.k3(a), self.k5(b)], 1)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_channels_through_a_fixed_size_split_are_kept_whole_and_named():
+    """MixNet/Res2Net keep torch.split sizes in Python: cutting those channels left a model that
+    no longer ran (split_with_sizes ... got [8, 8]) or crashed the scorer. They are kept whole,
+    a plan that narrows them is refused, and an out-of-reach target names the cause."""
+    from deploy_prune.nodes import discover, kept_whole
+    from deploy_prune.surgery import PlanError, apply_plan
+
+    model = _Split().eval()
+    x = torch.randn(1, 3, 16, 16)
+    nodes = {n.name: n for n in discover(model, x)}
+    assert not nodes["stem"].prunable and "torch.split" in nodes["stem"].whole
+    assert nodes["head_conv"].prunable
+    assert kept_whole(list(nodes.values())).startswith("1 of 2 nodes are kept whole: 1 whose channels "
+                                                       "pass through a torch.split")
+    with pytest.raises(PlanError, match="torch.split"):
+        apply_plan(model, {"stem": [0, 1, 2, 3]}, x)
+    apply_plan(model, {"head_conv": list(range(8))}, x)
+    assert model(x).shape == (1, 10)
