@@ -45,6 +45,18 @@ def models() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
+class ArchError(ValueError):
+    """A matrix name that no registry builds (or timm.NAME without timm)."""
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    from deploy_prune.decisions import AllocationError
+    from deploy_prune.nodes import UnsupportedModel
+    from deploy_prune.surgery import PlanError
+
+    return (UnsupportedModel, AllocationError, PlanError, ArchError)
+
+
 def arch_of(name: str) -> str:
     """The architecture a matrix name builds: a bare torchvision name (``resnet18``) is
     ``tv.resnet18``; any name the model registry knows (``timm.resnet26d``, ``tv.vgg11``,
@@ -67,7 +79,7 @@ def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None 
     try:
         get_spec(arch_of(name))
     except KeyError as e:  # an unknown name, or timm.NAME without timm: the one line is the row
-        raise ValueError(e.args[0] if e.args else str(e)) from None
+        raise ArchError(e.args[0] if e.args else str(e)) from None
     torch.manual_seed(seed)
     size = size or INPUT_SIZE.get(name, 64)
     plan = ModelPlan(arch_of(name), 10, 3, size)
@@ -90,7 +102,8 @@ def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float =
     row: dict[str, Any] = {"model": name, "flops_asked": flops, "input": f"3x{size}"}
     try:
         base, plan, res = prune_one(name, flops=flops, size=size)
-    except ValueError as e:  # the one-line refusal (transformers, untraceable graphs, unknown arch)
+    except _refusals() as e:  # the one-line refusal (transformers, untraceable graphs, out of reach,
+        # unknown arch); any other exception is the model's error row, not a refusal
         row.update(status="refused", detail=str(e).splitlines()[0], seconds=time.perf_counter() - t0)
         return row
     info = res.plan.info

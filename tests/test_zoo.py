@@ -234,3 +234,18 @@ def test_channels_through_a_fixed_size_split_are_kept_whole_and_named():
         apply_plan(model, {"stem": [0, 1, 2, 3]}, x)
     apply_plan(model, {"head_conv": list(range(8))}, x)
     assert model(x).shape == (1, 10)
+
+
+def test_families_rows_tell_refusals_from_errors(monkeypatch):
+    """Only the pruner's own refusals are 'refused'; a crash (it was a numpy ValueError in the
+    L1 scorer) propagates to the child, which records an error row."""
+    import bench.families as fam
+
+    assert fam.check_one("timm.not_a_model")["status"] == "refused"
+
+    def crash(*a, **k):
+        raise ValueError("operands could not be broadcast together with shapes (8,) (4,)")
+
+    monkeypatch.setattr(fam, "prune_one", crash)
+    with pytest.raises(ValueError, match="broadcast"):
+        fam.check_one("timm.resnet10t")
