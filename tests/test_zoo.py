@@ -249,3 +249,51 @@ def test_families_rows_tell_refusals_from_errors(monkeypatch):
     monkeypatch.setattr(fam, "prune_one", crash)
     with pytest.raises(ValueError, match="broadcast"):
         fam.check_one("timm.resnet10t")
+
+
+def test_conv_subclass_per_channel_parameters_are_cut_too():
+    """timm's NF-ResNet convs (ScaledStdConv2d) carry a per-filter gain that torch-pruning does
+    not know: the cut model failed with 'weight should contain 8 elements not 64'. The gain is
+    now cut with its filters: the kept filters give the base's outputs exactly. (A consumer's
+    weight standardisation over fewer inputs changes, so zero gates do not equal the cut here.)"""
+    import copy
+
+    from timm.layers import ScaledStdConv2d
+
+    from deploy_prune.surgery import apply_plan
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(ScaledStdConv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                ScaledStdConv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        model[0].gain.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 16, 16)
+    kept = [0, 2, 5, 7]
+    cut = apply_plan(copy.deepcopy(model), {"0": kept}, x[:1])
+    assert cut[0].gain.shape == (4, 1, 1, 1) and cut[2].weight.shape[1] == 4
+    with torch.no_grad():
+        torch.testing.assert_close(cut[0](x), model[0](x)[:, kept], rtol=1e-6, atol=1e-6)
+        assert cut(x).shape == (2, 10)
+
+
+class _Fixed(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], 8, -1).mean(-1)  # 8: a channel count kept in Python (runs at 4: 4*196 = 8*98)
+
+
+def test_a_cut_model_that_no_longer_runs_or_has_an_empty_layer_is_one_line(monkeypatch):
+    from deploy_prune import nodes as nodes_mod
+    from deploy_prune.nodes import UnsupportedModel
+    from deploy_prune.surgery import apply_plan
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), _Fixed(),
+                                torch.nn.Linear(8, 10)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(UnsupportedModel, match="no longer runs at 4 ") as e:
+        apply_plan(model, {"0": [0, 1, 2, 3]}, x)
+    assert "\n" not in str(e.value)
+    # the ECA mapping bug (before it was refused up front) cut a conv to 0 filters: named, not run
+    monkeypatch.setattr(nodes_mod, "refuse_unsupported", lambda model: None)
+    with pytest.raises(UnsupportedModel, match=r"left conv\d with no channels"):
+        apply_plan(_TinyEca().eval(), {"conv1": list(range(8)), "conv2": list(range(8))}, torch.randn(1, 3, 16, 16))
