@@ -297,3 +297,28 @@ def test_a_cut_model_that_no_longer_runs_or_has_an_empty_layer_is_one_line(monke
     monkeypatch.setattr(nodes_mod, "refuse_unsupported", lambda model: None)
     with pytest.raises(UnsupportedModel, match=r"left conv\d with no channels"):
         apply_plan(_TinyEca().eval(), {"conv1": list(range(8)), "conv2": list(range(8))}, torch.randn(1, 3, 16, 16))
+
+
+def test_families_takes_any_arch_name_and_renders_a_named_page(tmp_path):
+    import csv
+
+    from bench.families import FIELDS, arch_of, main, models, render
+
+    assert arch_of("resnet18") == "tv.resnet18" and arch_of("timm.resnet10t") == "timm.resnet10t"
+    assert arch_of("resnet20") == "resnet20" and arch_of("tv.vgg11") == "tv.vgg11"
+    assert "timm.resnet10t" not in models()  # the matrix stays torchvision's
+    rows = [{"model": "timm.a", "status": "ok", "input": "3x64", "nodes": 3, "prunable": 3, "flops_asked": 2,
+             "flops_got": 2, "parity_max_abs_diff": 0, "speedup": 1.6, "speedup_low": 1.5, "speedup_high": 1.7,
+             "efficiency": 0.8, "detail": ""},
+            {"model": "timm.b", "status": "refused", "input": "3x64", "detail": "cannot prune B: why"}]
+    path = tmp_path / "families.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    page = render(path, tmp_path / "out", "CMD", name="zoo", title="Held-out", expected=["timm.a", "timm.b", "timm.c"])
+    text = page.read_text()
+    assert page.name == "zoo.md" and (tmp_path / "out" / "zoo.csv").is_file()
+    assert text.startswith("# Held-out") and "1 not reached before the run's deadline: timm.c" in text
+    assert "Median efficiency 0.80" in text and "cannot prune B: why" in text
+    assert main(["list", "--zoo", "timm", "--pattern", "resnet10t"]) == 0
