@@ -31,7 +31,7 @@ import torch
 from bench.timing import TimingConfig
 
 FIELDS = ("model", "status", "input", "nodes", "prunable", "flops_asked", "flops_got", "base_mflops",
-          "parity", "parity_max_abs_diff", "speedup", "speedup_low", "speedup_high", "efficiency",
+          "parity", "parity_max_abs_diff", "output_scale", "speedup", "speedup_low", "speedup_high", "efficiency",
           "base_ms", "slim_ms", "seconds", "detail")
 # inception_v3 needs at least 75x75 pixels; everything else runs at 64x64
 INPUT_SIZE = {"inception_v3": 96}
@@ -68,12 +68,14 @@ def arch_of(name: str) -> str:
     return f"tv.{name}"
 
 
-def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None = None):
+def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None = None,
+              overrides: list[str] | None = None):
     """(base, base_plan, PruneResult) for ``name`` (a bare torchvision name or any registered
-    architecture, see :func:`arch_of`) at ``flops``x, L1 scores."""
+    architecture, see :func:`arch_of`) at ``flops``x, L1 scores; ``overrides``: ``key=value``
+    config settings on top (``allocation.round_to=8``)."""
     from deploy_prune import pipeline
     from deploy_prune.artifacts import ModelPlan
-    from deploy_prune.config import RunConfig, from_dict
+    from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides
     from deploy_prune.models import build_model, get_spec
 
     try:
@@ -84,24 +86,25 @@ def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None 
     size = size or INPUT_SIZE.get(name, 64)
     plan = ModelPlan(arch_of(name), 10, 3, size)
     model = build_model(plan.arch, num_classes=10, in_channels=3).eval()
-    cfg = from_dict(RunConfig, {"scoring": {"method": "l1"}, "allocation": {"flops_reduction": flops},
-                                "speed_check": {"enabled": False}})
+    cfg = from_dict(RunConfig, merge({"scoring": {"method": "l1"}, "allocation": {"flops_reduction": flops},
+                                      "speed_check": {"enabled": False}}, parse_overrides(overrides)))
     result = pipeline.score(model, plan, cfg, None, torch.device("cpu"))
     scores = {k: np.asarray(v) for k, v in result["channel_scores"].items()}
     return model, plan, pipeline.prune(model, plan, cfg, scores)
 
 
 def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float = 2.0,
-              size: int | None = None) -> dict[str, Any]:
+              size: int | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """One matrix row: prune -> forward eval+train -> ONNX export with parity -> paired timing."""
     from bench.guard import measure
+    from export.parity import probe_inputs
     from export.to_onnx import export_onnx, verify_onnx
 
     t0 = time.perf_counter()
     size = size or INPUT_SIZE.get(name, 64)
     row: dict[str, Any] = {"model": name, "flops_asked": flops, "input": f"3x{size}"}
     try:
-        base, plan, res = prune_one(name, flops=flops, size=size)
+        base, plan, res = prune_one(name, flops=flops, size=size, overrides=overrides)
     except _refusals() as e:  # the one-line refusal (transformers, untraceable graphs, out of reach,
         # unknown arch); any other exception is the model's error row, not a refusal
         row.update(status="refused", detail=str(e).splitlines()[0], seconds=time.perf_counter() - t0)
@@ -120,7 +123,9 @@ def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float =
     with tempfile.TemporaryDirectory(prefix="dp-families-") as tmp:
         path = export_onnx(slim, plan.example(), Path(tmp) / "slim.onnx", verify=False)
         diffs = verify_onnx(path, slim)
-    row.update(parity="pass", parity_max_abs_diff=max(diffs.values()))
+    with torch.no_grad():  # random weights can give huge logits (inception_v3: ~1e9): the diff is relative to this
+        scale = float(slim(probe_inputs(tuple(x.shape[1:]), (1,))[0]).abs().max())
+    row.update(parity="pass", parity_max_abs_diff=max(diffs.values()), output_scale=scale)
     m = measure(base, plan, slim, res.plan, timing=timing)
     row.update(speedup=m["speedup"], speedup_low=m["low"], speedup_high=m["high"],
                efficiency=m["speedup"] / info["flops_reduction"], base_ms=m["base_ms"], slim_ms=m["slim_ms"],
@@ -129,16 +134,16 @@ def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float =
     return row
 
 
-def _child(name: str, out: Path) -> None:
+def _child(name: str, out: Path, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     try:
-        row = check_one(name)
+        row = check_one(name, overrides=overrides)
     except Exception as e:  # recorded as the model's error row
         row = {"model": name, "status": "error", "detail": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     out.write_text(json.dumps(row))
 
 
-def run(out: Path, names: list[str], timeout: float) -> Path:
+def run(out: Path, names: list[str], timeout: float, overrides: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "families.csv"
     done = set()
@@ -152,7 +157,8 @@ def run(out: Path, names: list[str], timeout: float) -> Path:
         tmp = out / f".{name}.json"
         t0 = time.perf_counter()
         try:
-            subprocess.run([sys.executable, "-m", "bench.families", "_one", name, str(tmp)], env=env,
+            subprocess.run([sys.executable, "-m", "bench.families", "_one", name, str(tmp),
+                            *(f"--set={o}" for o in overrides or ())], env=env,
                            timeout=timeout, check=False)
             row = json.loads(tmp.read_text()) if tmp.is_file() else {
                 "model": name, "status": "error", "detail": "the child process died without a row"}
@@ -177,6 +183,11 @@ def _fmt(v: Any) -> Any:
     return "" if v is None else v
 
 
+def _of_scale(r: dict[str, str]) -> str:
+    """`` / 1.6e+09`` when the row recorded the output's scale (older rows did not)."""
+    return f" / {float(r['output_scale']):.1e}" if r.get("output_scale") else ""
+
+
 TORCHVISION_TITLE = "Every torchvision classifier at 2x fewer FLOPs"
 
 
@@ -193,7 +204,8 @@ def render(csv_path: Path, out: Path, command: str, *, name: str = "families",
     slower = [r["model"] for r in ok if float(r["speedup_low"]) <= 1.0]
     lines = [f"# {title}", "",
              "Each model (random weights, 10 classes, the input given) is scored by L1 norm, pruned to "
-             "2x fewer FLOPs with the defaults (widths rounded to 8, 2 crucial nodes), run in eval "
+             "2x fewer FLOPs with the defaults (widths rounded by allocation.round_to=auto: 16 on this "
+             "AVX-512 CPU; 2 crucial nodes), run in eval "
              "and train mode, exported to ONNX with parity against PyTorch (batch 1 and 7), and "
              "timed against its base on ONNX Runtime CPU, batch 1, one thread, CPU clock, in 12 "
              "interleaved rounds (speedup = geometric mean of paired round ratios, 95% bootstrap "
@@ -208,13 +220,13 @@ def render(csv_path: Path, out: Path, command: str, *, name: str = "families",
              + (f"Median efficiency {np.median(eff):.2f} (min {eff[0]:.2f}, max {eff[-1]:.2f}). " if eff else "")
              + (f"Not measurably faster than base (the slowdown guard warns): {', '.join(slower)}." if slower
                 else "Every measured slim model is faster than its base."), "",
-             "| model | status | input | nodes (prunable) | FLOPs asked / got | parity (max abs diff) "
+             "| model | status | input | nodes (prunable) | FLOPs asked / got | parity (max abs diff / output scale) "
              "| ORT b1 speedup [95% CI] | efficiency | detail |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] == "ok":
             lines.append(f"| {r['model']} | ok | {r['input']} | {r['nodes']} ({r['prunable']}) | "
                          f"{float(r['flops_asked']):.1f} / {float(r['flops_got']):.2f} | pass "
-                         f"({float(r['parity_max_abs_diff']):.1e}) | {float(r['speedup']):.2f} "
+                         f"({float(r['parity_max_abs_diff']):.1e}{_of_scale(r)}) | {float(r['speedup']):.2f} "
                          f"[{float(r['speedup_low']):.2f}, {float(r['speedup_high']):.2f}] | "
                          f"{float(r['efficiency']):.2f} | {r['detail']} |")
         else:
@@ -228,6 +240,36 @@ def render(csv_path: Path, out: Path, command: str, *, name: str = "families",
     return page
 
 
+def compare(a_csv: Path, b_csv: Path, labels: tuple[str, str], page: Path, command: str,
+            title: str = "Two settings of the family matrix, model by model") -> Path:
+    """A page setting two matrix runs side by side (the models measured in both): speedup with
+    interval and efficiency per model, and the median efficiency of each."""
+    def rows(path: Path) -> dict[str, dict[str, str]]:
+        with path.open() as f:
+            return {r["model"]: r for r in csv.DictReader(f) if r["status"] == "ok"}
+
+    a, b = rows(a_csv), rows(b_csv)
+    both = [m for m in a if m in b]
+    if not both:
+        raise ValueError(f"{a_csv} and {b_csv} have no measured model in common")
+    cell = lambda r: (f"{float(r['flops_got']):.2f}x | {float(r['speedup']):.2f} "  # noqa: E731
+                      f"[{float(r['speedup_low']):.2f}, {float(r['speedup_high']):.2f}] | {float(r['efficiency']):.2f}")
+    med = [float(np.median([float(rs[m]["efficiency"]) for m in both])) for rs in (a, b)]
+    wins = sum(float(a[m]["efficiency"]) > float(b[m]["efficiency"]) for m in both)
+    lines = [f"# {title}", "", "Each row: the model pruned to 2x fewer FLOPs (L1 scores, random weights, "
+             "64x64 input) and timed against its base on ONNX Runtime CPU, batch 1, one thread, CPU clock, "
+             "paired rounds (`python -m bench.families`). Efficiency = measured speedup / FLOPs reduction.",
+             "", "```bash", command, "```", "",
+             f"{len(both)} models measured under both. Median efficiency: **{labels[0]} {med[0]:.2f}**, "
+             f"**{labels[1]} {med[1]:.2f}**; {labels[0]} is ahead on {wins} of {len(both)}.", "",
+             f"| model | FLOPs red. ({labels[0]}) | speedup [95% CI] | efficiency | FLOPs red. ({labels[1]}) "
+             "| speedup [95% CI] | efficiency |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {m} | {cell(a[m])} | {cell(b[m])} |" for m in both]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    return page
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.families", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -236,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--models", help="comma-separated names (default: every torchvision classifier): bare "
                    "torchvision names (resnet18) or any architecture name (tv.vgg11, timm.resnet26d)")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config setting on top of the defaults, repeatable (allocation.round_to=8)")
     d = sub.add_parser("render")
     d.add_argument("csv", type=Path)
     d.add_argument("--out", required=True, type=Path)
@@ -247,13 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("list", help="print model names, one a line")
     ls.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
     ls.add_argument("--pattern", default="*", help="timm name pattern, e.g. 'resnet*'")
+    c = sub.add_parser("compare", help="two runs' CSVs side by side on one page")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
+    c.add_argument("--labels", nargs=2, default=("A", "B"))
+    c.add_argument("--page", required=True, type=Path)
+    c.add_argument("--title", default="Two settings of the family matrix, model by model")
+    c.add_argument("--command", default="python -m bench.families run ...")
     o = sub.add_parser("_one")
     o.add_argument("name")
     o.add_argument("json", type=Path)
+    o.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
     if args.cmd == "run":
         names = args.models.split(",") if args.models else models()
-        print(run(args.out, names, args.timeout))
+        print(run(args.out, names, args.timeout, args.overrides))
     elif args.cmd == "render":
         print(render(args.csv, args.out, args.command, name=args.name, title=args.title,
                      expected=args.models.split(",") if args.models else None))
@@ -267,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(zoo.missing_message("timm.*"), file=sys.stderr)
                 return 2
             print("\n".join(zoo.cnn_names(args.pattern)))
+    elif args.cmd == "compare":
+        try:
+            print(compare(args.a, args.b, tuple(args.labels), args.page, args.command, args.title))
+        except (ValueError, OSError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
-        _child(args.name, args.json)
+        _child(args.name, args.json, args.overrides)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -24,10 +25,13 @@ from deploy_prune._registry import Registry
 from deploy_prune.artifacts import ModelPlan
 from deploy_prune.config import AllocationConfig
 from deploy_prune.decisions import (  # noqa: F401 (select_crucial, round_width: re-exported)
+    AUTO_ROUND,
     AllocationError,
     Decision,
     Scores,
+    auto_round_to,
     floor_width,
+    resolve_round_to,
     round_width,
     select_crucial,
 )
@@ -38,14 +42,28 @@ from deploy_prune.surgery import Plan, apply_plan
 log = logging.getLogger(__name__)
 
 
-def keep_top(scores: Scores, counts: Mapping[str, int], groups: Mapping[str, int] | None = None) -> Plan:
+def keep_top(scores: Scores, counts: Mapping[str, int], groups: Mapping[str, int] | None = None,
+             ties: Mapping[str, str] | None = None) -> Plan:
     """Plan keeping, in each node, the ``counts[node]`` highest-scoring channels.
 
     A node tied to a grouped conv (``groups[node] = G > 1``) keeps ``k / G`` positions (``k``
     rounded to a multiple of G) in each of its G channel blocks, the same positions in every
-    block, chosen by their score summed over the blocks; the conv keeps its G groups."""
+    block, chosen by their score summed over the blocks; the conv keeps its G groups.
+
+    Nodes sharing a tie (``ties[node]``, see ``Node.tie``) instead keep whole blocks, the same
+    ones in all of them: the unit keeps ``round(sum of counts / sum of block widths)`` groups,
+    those whose channels (in every node of the unit) have the highest mean score."""
     plan = {}
+    ties = ties or {}
+    units: dict[str, list[str]] = {}
+    for name in counts:
+        if name in ties:
+            units.setdefault(ties[name], []).append(name)
+    for members in units.values():
+        plan.update(_keep_groups(scores, counts, members, (groups or {})[members[0]]))
     for name, k in counts.items():
+        if name in ties:
+            continue
         s = np.asarray(scores[name])
         g = (groups or {}).get(name, 1)
         if g > 1:
@@ -62,9 +80,35 @@ def keep_top(scores: Scores, counts: Mapping[str, int], groups: Mapping[str, int
     return plan
 
 
+def group_scores(scores: Scores, members: list[str], groups: int) -> np.ndarray:
+    """One score per group of a tied unit: the mean over the group's channels in all its nodes.
+
+    The mean, not the sum: the global ranking compares it with single channels' scores (each
+    group then counts as its channels), and inside the unit every group has as many channels,
+    so the choice of groups is the same as by the sum."""
+    per = [np.asarray(scores[m], dtype=np.float64).reshape(groups, -1) for m in members]  # (G, w) each
+    return np.concatenate(per, axis=1).mean(axis=1)  # (G,)
+
+
+def _keep_groups(scores: Scores, counts: Mapping[str, int], members: list[str], groups: int) -> Plan:
+    """The plan of one tied unit: the same best whole groups in every member."""
+    blocks = {m: len(scores[m]) // groups for m in members}
+    k = int(round(sum(counts[m] for m in members) / sum(blocks.values())))
+    k = min(groups, max(1, k))
+    if k >= groups:
+        return {}
+    best = np.sort(np.argsort(-group_scores(scores, members, groups), kind="stable")[:k])
+    return {m: [int(g * w + j) for g in best for j in range(w)] for m, w in blocks.items()}
+
+
 def group_counts(nodes: list[Node]) -> dict[str, int]:
     """Node name -> channel groups, for the nodes tied to grouped convs."""
     return {n.name: n.groups for n in nodes if n.groups > 1}
+
+
+def group_ties(nodes: list[Node]) -> dict[str, str]:
+    """Node name -> its tied unit, for the nodes that lose whole groups together."""
+    return {n.name: n.tie for n in nodes if n.tie}
 
 
 @dataclass
@@ -89,6 +133,8 @@ class _Ranking:
 
     def __init__(self, nodes: list[Node], scores: Scores, cfg: AllocationConfig) -> None:
         self.nodes, self.cfg = nodes, cfg
+        self.round_to = resolve_round_to(cfg.round_to, cfg.device)
+        scores = tied_scores(nodes, scores)
         keys, vals = [], []
         for i, n in enumerate(nodes):
             s = np.asarray(scores[n.name], dtype=np.float64)
@@ -111,8 +157,42 @@ class _Ranking:
         for i, n in enumerate(self.nodes):
             kept = max(n.channels - int(removed[i]), self.min_keep(n.channels))
             # grouped: whole positions of every group (widths stay multiples of the group count)
-            out[n.name] = round_width(kept, n.channels, n.groups if n.groups > 1 else self.cfg.round_to)
+            out[n.name] = round_width(kept, n.channels, n.groups if n.groups > 1 else self.round_to)
+        return self._whole_groups(out, removed)
+
+    def _whole_groups(self, out: dict[str, int], removed: np.ndarray) -> dict[str, int]:
+        """Tied units keep one number of whole groups in all their nodes: the unit's kept
+        channels over its group width, at least every node's floor, at least one group."""
+        units: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            if n.tie:
+                units.setdefault(n.tie, []).append(i)
+        for idx in units.values():
+            nodes = [self.nodes[i] for i in idx]
+            g = nodes[0].groups
+            width = sum(n.channels for n in nodes) // g
+            kept = int(round(sum(n.channels - int(removed[i]) for i, n in zip(idx, nodes)) / width))
+            floor = max(math.ceil(self.min_keep(n.channels) * g / n.channels) for n in nodes)
+            kept = min(g, max(kept, floor, 1))
+            out.update({n.name: kept * n.channels // g for n in nodes})
         return out
+
+
+def tied_scores(nodes: list[Node], scores: Scores) -> Scores:
+    """``scores`` with each tied unit's channels given their group's score (``group_scores``),
+    so that the global ranking removes a unit's groups whole, at their mean channel score."""
+    units: dict[str, list[Node]] = {}
+    for n in nodes:
+        if n.tie:
+            units.setdefault(n.tie, []).append(n)
+    if not units:
+        return scores
+    out = dict(scores)
+    for members in units.values():
+        g = members[0].groups
+        per_group = group_scores(scores, [n.name for n in members], g)  # (G,)
+        out.update({n.name: np.repeat(per_group, n.channels // g) for n in members})
+    return out
 
 
 # Targets served by plugin allocators (entry-point group ``deploy_prune.allocators``): they
@@ -156,27 +236,30 @@ def rounding_note(cfg: AllocationConfig, used: int | None = None) -> dict[str, A
     """Why the kept widths are multiples of ``cfg.round_to``: recorded in plan.json (``rounding``).
 
     ``used``: the finer rounding the allocation fell back to when the target was out of reach."""
-    m = cfg.round_to
-    if m <= 1:
-        why = ("requested: exact widths; on ONNX Runtime CPU they measured slower per FLOP than "
-               "multiples of 8 (ResNet-50 at 2.8x fewer FLOPs: 2.04x vs 2.43x, "
-               "docs/results/paper_claims.md), and depthwise nets could end slower than their base")
-    elif m == DEFAULT_ROUND_TO and cfg.device == "cuda":
-        why = ("default: multiples of 8 fill tensor-core tiles (fp16/bf16/int8 kernels); odd widths "
-               "fall back to padded or slower kernels")
-    elif m == DEFAULT_ROUND_TO:
-        why = ("default, measured: on ONNX Runtime CPU batch 1 widths rounded to 8 ran 2.43x vs "
-               "2.04x (rounding 1) for ResNet-50 at 2.8x fewer FLOPs, efficiency 0.87 vs 0.73 "
-               "(docs/results/paper_claims.md); mobilenet_v2/efficientnet_b0 at 2x ran 0.42-0.59x "
-               "of their base at rounding 1 and 1.62-1.85x at rounding 8")
+    if cfg.round_to == AUTO_ROUND:
+        m, why = auto_round_to(cfg.device)
     else:
-        why = f"requested: multiples of {m}"
-    note = {"round_to": m, "backend": cfg.backend, "device": cfg.device, "reason": why}
+        m = int(cfg.round_to)
+        if m <= 1:
+            why = ("requested: exact widths; on ONNX Runtime CPU they measured slower per FLOP than "
+                   "multiples of 8 (ResNet-50 at 2.8x fewer FLOPs: 2.04x vs 2.43x, "
+                   "docs/results/paper_claims.md), and depthwise nets could end slower than their base")
+        else:
+            why = f"requested: multiples of {m}"
+    note = {"round_to": m, "setting": cfg.round_to, "backend": cfg.backend, "device": cfg.device,
+            "reason": why}
     if used is not None and used != m:
         note.update(round_to=used, requested=m,
                     reason=f"round_to={m} could not meet the target within allocation.tolerance; fell back "
                     f"to {used}. {why}")
     return note
+
+
+def with_rounding(cfg: AllocationConfig) -> tuple[AllocationConfig, bool]:
+    """``cfg`` with ``round_to`` as a number (``auto`` resolved for ``cfg.device``), and whether
+    that multiple is a default (auto, or at most 8) that may fall back to a finer one."""
+    m = resolve_round_to(cfg.round_to, cfg.device)
+    return dataclasses.replace(cfg, round_to=m), cfg.round_to == AUTO_ROUND or 1 < m <= DEFAULT_ROUND_TO
 
 
 def min_keep(channels: int, cfg: AllocationConfig) -> int:
@@ -186,12 +269,14 @@ def min_keep(channels: int, cfg: AllocationConfig) -> int:
 
 def prunable_nodes(nodes: list[Node], crucial: list[str]) -> list[Node]:
     """The nodes an allocator may narrow; an error when the crucial set leaves none."""
-    prunable = [n for n in nodes if n.name not in crucial and n.prunable]
+    # a crucial (or fixed) node keeps its whole tied unit: its partners' groups cannot go alone
+    fixed_ties = {n.tie for n in nodes if n.tie and (n.name in crucial or not n.prunable)}
+    prunable = [n for n in nodes if n.name not in crucial and n.prunable and n.tie not in fixed_ties]
     if not prunable:
         fixed = [n for n in nodes if not n.prunable]
-        why = (f"; {len(fixed)} of {len(nodes)} nodes are tied to grouped convolutions whose groups do "
-               f"not divide their channels (e.g. {fixed[0].name}: {fixed[0].channels} channels, "
-               f"{fixed[0].groups} groups)") if fixed else ""
+        why = (f"; {len(fixed)} of {len(nodes)} nodes are kept whole (e.g. {fixed[0].name}: "
+               + (fixed[0].fixed or f"tied to grouped convolutions whose {fixed[0].groups} groups do not "
+                  f"divide its {fixed[0].channels} channels") + ")") if fixed else ""
         raise AllocationError(f"no prunable node is left outside the crucial set {crucial}{why}")
     return prunable
 
@@ -201,7 +286,7 @@ def finish_allocation(model: nn.Module, nodes: list[Node], pick: Scores, counts:
                       **fields: Any) -> Allocation:
     """The :class:`Allocation` that keeps ``counts`` channels (by ``pick``) of the prunable nodes;
     ``fields`` fills the rest (``history``, ``extra``)."""
-    plan = keep_top(pick, counts, group_counts(nodes))
+    plan = keep_top(pick, counts, group_counts(nodes), group_ties(nodes))
     base = base or count(model, example)
     slim = count(cut(model, plan, example), example)
     return Allocation(counts={**{n.name: n.channels for n in nodes}, **counts}, plan=plan, crucial=crucial,
@@ -226,15 +311,19 @@ def allocate(
     overshoot or undershoot, the rounding is halved until it is met, with a warning; the rounding
     used is in ``extra["round_to"]``.
     """
-    try:
-        return _allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg, selection=selection)
-    except OutOfReach as e:
-        if not 1 < cfg.round_to <= DEFAULT_ROUND_TO:  # a coarser rounding was asked for: honour it
-            raise
-        finer = dataclasses.replace(cfg, round_to=cfg.round_to // 2)
-        log.warning("%s at round_to=%d; retrying with round_to=%d", e, cfg.round_to, finer.round_to)
-        alloc = allocate(model, nodes, scores, example, crucial=crucial, cfg=finer, selection=selection)
-        alloc.extra.setdefault("round_to", finer.round_to)
+    cfg, may_refine = with_rounding(cfg)
+    while True:
+        try:
+            alloc = _allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg, selection=selection,
+                              strict=may_refine)
+        except OutOfReach as e:
+            if not (may_refine and cfg.round_to > 1):  # a coarser rounding was asked for: honour it
+                raise
+            finer = dataclasses.replace(cfg, round_to=cfg.round_to // 2)
+            log.warning("%s at round_to=%d; retrying with round_to=%d", e, cfg.round_to, finer.round_to)
+            cfg = finer
+            continue
+        alloc.extra.setdefault("round_to", cfg.round_to)
         return alloc
 
 
@@ -251,28 +340,33 @@ def _allocate(
     crucial: list[str],
     cfg: AllocationConfig,
     selection: Scores | None = None,
+    strict: bool = False,
 ) -> Allocation:
     prunable = prunable_nodes(nodes, crucial)
     base = count(model, example)
     ranking = _Ranking(prunable, scores, cfg)
     pick = selection or scores
-    groups = group_counts(nodes)
+    groups, ties = group_counts(nodes), group_ties(nodes)
     cache: dict[tuple, int] = {}
 
     def flops_at(k: int) -> tuple[int, dict[str, int]]:
         counts = ranking.counts(k)
         key = tuple(sorted(counts.items()))
         if key not in cache:
-            cache[key] = count(cut(model, keep_top(pick, counts, groups), example), example).flops
+            cache[key] = count(cut(model, keep_top(pick, counts, groups, ties), example), example).flops
         return cache[key], counts
 
     history: list[tuple[int, float]] = []
     if cfg.target == "flops":
-        k = _search(flops_at, ranking.total, base.flops, cfg, history)
+        k = _search(flops_at, ranking.total, base.flops, cfg, history, strict=strict)
     elif cfg.target == "channels":
         if not 0 < cfg.keep_fraction <= 1:
             raise AllocationError(f"allocation.keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
         k = int(round((1 - cfg.keep_fraction) * ranking.total))
+        kept = sum(ranking.counts(k).values()) / max(ranking.total, 1)
+        if strict and cfg.round_to > 1 and abs(kept / cfg.keep_fraction - 1) > cfg.tolerance:
+            raise OutOfReach(f"at multiples of {cfg.round_to} the nearest widths keep {100 * kept:.1f}% of the "
+                             f"prunable channels, not {100 * cfg.keep_fraction:.1f}%")
     else:
         raise AllocationError(f"allocation.target {cfg.target!r} is not handled by FLOPs/channel "
                               "allocation (use flops or channels, or the latency allocator)")
@@ -289,7 +383,8 @@ def decided(model: nn.Module, nodes: list[Node], scores: Scores, example: torch.
                              extra={"decided_by": decision.by})
 
 
-def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, history) -> int:
+def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, history, *,
+            strict: bool = False) -> int:
     """Smallest number of removed channels meeting the FLOPs reduction, or the closer neighbour."""
     target = cfg.flops_reduction
     if target < 1.0:
@@ -314,7 +409,7 @@ def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, histor
     if k > 0 and abs(red(k - 1) - target) < abs(red(k) - target):
         k -= 1
     achieved = red(k)
-    if abs(achieved / target - 1) > cfg.tolerance and 1 < cfg.round_to <= DEFAULT_ROUND_TO:
+    if abs(achieved / target - 1) > cfg.tolerance and strict and cfg.round_to > 1:
         # the default rounding is a speed preference, not worth missing the target: allocate()
         # retries at a finer multiple (a coarser one asked for explicitly is honoured below)
         raise OutOfReach(f"at multiples of {cfg.round_to} the nearest widths give {achieved:.2f}x, "

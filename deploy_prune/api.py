@@ -77,11 +77,12 @@ def prune(
     keep_fraction: float | None = None,
     scorer: str | None = None,
     crucial: list[str] | None = None,
-    round_to: int = 1,
+    round_to: int | str = "auto",
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     config: dict[str, Any] | list[str] | None = None,
     device: str | torch.device = "cpu",
+    speed_check: bool = True,
 ) -> tuple[nn.Module, ModelPlan]:
     """Score ``model``'s channels, pick crucial nodes, allocate globally and cut the channels out.
 
@@ -94,7 +95,8 @@ def prune(
         keep_fraction: instead, keep this fraction of the prunable channels.
         scorer: a name in ``deploy_prune.scoring.SCORERS``; default ``beta`` with a loader, else ``l1``.
         crucial: node names never narrowed (and mimicked by :func:`recover`); default: top-2 by score.
-        round_to: round kept widths to a multiple (8 for tensor cores).
+        round_to: round kept widths to a multiple; ``auto`` (default): the channel block of the
+            hardware in ``config``'s ``allocation.device`` (16 on AVX-512 CPUs, 8 on AVX2 and GPUs); 1 = exact.
         arch, arch_kwargs: the registered architecture name of ``model``, when it is one, so the
             saved plan rebuilds without your constructor.
         config: further settings as a nested dict (``{"scoring": {"epochs": 1}}``) or dotted
@@ -103,6 +105,11 @@ def prune(
             when CLI stages (``bench --accuracy``, ``recover``) should evaluate the saved model on
             your data with its preprocessing (the default is the built-in Fashion-MNIST).
         device: where scoring runs.
+        speed_check: time the slim model against ``model`` (a few seconds; ONNX Runtime CPU, batch 1
+            unless ``config`` sets ``allocation.backend/device/batch``), log the measured speedup
+            beside the FLOPs reduction, warn loudly when it is not faster, and record it in
+            ``plan.info["speed_check"]``; ``config={"speed_check": {"require_speedup": 1.5}}``
+            raises :class:`~deploy_prune.speed.SlowerThanRequired` below that.
 
     Returns:
         ``(slim, plan)``: the smaller ``nn.Module`` and its :class:`~deploy_prune.artifacts.ModelPlan`
@@ -125,6 +132,14 @@ def prune(
     scores, decision = pipeline.scored(result, base, source=f"scorer {method}")
     res = pipeline.prune(model, base, cfg, scores, decision=decision)
     res.plan.info["scorer"] = method
+    if speed_check:
+        from deploy_prune import speed
+
+        check = speed.speed_check(model, base, res.slim, res.plan, cfg)
+        if check is not None:
+            res.plan.info["speed_check"] = check
+            log.info(speed.summary_line(check))
+        speed.enforce(check, cfg, where="the pruned model was not returned")
     return res.slim, res.plan
 
 

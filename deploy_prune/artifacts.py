@@ -150,13 +150,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter moves to the meta device as it is registered: a model is built with at most
+    one real parameter at a time, while the builder's own tensor arithmetic stays on the CPU."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def check_model_size(arch: str, *, num_classes: int, in_channels: int, source: str,
                      **kwargs: Any) -> None:
     """Build ``arch`` on the meta device (no memory) and refuse more than ``MAX_PARAMS``
     parameters, or arguments the builder does not take, as one line naming ``source``."""
     try:
-        with torch.device("meta"):
-            meta = build_model(arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        try:
+            with torch.device("meta"):
+                meta = build_model(arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        except RuntimeError as e:  # a builder that reads tensor values (torchvision RegNet's widths)
+            if "meta" not in str(e):
+                raise
+            with _parameters_on_meta():
+                meta = build_model(arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
     except KeyError as e:
         raise ArtifactError(f"{source}: {e.args[0] if e.args else e}") from None
     except (TypeError, ValueError, RuntimeError) as e:

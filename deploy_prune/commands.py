@@ -71,6 +71,18 @@ def _allocation_flags(args) -> list[str]:
     return over
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 1, got {text!r}")
+    return value
+
+
 def allocation_args(p: argparse.ArgumentParser, *, channels: bool = True) -> None:
     p.add_argument("--target-flops", type=float, metavar="X", help="X times fewer FLOPs (e.g. 3.0)")
     if channels:
@@ -78,9 +90,10 @@ def allocation_args(p: argparse.ArgumentParser, *, channels: bool = True) -> Non
     p.add_argument("--target-speedup", type=float, metavar="X",
                    help="X times faster, measured on allocation.backend/device/batch (default ORT CPU "
                    "batch 1); slower to prune than a FLOPs target, but the widths fit the hardware")
-    p.add_argument("--round-to", type=int, metavar="M",
-                   help="kept counts rounded to a multiple of M (default 8, measured faster on ORT CPU "
-                   "and tensor cores; 1 = exact widths)")
+    p.add_argument("--round-to", type=_round_to, metavar="M",
+                   help="kept counts rounded to a multiple of M (default auto: 16 on AVX-512 CPUs, 8 on "
+                   "AVX2 CPUs and GPUs, the channel blocks their kernels compute in, measured in "
+                   "docs/results/rounding.md; 1 = exact widths)")
     p.add_argument("--require-speedup", type=float, metavar="X",
                    help="fail (exit 2) when the slim model measures less than X times faster than "
                    "its base (the slowdown guard; ORT CPU batch 1 by default)")

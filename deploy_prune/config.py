@@ -174,9 +174,10 @@ class AllocationConfig:
     tolerance: float = 0.03  # relative tolerance on the FLOPs target
     min_channels: int = 1  # per-node minimum kept channels
     min_fraction: float = 0.05  # per-node minimum kept fraction
-    # kept counts rounded to a multiple; 8 by default: measured faster per FLOP on ORT CPU
-    # (docs/results/paper_claims.md rounding study) and the tensor-core multiple on GPUs; 1 = exact
-    round_to: int = 8
+    # kept counts rounded to a multiple; auto: the multiple the target hardware computes channels
+    # in, measured (docs/results/rounding.md): 16 on AVX-512 CPUs, 8 on AVX2 CPUs and on GPUs
+    # (tensor cores); plan.json's "rounding" says which and why; 1 = exact widths
+    round_to: int | str = "auto"
     # latency-aware allocation (target=speedup|latency)
     speedup: float = 2.0  # target=speedup: measured speedup to reach (2.0 = twice as fast)
     latency_ms: float | None = None  # target=latency: slim latency to reach, in ms

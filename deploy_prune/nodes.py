@@ -18,11 +18,14 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +47,17 @@ class Node:
     junctions: tuple[str, ...] = ()
     prunable: bool = True  # False when its channel groups cannot be kept consistently
     # > 1 when tied to a grouped (non-depthwise) conv with this many groups: the node's channels
-    # are ``groups`` equal blocks, and a cut keeps the same positions in every block (the group
-    # count stays, each group gets narrower), as torch-pruning's grouped-conv pruning does
+    # are ``groups`` equal blocks. With ``tie`` set, a cut removes whole blocks, together with
+    # the same blocks of every node sharing the tie (the conv loses whole groups: fewer groups,
+    # same width per group). Without it (the blocks do not line up, see ``_tie_groups``), a cut
+    # keeps the same positions in every block (the group count stays, each group narrows).
     groups: int = 1
+    tie: str = ""  # the unit of nodes that lose the same whole groups (its first node's name)
+    fixed: str = ""  # why the node is kept whole (prunable False), one line
     # when a producer's outputs are not the node's channels one-to-one (a concat of two convs,
     # GhostNet's primary + cheap op, MixNet's split kernels): per producer (and its gate), the node
     # channel each of its output channels belongs to (-1: none); empty when all are one-to-one
     maps: tuple[tuple[int, ...], ...] = ()
-    whole: str = ""  # why a non-prunable node is kept whole ("channels ..."), when not grouped convs
 
     @property
     def is_junction(self) -> bool:
@@ -78,25 +84,108 @@ def refuse_unsupported(model: nn.Module) -> None:
                 "convolutional networks are supported")
 
 
+class _ChannelMoves(TorchFunctionMode):
+    """Records, during the trace, every view/reshape that moves channels between positions (a
+    channel shuffle's view (B, C, H, W) -> (B, g, C/g, H, W) and back): output grad_fn -> what
+    it did and in which module. Flattening (B, C, H, W) -> (B, CHW), reshapes that keep (B, C)
+    and reshapes of parameters (weight standardisation) are left to torch-pruning."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        self.moves: dict = {}  # grad_fn -> "view (1, 48, 8, 8) -> (1, 2, 24, 8, 8) in stage2.0"
+        # feature maps: tensors computed from the input (not from weights alone, as in weight
+        # standardisation); by id, with the tensors held so that no id is reused during the trace
+        self._maps: dict[int, torch.Tensor] = {id(example): example}
+        self._stack: list[str] = []
+        self._hooks = []
+        for name, m in model.named_modules():
+            self._hooks += [m.register_forward_pre_hook(lambda *a, n=name: self._enter(n)),
+                            m.register_forward_hook(self._leave)]
+
+    def _enter(self, name: str) -> None:
+        if not name:  # a new forward of the whole model (an earlier one may have failed midway)
+            self._stack.clear()
+        self._stack.append(name)
+
+    def _leave(self, *args) -> None:
+        self._stack.pop()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not any(id(t) in self._maps for t in inputs):
+            return out
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._maps[id(t)] = t
+        src = args[0] if args else None
+        fn = getattr(out, "grad_fn", None)
+        if (isinstance(src, torch.Tensor) and id(src) in self._maps and isinstance(out, torch.Tensor)
+                and fn is not None and any(k in fn.name().lower() for k in ("view", "reshape"))
+                and _moves_channels(src.shape, out.shape)):
+            where = next((n for n in reversed(self._stack) if n), "the top module")
+            self.moves[fn] = f"{getattr(func, '__name__', 'reshape')} {tuple(src.shape)} -> {tuple(out.shape)} in {where}"
+        return out
+
+
+def _moves_channels(src: torch.Size, out: torch.Size) -> bool:
+    """A reshape of a (B, C, H, W) map (or of a 5-D one back) that neither keeps (B, C) nor
+    flattens it to (B, C*H*W). 3-D reshapes (ECA's (B, 1, C) attention, weight standardisation)
+    are left to torch-pruning as before."""
+    if len(src) < 4 or src == out or tuple(out[:2]) == tuple(src[:2]):
+        return False
+    return not (len(out) == 2 and out[1] == math.prod(src[1:]))
+
+
+class _Graph(tp.DependencyGraph):
+    """torch-pruning's graph, with reshapes that move channels made opaque: a dependency group
+    that reaches one stops there (nothing is mapped through it), and ``discover`` keeps every
+    node whose group reaches one whole (``Node.fixed``). The channels after it are then never
+    cut either: only a group coming through it could cut them."""
+
+    def __init__(self, moves: dict) -> None:
+        super().__init__()
+        self.moves, self.opaque = moves, {}  # opaque: tp node -> what the reshape did
+
+    def _trace(self, *args, **kwargs):
+        module2node = super()._trace(*args, **kwargs)
+        for op, node in list(module2node.items()):
+            if node.type == tp.ops.OPTYPE.RESHAPE and node.grad_fn in self.moves:
+                node.module = tp.ops._ElementWiseOp(op.id, "ChannelMove")
+                node.type, node.module_class = tp.ops.OPTYPE.ELEMENTWISE, type(node.module)
+                module2node[node.module] = module2node.pop(op)
+                self.opaque[node] = self.moves[node.grad_fn]
+        return module2node
+
+    def _build_dependency(self, module2node) -> None:
+        super()._build_dependency(module2node)
+        for node in self.opaque:
+            node.dependencies = []  # no rule leads through it
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's dependency graph of ``model`` traced on ``example``."""
+    """torch-pruning's dependency graph of ``model`` traced on ``example``, with the reshapes that
+    move channels opaque (torch-pruning maps a channel shuffle wrongly, or fails on it)."""
     refuse_unsupported(model)
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        with torch.enable_grad(), _ChannelMoves(model, example) as moves:
+            return _Graph(moves.moves).build_dependency(model, example_inputs=example, verbose=False)
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
-        shuffles = [n for n, m in model.named_modules() if n and "shuffle" in type(m).__name__.lower()
-                    or n and "InvertedResidual" in type(m).__name__]
         raise UnsupportedModel(
-            f"cannot prune {type(model).__name__}: a reshape moves channels between groups (channel "
-            f"shuffle: view -> transpose -> view{', e.g. in ' + shuffles[0] if shuffles else ''}), which "
-            f"ties every branch's channels to the other's through a permutation that the dependency "
-            f"tracer cannot map ({e})") from e
+            f"cannot prune {type(model).__name__}: a reshape maps channels in a way the dependency tracer "
+            f"cannot follow ({e})") from e
     except Exception as e:  # tracing failures come from deep inside torch-pruning
-        raise UnsupportedModel(
-            f"cannot trace the channel dependencies of {type(model).__name__} "
-            f"({type(e).__name__}: {e}); this architecture is not supported for pruning"
-        ) from e
+        raise _untraceable(model, e) from e
+
+
+def _untraceable(model: nn.Module, e: Exception) -> UnsupportedModel:
+    return UnsupportedModel(f"cannot trace the channel dependencies of {type(model).__name__} "
+                            f"({type(e).__name__}: {e}); this architecture is not supported for pruning")
 
 
 # torch-pruning grows a dependency group to a fixed point by mapping channel indices through every
@@ -193,7 +282,7 @@ def _exec_order(model: nn.Module, example: torch.Tensor,
     return order, chans
 
 
-def _is_grouped(m) -> bool:
+def is_grouped(m: nn.Module) -> bool:
     """A grouped conv that is not depthwise: cutting channels would break its group structure."""
     return isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels)
 
@@ -229,7 +318,7 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     # Linears on flattened (B, F) features are classifier heads: never pruned. Linears on
     # (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's MLP): they produce nodes.
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2]
-    nodes = []
+    nodes, touches = [], []  # touches[i]: node i's grouped convs
     try:
         with _bounded_groups(dg, names):
             groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)))
@@ -245,16 +334,19 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         node = _make_node(dg, convs, names, modules, order, chans)
         if any(_out_width(c) != node.channels for c in convs):
             node = _with_maps(dg, model, node, convs, names)
-        tied = {dep.target.module.groups for dep, _ in group if _is_grouped(dep.target.module)}
-        if tied:
-            g = math.lcm(*tied)
-            node = dataclasses.replace(node, groups=g, prunable=node.channels % g == 0 and g < node.channels)
-        if any(type(dep.target.module).__name__ == "_SplitOp" for dep, _ in group):
+        moved = next((dg.opaque[it.dep.target] for it in group if it.dep.target in dg.opaque), None)
+        if moved:
+            node = dataclasses.replace(node, prunable=False, fixed=f"its channels pass through a reshape that "
+                                       f"moves them between positions (channel shuffle: {moved})")
+        elif any(type(dep.target.module).__name__ == "_SplitOp" for dep, _ in group):
             # torch.split(x, sizes, dim=1) keeps its sizes in Python (MixNet's mixed kernels,
             # Res2Net's scales): a cut would leave them summing to the old width
-            node = dataclasses.replace(node, prunable=False, whole=(
-                "channels pass through a torch.split with fixed sizes, which a cut cannot update"))
+            node = dataclasses.replace(node, prunable=False, fixed=(
+                "its channels pass through a torch.split with fixed sizes, which a cut cannot update"))
+        touches.append([_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
+                        for it in group if is_grouped(it.dep.target.module)])
         nodes.append(node)
+    nodes = _tie_groups(_unique_names(nodes, order), touches)
     model.train(was_training)
     if not nodes:
         raise UnsupportedModel(
@@ -262,6 +354,116 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
             "on (B, H, W, C) maps, whose output channels are not tied to the classifier)")
     nodes.sort(key=lambda n: n.order)
     return nodes
+
+
+def _unique_names(nodes: list[Node], order: dict[str, int]) -> list[Node]:
+    """Nodes that claim one junction name drop their junctions that enclose another of theirs:
+    such a junction is a block output that only happens to have as many channels (RegNet-Y: conv b
+    and the SE's fc2 meet at the SE, inside the block whose output is the residual node's)."""
+    seen: dict[str, int] = {}
+    for n in nodes:
+        seen[n.name] = seen.get(n.name, 0) + 1
+    out = []
+    for n in nodes:
+        inner = tuple(j for j in n.junctions if not any(k.startswith(j + ".") for k in n.junctions))
+        if seen[n.name] > 1 and inner and inner != n.junctions:
+            n = dataclasses.replace(n, name=inner[-1], capture=inner[-1], order=order[inner[-1]], junctions=inner)
+        out.append(n)
+    return out
+
+
+@dataclass(frozen=True)
+class _Touch:
+    """A node's channels entering (``out=False``) or leaving (``out=True``) a grouped conv."""
+
+    conv: str
+    module: nn.Conv2d
+    out: bool
+    aligned: bool  # node channel i is the conv's channel i, all of them: its groups are whole blocks
+
+
+def _touch(item, out: bool, names: dict[nn.Module, str], width: int) -> _Touch:
+    """The grouped conv of a dependency-group item; aligned when the node's channel i is the
+    conv's channel i, for all of them."""
+    conv = item.dep.target.module
+    n = conv.out_channels if out else conv.in_channels
+    aligned = n == width and sorted(zip(item.root_idxs, item.idxs)) == [(i, i) for i in range(n)]
+    return _Touch(names[conv], conv, out, aligned)
+
+
+def _tie_groups(nodes: list[Node], touches: list[list[_Touch]]) -> list[Node]:
+    """Nodes joined through grouped convs, tied so that they lose whole groups together.
+
+    A grouped conv with G groups computes group g from input block g alone, so removing group g
+    removes block g of the node feeding it and block g of the node it produces, and nothing
+    else changes (ResNeXt, RegNet: conv1-out with conv2-in, conv2-out with conv3-in). A unit
+    (the nodes connected through grouped convs) is tied when all its convs have one group count
+    and meet the nodes' channels one to one; otherwise its nodes keep the old rule (the same
+    positions in every group, the group count kept) and one line says why."""
+    parent = list(range(len(nodes)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    by_conv: dict[str, list[int]] = {}
+    for i, ts in enumerate(touches):
+        for t in ts:
+            by_conv.setdefault(t.conv, []).append(i)
+    for members in by_conv.values():
+        for m in members[1:]:
+            parent[find(m)] = find(members[0])
+    units: dict[int, list[int]] = {}
+    for i in range(len(nodes)):
+        if touches[i]:
+            units.setdefault(find(i), []).append(i)
+    out = list(nodes)
+    for idx in units.values():
+        members = [nodes[i] for i in idx]
+        ts = [t for i in idx for t in touches[i]]
+        why = _untieable(members, ts)
+        if why:
+            _warn_once(f"grouped convs not cut by whole groups: nodes {', '.join(n.name for n in members)}: {why}; "
+                       "those that meet a conv one to one keep the same positions in every group, the rest are kept whole")
+            for i in idx:
+                n, g = nodes[i], math.lcm(*{t.module.groups for t in touches[i]})
+                bad = next((t.conv for t in touches[i] if not t.aligned), None)
+                fixed = f"its channels reach the grouped conv {bad} through a concat, split or reshape" if bad else ""
+                out[i] = dataclasses.replace(n, groups=g, fixed=fixed,
+                                             prunable=not bad and n.channels % g == 0 and g < n.channels)
+            continue
+        g, tie = ts[0].module.groups, min(members, key=lambda n: n.order).name
+        for i in idx:
+            out[i] = dataclasses.replace(nodes[i], groups=g, tie=tie)
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """``discover`` runs for every candidate cut: say a model-level fact once per process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+def _untieable(members: list[Node], ts: list[_Touch]) -> str:
+    """Why these nodes cannot lose whole groups together ('' when they can)."""
+    counts = {t.module.groups for t in ts}
+    if len(counts) > 1:
+        return f"their grouped convs have different group counts ({sorted(counts)})"
+    bad = next((t for t in ts if not t.aligned), None)
+    if bad:
+        return (f"{bad.conv} meets them through a concat, split or reshape, so its groups are not "
+                "whole blocks of one node")
+    fed = {t.conv for t in ts if not t.out}
+    made = {t.conv for t in ts if t.out}
+    if fed != made:
+        conv = sorted(fed ^ made)[0]
+        return f"{conv}'s {'input' if conv in made else 'output'} is not a prunable node (a model input?)"
+    return ""
 
 
 def _refuse_train_only(model: nn.Module, example: torch.Tensor, order: dict[str, int]) -> None:
@@ -336,9 +538,9 @@ def kept_whole(nodes: list[Node]) -> str:
         return ""
     causes: dict[str, list[Node]] = {}
     for n in fixed:
-        why = n.whole or "channels are tied to grouped convolutions whose groups do not divide them"
-        causes.setdefault(why, []).append(n)
-    parts = [f"{len(ns)} whose {why} (e.g. {ns[0].name})" for why, ns in causes.items()]
+        why = n.fixed or "its channels are tied to grouped convolutions whose groups do not divide them"
+        causes.setdefault(re.sub(r" \(channel shuffle: .*\)$", "", why), []).append(n)
+    parts = [f"{len(ns)} because {why} (e.g. {ns[0].name})" for why, ns in causes.items()]
     return f"{len(fixed)} of {len(nodes)} nodes are kept whole: " + "; ".join(parts)
 
 

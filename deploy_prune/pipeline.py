@@ -30,6 +30,7 @@ from deploy_prune.allocation import (
     load_allocator,
     rounding_note,
     select_crucial,
+    with_rounding,
 )
 from deploy_prune.artifacts import (
     ModelPlan,
@@ -452,7 +453,7 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP
         # needs identical shapes on every rank)
         return distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(
-            model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, plan=plan,
+            model, nodes, scores, example, crucial=crucial, cfg=with_rounding(cfg.allocation)[0], plan=plan,
             selection=selection))
     try:
         return allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)

@@ -128,7 +128,10 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
     _num("allocation.tolerance", a.tolerance, lo=0, hi=1, hi_open=True)
     _num("allocation.min_channels", a.min_channels, lo=1)
     _num("allocation.min_fraction", a.min_fraction, lo=0, hi=1)
-    _num("allocation.round_to", a.round_to, lo=1)
+    if a.round_to != "auto":
+        if isinstance(a.round_to, str):
+            raise ConfigError(f"allocation.round_to: expected auto or a whole number >= 1, got {a.round_to!r}")
+        _num("allocation.round_to", a.round_to, lo=1)
     _num("allocation.speedup", a.speedup, lo=0, lo_open=True)
     _num("allocation.latency_ms", a.latency_ms, lo=0, lo_open=True, optional=True)
     _choice("allocation.device", str(a.device).split(":")[0], ("cpu", "cuda"))

@@ -43,13 +43,19 @@ def digits_cfg(**over) -> RunConfig:
 
 def random_plan(nodes, *, frac: float = 0.5, seed: int = 0) -> dict[str, list[int]]:
     """Random kept channels per prunable node; a node tied to a grouped conv keeps the same
-    random positions in every group (the only cut that keeps the groups)."""
+    random positions in every group (the only cut that keeps the groups), or, when its unit is
+    tied (``Node.tie``), the same random whole groups as the other nodes of its unit."""
     rng = random.Random(seed)
-    plan = {}
+    plan, unit_groups = {}, {}
+    whole = {n.tie for n in nodes if n.tie and not n.prunable}  # a unit with a fixed node stays whole
     for n in nodes:
-        if not n.prunable:
+        if not n.prunable or n.tie in whole:
             continue
         width = n.channels // n.groups
+        if n.tie:
+            kept = unit_groups.setdefault(n.tie, rng.sample(range(n.groups), max(1, int(n.groups * frac))))
+            plan[n.name] = sorted(g * width + j for g in kept for j in range(width))
+            continue
         pos = rng.sample(range(width), max(1, int(width * frac)))
         plan[n.name] = sorted(p + b * width for b in range(n.groups) for p in pos)
     return plan

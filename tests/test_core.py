@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import digits_cfg, random_plan
 from deploy_prune import allocation
-from deploy_prune.allocation import AllocationError, allocate, cut, select_crucial
+from deploy_prune.allocation import AllocationError, allocate, cut, resolve_round_to, select_crucial
 from deploy_prune.artifacts import ArtifactError, ModelPlan, load_model_dir, save_model_dir
 from deploy_prune.config import AllocationConfig
 from deploy_prune.data import load_data
@@ -226,9 +226,28 @@ def test_default_rounding_falls_back_only_when_target_is_out_of_reach(example_no
     a = allocate(model, nodes, scores, x, crucial=crucial, cfg=cfg)
     assert a.flops_reduction >= target * 0.9 and a.extra["round_to"] < DEFAULT_ROUND_TO
     note = rounding_note(cfg, a.extra["round_to"])
-    assert note["requested"] == 8 and "fell back" in note["reason"]
+    assert note["requested"] == resolve_round_to("auto", "cpu") and "fell back" in note["reason"]
+    assert note["setting"] == "auto"
     with pytest.raises(AllocationError, match="out of reach"):  # asked for 16 explicitly: no fallback
         allocate(model, nodes, scores, x, crucial=crucial, cfg=dataclasses.replace(cfg, round_to=16))
+
+
+@pytest.mark.parametrize(("flags", "device", "want"), [
+    ("fpu avx2 avx512f avx512bw", "cpu", 16), ("fpu sse4_2 avx2 fma", "cpu", 8), ("fpu neon", "cpu", 8),
+    ("fpu avx2 avx512f", "cuda", 8), ("fpu avx2 avx512f", "cuda:1", 8)])
+def test_auto_rounding_follows_the_hardware_channel_block(monkeypatch, tmp_path, flags, device, want):
+    """``round_to=auto`` is 16 where CPU kernels block channels in 16s (AVX-512), 8 on AVX2 CPUs
+    and on GPUs, read from the CPU's flags, and the plan note says why."""
+    from deploy_prune import host
+    from deploy_prune.allocation import rounding_note
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(host, "CPUINFO", info)
+    assert resolve_round_to("auto", device) == want
+    note = rounding_note(AllocationConfig(device=device))
+    assert note["round_to"] == want and note["setting"] == "auto" and str(want) in note["reason"]
+    assert resolve_round_to(4, device) == 4
 
 
 def _grouped_net() -> nn.Module:
@@ -240,21 +259,28 @@ def _grouped_net() -> nn.Module:
 
 
 def test_grouped_conv_nodes_are_cut_group_consistently():
-    """A node feeding or leaving a grouped conv keeps the same positions in every group, so the
-    conv keeps its group count; a plan that breaks the groups is refused by name."""
+    """The nodes feeding and leaving a grouped conv are tied: they lose whole groups together and
+    the conv keeps fewer groups of the same width (tests/test_families.py has the zeroed-group
+    oracle). keep_top's per-position rule, for units that cannot be tied, keeps the same
+    positions in every group. A plan that breaks the groups is refused by name."""
     from deploy_prune.allocation import keep_top
 
     model, x = _grouped_net(), torch.randn(2, 3, 8, 8)
     nodes = {n.name: n for n in discover(model, x[:1])}
-    assert nodes["0"].groups == 4 and nodes["3"].groups == 4 and nodes["0"].prunable
+    assert nodes["0"].groups == 4 and nodes["3"].groups == 4 and nodes["0"].tie == nodes["3"].tie == "0"
     scores = {"0": np.arange(16.0), "3": np.arange(16.0)[::-1].copy()}
-    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4})  # 9 -> 8: whole positions per group
+    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4})  # untied: whole positions per group
     assert plan["0"] == [2, 3, 6, 7, 10, 11, 14, 15] and plan["3"] == [0, 1, 4, 5, 8, 9, 12, 13]
+    scores["0"][12:] = -1.0  # group 3 is the weakest of the unit; 17 channels of blocks of 8 -> 2 groups
+    plan = keep_top(scores, {"0": 8, "3": 9}, {"0": 4, "3": 4}, {"0": "0", "3": "0"})
+    assert plan["0"] == plan["3"] == [0, 1, 2, 3, 4, 5, 6, 7]
     slim = cut(model, plan, x[:1])
-    assert slim[3].groups == 4 and slim[3].in_channels == 8 and slim[3].out_channels == 8
+    assert (slim[3].groups, slim[3].in_channels, slim[3].out_channels) == (2, 8, 8)
     slim.train()
     assert slim(x).shape == (2, 10)
-    with pytest.raises(PlanError, match="same positions"):
+    with pytest.raises(PlanError, match="whole blocks"):
+        apply_plan(_grouped_net(), {"0": list(range(0, 16, 2)), "3": list(range(8))}, x[:1])
+    with pytest.raises(PlanError, match="same groups"):
         apply_plan(_grouped_net(), {"0": list(range(8))}, x[:1])
 
 

@@ -283,3 +283,23 @@ def test_stored_transform_gives_the_users_tensors(tree, settings, theirs):
     ours = torch.cat([x for x, _ in data.test])
     ref = ImageFolder(str(tree / "val"), transform=user)
     torch.testing.assert_close(ours, torch.stack([ref[i][0] for i in range(len(ref))]), rtol=0, atol=0)
+
+
+def test_api_prune_runs_the_slowdown_guard_unless_told_not_to():
+    """deploy_prune.prune times the slim model against the user's (the CLI's guard) and records it;
+    a required speedup it cannot meet raises instead of returning a model."""
+    import deploy_prune
+    from deploy_prune.speed import SlowerThanRequired
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*(m for i in range(4) for m in (
+        nn.Conv2d(3 if i == 0 else 64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 3)).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    _, plan = deploy_prune.prune(net, x, target_flops=2.0)
+    check = plan.info["speed_check"]
+    assert check["backend"] == "ort" and check["speedup"] > 0 and check["flops_reduction"] > 1.5
+    _, plan = deploy_prune.prune(net, x, target_flops=2.0, speed_check=False)
+    assert "speed_check" not in plan.info
+    with pytest.raises(SlowerThanRequired, match="require-speedup 1000"):
+        deploy_prune.prune(net, x, target_flops=2.0, config=["speed_check.require_speedup=1000"])

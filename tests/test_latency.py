@@ -151,7 +151,7 @@ def tiny_probe(tmp_path, monkeypatch):
 def test_table_build_end_to_end_and_cache(tiny_probe, tmp_path, monkeypatch, example_nodes):
     _, _, nodes = example_nodes
     prunable = [n for n in nodes if n.name in ("features.3", "features.7")]
-    cfg = AllocationConfig(grid=2, min_fraction=0.25)
+    cfg = AllocationConfig(grid=2, min_fraction=0.25, round_to=8)
     monkeypatch.setenv("DEPLOY_PRUNE_CACHE", str(tmp_path / "cache"))
     table = cached_table(tiny_probe, prunable, cfg)
     assert table.widths == {"features.3": [8, 32], "features.7": [16, 64]}
@@ -171,7 +171,7 @@ def test_allocator_meets_a_measured_speedup_on_a_tiny_model(tmp_path, monkeypatc
     monkeypatch.setenv("DEPLOY_PRUNE_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     scores = {n.name: rng.uniform(0, 1, n.channels) for n in nodes}
-    cfg = AllocationConfig(target="speedup", speedup=1.5, grid=4, tolerance=0.05)
+    cfg = AllocationConfig(target="speedup", speedup=1.5, grid=4, tolerance=0.05, round_to=8)
     alloc = load_allocator("speedup").allocate(model, nodes, scores, example, crucial=["features.18"],
                                                 cfg=cfg, plan=ModelPlan("small_vgg", 10, 1, 28))
     lat = alloc.extra["latency"]

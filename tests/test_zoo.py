@@ -226,10 +226,10 @@ def test_channels_through_a_fixed_size_split_are_kept_whole_and_named():
     model = _Split().eval()
     x = torch.randn(1, 3, 16, 16)
     nodes = {n.name: n for n in discover(model, x)}
-    assert not nodes["stem"].prunable and "torch.split" in nodes["stem"].whole
+    assert not nodes["stem"].prunable and "torch.split" in nodes["stem"].fixed
     assert nodes["head_conv"].prunable
-    assert kept_whole(list(nodes.values())).startswith("1 of 2 nodes are kept whole: 1 whose channels "
-                                                       "pass through a torch.split")
+    assert kept_whole(list(nodes.values())).startswith("1 of 2 nodes are kept whole: 1 because its "
+                                                       "channels pass through a torch.split")
     with pytest.raises(PlanError, match="torch.split"):
         apply_plan(model, {"stem": [0, 1, 2, 3]}, x)
     apply_plan(model, {"head_conv": list(range(8))}, x)

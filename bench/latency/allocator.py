@@ -27,6 +27,7 @@ from deploy_prune.allocation import (
     AllocationError,
     finish_allocation,
     group_counts,
+    group_ties,
     keep_top,
     prunable_nodes,
 )
@@ -68,6 +69,7 @@ class LatencyAllocator:
                  selection: Scores | None = None) -> Allocation:
         prunable = prunable_nodes(nodes, crucial)
         self._groups = group_counts(nodes)  # grouped-conv nodes keep whole positions per group
+        self._ties = group_ties(nodes)  # or lose whole groups, the same in every tied node
         pick = selection or scores
         with Probe(model, plan, backend=cfg.backend, device=cfg.device, precision=cfg.precision,
                    batch=cfg.batch) as probe:
@@ -91,7 +93,7 @@ class LatencyAllocator:
                 raise AllocationError(self._out_of_reach(table, scale, target))
             key = tuple(sorted(sol.widths.items()))
             if key not in measured:
-                measured[key] = probe.latency(keep_top(pick, sol.widths, self._groups), timing=CHECK)
+                measured[key] = probe.latency(keep_top(pick, sol.widths, self._groups, self._ties), timing=CHECK)
             cand = Candidate(budget, sol.widths, scale * (table.base_ms + sol.cost), measured[key])
             rounds.append(cand)
             log.info("latency allocation: budget %.3f ms -> predicted %.3f, measured %.3f (target %.3f)",

@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.env import library_versions, now
 from bench.latency.probe import Probe, device_name
-from deploy_prune.allocation import min_keep
+from deploy_prune.allocation import min_keep, resolve_round_to
 from deploy_prune.artifacts import atomic_write_text, read_json_object
 from deploy_prune.config import AllocationConfig
 from deploy_prune.nodes import Node
@@ -47,7 +47,7 @@ class StaleTableError(ValueError):
 
 def grid_widths(channels: int, cfg: AllocationConfig) -> list[int]:
     """Up to ``cfg.grid`` kept counts: multiples of ``round_to`` from the floor to full width."""
-    step = max(1, cfg.round_to)
+    step = max(1, resolve_round_to(cfg.round_to, cfg.device))
     lo = min(channels, math.ceil(min_keep(channels, cfg) / step) * step)
     widths = sorted({*range(lo, channels + 1, step), channels})
     if len(widths) <= cfg.grid:
@@ -61,7 +61,7 @@ def table_key(probe: Probe, nodes: list[Node], cfg: AllocationConfig) -> dict[st
     v = library_versions()
     return {**probe.describe(), "versions": {k: v[k] for k in VERSION_KEYS if k in v},
             "base_sha256": probe.plan.digest(), "nodes": sorted(n.name for n in nodes),
-            "grid": cfg.grid, "round_to": cfg.round_to, "min_channels": cfg.min_channels,
+            "grid": cfg.grid, "round_to": resolve_round_to(cfg.round_to, cfg.device), "min_channels": cfg.min_channels,
             "min_fraction": cfg.min_fraction}
 
 
