@@ -68,6 +68,14 @@ class UnsupportedModel(ValueError):
     """A model that cannot be channel-pruned; the message is one line naming the cause."""
 
 
+def _is_attention(m: nn.Module) -> bool:
+    """Token attention (MultiheadAttention, Swin's ShiftedWindowAttention[V2], MaxViT's ...Attention);
+    not the channel/spatial gates some CNNs name ChannelAttention or SpatialAttention (CBAM)."""
+    name = type(m).__name__
+    return isinstance(m, nn.MultiheadAttention) or (
+        re.search(r"Attention(V\d+)?$", name) is not None and not name.startswith(("Channel", "Spatial")))
+
+
 def refuse_unsupported(model: nn.Module) -> None:
     """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to
     heads; a conv1d across the channel axis ties each channel to its neighbours)."""
@@ -77,7 +85,7 @@ def refuse_unsupported(model: nn.Module) -> None:
                 f"cannot prune {type(model).__name__}: {name} is a 1-channel Conv1d run across the "
                 "channel axis (ECA channel attention: a view folds the channels into its length), which "
                 "ties each channel to its neighbours in a way the channel-dependency tracer cannot map")
-        if isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith(("Attention", "SelfAttention")):
+        if _is_attention(m):
             raise UnsupportedModel(
                 f"cannot prune {type(model).__name__}: it is a transformer ({type(m).__name__} at "
                 f"{name or 'the top'} ties channels to attention heads and token embeddings); only "

@@ -367,3 +367,28 @@ def test_compare_page_sets_two_runs_side_by_side(tmp_path):
     assert "ahead on 2 of 3" in text and "only_a" not in text
     write(tmp_path / "c.csv", {"other": 0.5})
     assert main(["compare", str(tmp_path / "a.csv"), str(tmp_path / "c.csv"), "--page", str(page)]) == 2
+
+
+def test_token_attention_is_refused_by_name_but_channel_gates_are_not():
+    """Swin V2's ShiftedWindowAttentionV2 is refused at once (it once went to the tracer and hung);
+    a CNN whose gate module is called ChannelAttention still prunes."""
+    from deploy_prune.nodes import UnsupportedModel, discover, refuse_unsupported
+
+    class ShiftedWindowAttentionV2(nn.Module):
+        def forward(self, x):
+            return x
+
+    class ChannelAttention(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.fc = nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+    with pytest.raises(UnsupportedModel, match="ShiftedWindowAttentionV2 at 1 ties channels"):
+        refuse_unsupported(nn.Sequential(nn.Conv2d(3, 8, 3), ShiftedWindowAttentionV2()))
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), ChannelAttention(16),
+                        nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    assert discover(net, torch.zeros(1, 3, 16, 16))
