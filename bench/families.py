@@ -3,6 +3,8 @@ eval and train mode, exported to ONNX with parity, and timed against its base on
 CPU (batch 1, one thread, CPU clock, paired rounds).
 
     python -m bench.families run --out runs/families [--models a,b] [--timeout 600]
+    python -m bench.families run --out runs/zoo --models timm.resnet18,timm.mobilenetv3_large_100
+    python -m bench.families list --zoo timm     # timm's CNN names (the pruner still decides)
     python -m bench.families render runs/families/families.csv --out docs/results
 
 Each model runs in its own subprocess (a crash or a time-out is that model's row, not the
@@ -43,18 +45,46 @@ def models() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
+class ArchError(ValueError):
+    """A matrix name that no registry builds (or timm.NAME without timm)."""
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    from deploy_prune.decisions import AllocationError
+    from deploy_prune.nodes import UnsupportedModel
+    from deploy_prune.surgery import PlanError
+
+    return (UnsupportedModel, AllocationError, PlanError, ArchError)
+
+
+def arch_of(name: str) -> str:
+    """The architecture a matrix name builds: a bare torchvision name (``resnet18``) is
+    ``tv.resnet18``; any name the model registry knows (``timm.resnet26d``, ``tv.vgg11``,
+    ``resnet20``) is itself."""
+    from deploy_prune.models import MODELS
+
+    if name in MODELS or "." in name:
+        return name
+    return f"tv.{name}"
+
+
 def prune_one(name: str, *, flops: float = 2.0, seed: int = 0, size: int | None = None,
               overrides: list[str] | None = None):
-    """(base, base_plan, PruneResult) for torchvision ``name`` at ``flops``x, L1 scores;
-    ``overrides``: ``key=value`` config settings on top (``allocation.round_to=8``)."""
+    """(base, base_plan, PruneResult) for ``name`` (a bare torchvision name or any registered
+    architecture, see :func:`arch_of`) at ``flops``x, L1 scores; ``overrides``: ``key=value``
+    config settings on top (``allocation.round_to=8``)."""
     from deploy_prune import pipeline
     from deploy_prune.artifacts import ModelPlan
     from deploy_prune.config import RunConfig, from_dict, merge, parse_overrides
-    from deploy_prune.models import build_model
+    from deploy_prune.models import build_model, get_spec
 
+    try:
+        get_spec(arch_of(name))
+    except KeyError as e:  # an unknown name, or timm.NAME without timm: the one line is the row
+        raise ArchError(e.args[0] if e.args else str(e)) from None
     torch.manual_seed(seed)
     size = size or INPUT_SIZE.get(name, 64)
-    plan = ModelPlan(f"tv.{name}", 10, 3, size)
+    plan = ModelPlan(arch_of(name), 10, 3, size)
     model = build_model(plan.arch, num_classes=10, in_channels=3).eval()
     cfg = from_dict(RunConfig, merge({"scoring": {"method": "l1"}, "allocation": {"flops_reduction": flops},
                                       "speed_check": {"enabled": False}}, parse_overrides(overrides)))
@@ -75,7 +105,8 @@ def check_one(name: str, *, timing: TimingConfig = MATRIX_TIMING, flops: float =
     row: dict[str, Any] = {"model": name, "flops_asked": flops, "input": f"3x{size}"}
     try:
         base, plan, res = prune_one(name, flops=flops, size=size, overrides=overrides)
-    except ValueError as e:  # the one-line refusal (transformers, untraceable graphs)
+    except _refusals() as e:  # the one-line refusal (transformers, untraceable graphs, out of reach,
+        # unknown arch); any other exception is the model's error row, not a refusal
         row.update(status="refused", detail=str(e).splitlines()[0], seconds=time.perf_counter() - t0)
         return row
     info = res.plan.info
@@ -157,15 +188,21 @@ def _of_scale(r: dict[str, str]) -> str:
     return f" / {float(r['output_scale']):.1e}" if r.get("output_scale") else ""
 
 
-def render(csv_path: Path, out: Path, command: str) -> Path:
+TORCHVISION_TITLE = "Every torchvision classifier at 2x fewer FLOPs"
+
+
+def render(csv_path: Path, out: Path, command: str, *, name: str = "families",
+           title: str = TORCHVISION_TITLE, expected: list[str] | None = None) -> Path:
+    """``out/NAME.md`` (+ ``out/NAME.csv``) from a run's CSV; ``expected``: the models the run was
+    asked for (default: every torchvision classifier), listed when the run did not reach them."""
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
     seen = {r["model"] for r in rows}
-    missing = [m for m in models() if m not in seen]  # the time box ran out before them
+    missing = [m for m in (models() if expected is None else expected) if m not in seen]  # not reached
     ok = [r for r in rows if r["status"] == "ok"]
     eff = sorted(float(r["efficiency"]) for r in ok)
     slower = [r["model"] for r in ok if float(r["speedup_low"]) <= 1.0]
-    lines = ["# Every torchvision classifier at 2x fewer FLOPs", "",
+    lines = [f"# {title}", "",
              "Each model (random weights, 10 classes, the input given) is scored by L1 norm, pruned to "
              "2x fewer FLOPs with the defaults (widths rounded by allocation.round_to=auto: 16 on this "
              "AVX-512 CPU; 2 crucial nodes), run in eval "
@@ -196,10 +233,10 @@ def render(csv_path: Path, out: Path, command: str) -> Path:
             lines.append(f"| {r['model']} | {r['status']} | {r['input']} | | | | | | "
                          f"{r['detail'].replace('|', '/')} |")
     out.mkdir(parents=True, exist_ok=True)
-    page = out / "families.md"
+    page = out / f"{name}.md"
     page.write_text("\n".join(lines) + "\n")
-    if csv_path.resolve() != (out / "families.csv").resolve():
-        (out / "families.csv").write_text(csv_path.read_text())
+    if csv_path.resolve() != (out / f"{name}.csv").resolve():
+        (out / f"{name}.csv").write_text(csv_path.read_text())
     return page
 
 
@@ -238,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--out", required=True, type=Path)
-    r.add_argument("--models", help="comma-separated subset (default: every torchvision classifier)")
+    r.add_argument("--models", help="comma-separated names (default: every torchvision classifier): bare "
+                   "torchvision names (resnet18) or any architecture name (tv.vgg11, timm.resnet26d)")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config setting on top of the defaults, repeatable (allocation.round_to=8)")
@@ -246,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("csv", type=Path)
     d.add_argument("--out", required=True, type=Path)
     d.add_argument("--command", default="python -m bench.families run --out runs/families")
+    d.add_argument("--name", default="families", help="page and CSV stem under --out (default families)")
+    d.add_argument("--title", default=TORCHVISION_TITLE)
+    d.add_argument("--models", help="comma-separated models the run was asked for (default: every "
+                   "torchvision classifier); those without a row are listed as not reached")
+    ls = sub.add_parser("list", help="print model names, one a line")
+    ls.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
+    ls.add_argument("--pattern", default="*", help="timm name pattern, e.g. 'resnet*'")
     c = sub.add_parser("compare", help="two runs' CSVs side by side on one page")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -262,7 +307,18 @@ def main(argv: list[str] | None = None) -> int:
         names = args.models.split(",") if args.models else models()
         print(run(args.out, names, args.timeout, args.overrides))
     elif args.cmd == "render":
-        print(render(args.csv, args.out, args.command))
+        print(render(args.csv, args.out, args.command, name=args.name, title=args.title,
+                     expected=args.models.split(",") if args.models else None))
+    elif args.cmd == "list":
+        if args.zoo == "torchvision":
+            print("\n".join(models()))
+        else:
+            from deploy_prune.models import zoo
+
+            if zoo._timm() is None:
+                print(zoo.missing_message("timm.*"), file=sys.stderr)
+                return 2
+            print("\n".join(zoo.cnn_names(args.pattern)))
     elif args.cmd == "compare":
         try:
             print(compare(args.a, args.b, tuple(args.labels), args.page, args.command, args.title))

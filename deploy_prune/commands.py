@@ -331,18 +331,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "directory (plan.json + model.safetensors) for run/score/prune/export/bench. "
                        "The preprocessing is stored with the model and used by every later stage.")
     common(p)
-    p.add_argument("--arch", required=True, help="registered name (small_vgg, resnet20, ...) or tv.NAME for "
-                   "any torchvision classifier (tv.resnet18, tv.mobilenet_v2)")
+    p.add_argument("--arch", required=True, help="registered name (small_vgg, resnet20, ...), tv.NAME for "
+                   "any torchvision classifier (tv.resnet18, tv.mobilenet_v2) or timm.NAME for any "
+                   "timm model (timm.resnet26d; needs pip install timm)")
     p.add_argument("--weights", required=True, metavar="FILE", help="the trained weights")
     p.add_argument("--data", required=True, metavar="DIR|NAME", help="ImageFolder root with train/ and val/ "
                    f"class folders, or one of: {', '.join(DATASETS)}")
     p.add_argument("--out", required=True, metavar="BASE_DIR", help="model directory to write")
     p.add_argument("--num-classes", type=int, metavar="N", help="classifier outputs (default: the data's classes)")
     g = p.add_argument_group("the model's preprocessing (default: torchvision's ImageNet recipe for tv.* "
-                             "models, the dataset's own otherwise)")
+                             "models, the pretrained_cfg's for timm.* models, the dataset's own otherwise)")
     g.add_argument("--input-size", type=int, metavar="S", help="side of the square input (crop size)")
     g.add_argument("--resize", type=int, metavar="R", help="shorter side before the centre crop "
-                   "(tv.* default: S*256/224); 0: resize the whole image to SxS, no crop")
+                   "(tv.* default: S*256/224; timm.*: S/crop_pct); 0: resize the whole image to SxS, no crop")
     g.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), help="resize filter "
                    "(default bilinear)")
     g.add_argument("--mean", metavar="M[,M,M]", help="per-channel mean on [0,1] pixels")

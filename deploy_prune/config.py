@@ -113,7 +113,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "small_vgg"  # a name in deploy_prune.models.MODELS, or tv.NAME for torchvision
+    arch: str = "small_vgg"  # a name in deploy_prune.models.MODELS, tv.NAME for torchvision, timm.NAME for timm
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model builder
     weights: str | None = None  # local weights file (torchvision archs); never downloaded
 

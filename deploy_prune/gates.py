@@ -29,16 +29,21 @@ class ChannelGates:
     def __enter__(self) -> ChannelGates:
         modules = dict(self.model.named_modules())
         for node in self.nodes:
-            for gate in node.gates:
+            for i, gate in enumerate(node.gates):
                 m = modules[gate]
                 # Linear and plain LayerNorm work channels-last ((B, H, W, C): ConvNeXt's MLP)
                 last = isinstance(m, nn.Linear) or type(m) is nn.LayerNorm
-                self._handles.append(m.register_forward_hook(self._hook(node.name, last)))
+                index = None
+                if node.maps:  # this gate's channels -> the node's (-1: not the node's: factor 1)
+                    index = torch.tensor([c if c >= 0 else node.channels for c in node.maps[i]])
+                self._handles.append(m.register_forward_hook(self._hook(node.name, last, index)))
         return self
 
-    def _hook(self, name: str, channels_last: bool = False):
+    def _hook(self, name: str, channels_last: bool = False, index: torch.Tensor | None = None):
         def hook(mod, inp, out):  # out: (B, C, H, W), or (B, H, W, C) when channels_last
             f = self.factor(name).to(out.dtype)
+            if index is not None:
+                f = torch.cat([f, f.new_ones(1)])[index.to(f.device)]
             if channels_last:
                 return out * f
             return out * f.view(1, -1, *([1] * (out.dim() - 2)))

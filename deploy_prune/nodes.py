@@ -13,6 +13,7 @@ post-activation output) for a residual node, e.g. torchvision ResNet-50 ``layer2
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -53,6 +54,10 @@ class Node:
     groups: int = 1
     tie: str = ""  # the unit of nodes that lose the same whole groups (its first node's name)
     fixed: str = ""  # why the node is kept whole (prunable False), one line
+    # when a producer's outputs are not the node's channels one-to-one (a concat of two convs,
+    # GhostNet's primary + cheap op, MixNet's split kernels): per producer (and its gate), the node
+    # channel each of its output channels belongs to (-1: none); empty when all are one-to-one
+    maps: tuple[tuple[int, ...], ...] = ()
 
     @property
     def is_junction(self) -> bool:
@@ -72,8 +77,14 @@ def _is_attention(m: nn.Module) -> bool:
 
 
 def refuse_unsupported(model: nn.Module) -> None:
-    """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to heads)."""
+    """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to
+    heads; a conv1d across the channel axis ties each channel to its neighbours)."""
     for name, m in model.named_modules():
+        if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1:
+            raise UnsupportedModel(
+                f"cannot prune {type(model).__name__}: {name} is a 1-channel Conv1d run across the "
+                "channel axis (ECA channel attention: a view folds the channels into its length), which "
+                "ties each channel to its neighbours in a way the channel-dependency tracer cannot map")
         if _is_attention(m):
             raise UnsupportedModel(
                 f"cannot prune {type(model).__name__}: it is a transformer ({type(m).__name__} at "
@@ -185,6 +196,75 @@ def _untraceable(model: nn.Module, e: Exception) -> UnsupportedModel:
                             f"({type(e).__name__}: {e}); this architecture is not supported for pruning")
 
 
+# torch-pruning grows a dependency group to a fixed point by mapping channel indices through every
+# op. A few patterns make that blow up instead of converging: a view that folds the channel axis
+# into another one (ECA's conv1d across channels: C channels -> C*C indices), or a residual add on
+# a slice of the channels next to a concat (ReXNet's x[:, :C] + shortcut: the group keeps
+# re-adding partial index sets). Bounded, they become a one-line refusal in seconds, not a hang.
+MAX_GROUP_INDICES = 500_000  # channel indices summed over one group's entries (VGG's flatten at 224: 75k)
+MIN_GROUP_ENTRIES = 2_000  # entries in one group: at least this, or 4 per traced op
+
+
+class _GroupTooLarge(Exception):
+    def __init__(self, op: str, near: str | None, indices: bool) -> None:
+        super().__init__(op, near, indices)
+        self.op, self.near, self.indices = op, near, indices
+
+
+_OP_WORDS = {"_ReshapeOp": "a reshape/view", "_SliceOp": "a channel slice", "_ConcatOp": "a concat",
+             "_SplitOp": "a split", "_ExpandOp": "an expand", "_ElementWiseOp": "an element-wise op"}
+
+
+@contextlib.contextmanager
+def _bounded_groups(dg: tp.DependencyGraph, names: dict[nn.Module, str]):
+    """While inside, every dependency group torch-pruning builds raises :class:`_GroupTooLarge`
+    past :data:`MAX_GROUP_INDICES` indices or its entry limit, naming the op that grew it and
+    the last model module seen before it."""
+    from torch_pruning.dependency import graph as tp_graph
+
+    base = tp_graph.Group
+    max_entries = max(MIN_GROUP_ENTRIES, 4 * len(dg.module2node))
+
+    class Bounded(base):
+        def add_dep(self, dep, idxs):
+            super().add_dep(dep, idxs)
+            self._n_idx = getattr(self, "_n_idx", 0) + len(idxs)
+            module = dep.target.module
+            if module in names:
+                self._near = names[module]
+            if self._n_idx > MAX_GROUP_INDICES or len(self._group) > max_entries:
+                raise _GroupTooLarge(_OP_WORDS.get(type(module).__name__, type(module).__name__),
+                                     getattr(self, "_near", None), self._n_idx > MAX_GROUP_INDICES)
+
+    tp_graph.Group = Bounded
+    try:
+        yield
+    finally:
+        tp_graph.Group = base
+
+
+def _group_refusal(model: nn.Module, e: _GroupTooLarge) -> UnsupportedModel:
+    why = (f"its channel indices multiply past {MAX_GROUP_INDICES:,}: a view folds the channel axis into "
+           "another one, as ECA's conv1d across channels does" if e.indices else
+           "it keeps re-adding partial channel sets: an add on a slice of the channels next to a "
+           "concat, as ReXNet's x[:, :C] + shortcut")
+    return UnsupportedModel(
+        f"cannot prune {type(model).__name__}: the coupled channels through {e.op}"
+        f"{' after ' + e.near if e.near else ''} do not resolve ({why}); this architecture is not "
+        "supported for pruning")
+
+
+def pruning_group(dg: tp.DependencyGraph, model: nn.Module, root: nn.Module, idxs: list[int]):
+    """torch-pruning's group for cutting ``idxs`` of ``root``'s outputs, bounded as in discovery."""
+    names = {m: n for n, m in model.named_modules()}
+    pruner = dg.get_pruner_of_module(root)
+    try:
+        with _bounded_groups(dg, names):
+            return dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+    except _GroupTooLarge as e:
+        raise _group_refusal(model, e) from None
+
+
 def _exec_order(model: nn.Module, example: torch.Tensor,
                 in_dims: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
     """Module name -> index of its forward *completion*, and -> its output channel count;
@@ -247,7 +327,12 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     # (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's MLP): they produce nodes.
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2]
     nodes, touches = [], []  # touches[i]: node i's grouped convs
-    for group in dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)):
+    try:
+        with _bounded_groups(dg, names):
+            groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)))
+    except _GroupTooLarge as e:
+        raise _group_refusal(model, e) from None
+    for group in groups:
         convs = [dep.target.module for dep, _ in group
                  if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
                  and dg.is_out_channel_pruning_fn(dep.handler)]
@@ -255,10 +340,17 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if not convs:
             continue
         node = _make_node(dg, convs, names, modules, order, chans)
+        if any(_out_width(c) != node.channels for c in convs):
+            node = _with_maps(dg, model, node, convs, names)
         moved = next((dg.opaque[it.dep.target] for it in group if it.dep.target in dg.opaque), None)
         if moved:
             node = dataclasses.replace(node, prunable=False, fixed=f"its channels pass through a reshape that "
                                        f"moves them between positions (channel shuffle: {moved})")
+        elif any(type(dep.target.module).__name__ == "_SplitOp" for dep, _ in group):
+            # torch.split(x, sizes, dim=1) keeps its sizes in Python (MixNet's mixed kernels,
+            # Res2Net's scales): a cut would leave them summing to the old width
+            node = dataclasses.replace(node, prunable=False, fixed=(
+                "its channels pass through a torch.split with fixed sizes, which a cut cannot update"))
         touches.append([_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
                         for it in group if is_grouped(it.dep.target.module)])
         nodes.append(node)
@@ -408,6 +500,27 @@ def _refuse_train_only(model: nn.Module, example: torch.Tensor, order: dict[str,
             "training; build the model without them (torchvision: model.kwargs.aux_logits=false)")
 
 
+def _out_width(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _with_maps(dg, model: nn.Module, node: Node, convs: list[nn.Module], names) -> Node:
+    """``node`` with its root's channels as the node's, and each producer's output channels
+    mapped onto them through torch-pruning's index mapping (concat, split, depthwise)."""
+    modules = dict(model.named_modules())
+    root = modules[node.root]
+    width = _out_width(root)
+    group = pruning_group(dg, model, root, list(range(width)))
+    maps = {c: [-1] * _out_width(c) for c in convs}
+    for item in group:
+        m = item.dep.target.module
+        if m in maps and dg.is_out_channel_pruning_fn(item.dep.handler):
+            for i, r in zip(item.idxs, item.root_idxs):
+                if 0 <= i < len(maps[m]) and r is not None:
+                    maps[m][i] = int(r)
+    return dataclasses.replace(node, channels=width, maps=tuple(tuple(maps[c]) for c in convs))
+
+
 def _make_node(dg, convs, names, modules, order, chans) -> Node:
     plain = [c for c in convs if getattr(c, "groups", 1) == 1 or c.groups != c.out_channels]
     root = names[(plain or convs)[0]]
@@ -424,6 +537,19 @@ def _make_node(dg, convs, names, modules, order, chans) -> Node:
         capture, relu, name = gates[-1], True, root
     return Node(name=name, root=root, producers=producers, gates=gates, capture=capture,
                 capture_relu=relu, channels=width, order=order[capture], junctions=junctions)
+
+
+def kept_whole(nodes: list[Node]) -> str:
+    """'K of N nodes are kept whole: why (e.g. NAME)', one clause per cause; '' when none are."""
+    fixed = [n for n in nodes if not n.prunable]
+    if not fixed:
+        return ""
+    causes: dict[str, list[Node]] = {}
+    for n in fixed:
+        why = n.fixed or "its channels are tied to grouped convolutions whose groups do not divide them"
+        causes.setdefault(re.sub(r" \(channel shuffle: .*\)$", "", why), []).append(n)
+    parts = [f"{len(ns)} because {why} (e.g. {ns[0].name})" for why, ns in causes.items()]
+    return f"{len(fixed)} of {len(nodes)} nodes are kept whole: " + "; ".join(parts)
 
 
 def stage_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> dict[str, tuple[int, ...]]:

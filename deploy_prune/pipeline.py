@@ -23,6 +23,7 @@ from deploy_prune import distributed
 from deploy_prune.allocation import (
     PLUGIN_TARGETS,
     Allocation,
+    OutOfReach,
     allocate,
     cut,
     decided,
@@ -53,9 +54,9 @@ from deploy_prune.config import (
 from deploy_prune.data import DataBundle, stage_loader, stream_seed
 from deploy_prune.flops import count
 from deploy_prune.host import cpu_count
-from deploy_prune.models import build_model, load_weights_file
+from deploy_prune.models import build_model, load_weights_file, zoo
 from deploy_prune.models.tv import is_torchvision
-from deploy_prune.nodes import Node, discover, stage_of
+from deploy_prune.nodes import Node, discover, kept_whole, stage_of
 from deploy_prune.precision import check_precision
 from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
@@ -183,17 +184,24 @@ def new_base_plan(cfg: RunConfig, data: DataBundle, *, num_classes: int | None =
 
 def import_overrides(arch: str, data_cfg: DataConfig) -> list[str]:
     """torchvision models default to their ImageNet recipe: 224 crop of a 256 resize (scaled with
-    ``image_size``), ImageNet mean/std, 3 channels; the caller's own settings win."""
-    if not is_torchvision(arch):
+    ``image_size``), ImageNet mean/std, 3 channels; timm models to their ``pretrained_cfg``'s
+    (mean/std, crop fraction, resize filter; ImageNet's where it records none). The caller's own
+    settings win."""
+    timm = zoo.is_timm(arch)
+    if not (is_torchvision(arch) or timm):
         return []
-    size = data_cfg.image_size or 224
+    cfg = zoo.pretrained_defaults(arch) if timm else {}
+    size = data_cfg.image_size or cfg.get("input_size", 224)
     out = [f"data.image_size={size}"]
     if data_cfg.resize is None:
-        out.append(f"data.resize={round(size / CROP_RATIO)}")
+        out.append(f"data.resize={round(size / cfg.get('crop_pct', CROP_RATIO))}")
+    if "interpolation" in cfg and data_cfg.interpolation == DataConfig.interpolation:  # at its default
+        out.append(f"data.interpolation={cfg['interpolation']}")
     if data_cfg.channels is None:
         out.append("data.channels=3")
     if data_cfg.mean is None and data_cfg.channels in (None, 3):
-        out += [f"data.mean={list(IMAGENET_MEAN)}", f"data.std={list(IMAGENET_STD)}"]
+        out += [f"data.mean={list(cfg.get('mean', IMAGENET_MEAN))}",
+                f"data.std={list(cfg.get('std', IMAGENET_STD))}"]
     return out
 
 
@@ -447,7 +455,13 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         return distributed.from_main(lambda: load_allocator(cfg.allocation.target).allocate(
             model, nodes, scores, example, crucial=crucial, cfg=with_rounding(cfg.allocation)[0], plan=plan,
             selection=selection))
-    return allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
+    try:
+        return allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
+    except OutOfReach as e:
+        whole = kept_whole(nodes)  # the cause, when nodes the tracer ties together are kept whole
+        if whole and "kept whole" not in str(e):
+            raise OutOfReach(f"{e}; {whole}") from None
+        raise
 
 
 def load_base(path: str | Path) -> tuple[nn.Module, ModelPlan]:

@@ -17,7 +17,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from deploy_prune.nodes import Node, build_graph, discover, is_grouped
+from deploy_prune.nodes import (
+    Node,
+    UnsupportedModel,
+    build_graph,
+    discover,
+    is_grouped,
+    pruning_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +107,72 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
         drop = [i for i in range(node.channels) if i not in kept]
         if not drop:
             continue
-        root = modules[node.root]
-        pruner = dg.get_pruner_of_module(root)
-        group = dg.get_pruning_group(root, pruner.prune_out_channels, drop)
+        group = pruning_group(dg, model, modules[node.root], drop)
         if node.tie:
             _cut_grouped_inputs(group, dg)
+        extra = _extra_out_params(dg, group)
         group.prune(record_history=False)
+        for param, n_out, idxs in extra:  # e.g. timm's ScaledStdConv2d gain, (C_out, 1, 1, 1)
+            keep = torch.tensor([i for i in range(n_out) if i not in set(idxs)], dtype=torch.long)
+            param.data = param.data.index_select(0, keep)
+    _check_cut(model, example, plan)
     model.train(was_training)
     return model
+
+
+def _extra_out_params(dg, group) -> list[tuple[nn.Parameter, int, list[int]]]:
+    """Per-output-channel parameters of Conv2d subclasses that torch-pruning does not know
+    (beyond weight and bias): (parameter, output channels before the cut, indices cut)."""
+    out = []
+    for item in group:
+        m = item.dep.target.module
+        if type(m) is nn.Conv2d or not isinstance(m, nn.Conv2d) or not dg.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        for name, param in m.named_parameters(recurse=False):
+            if name not in ("weight", "bias") and param.dim() >= 1 and param.shape[0] == m.out_channels:
+                out.append((param, m.out_channels, list(item.idxs)))
+    return out
+
+
+def _check_cut(model: nn.Module, example: torch.Tensor, plan: Mapping[str, Sequence[int]]) -> None:
+    """The cut model has no empty layer and still runs; otherwise one line naming where (the
+    tracer mapped channels through an op it does not model, e.g. a slice of a concat)."""
+    name = type(model).__name__
+    for n, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Conv2d | nn.Linear) and isinstance(w, torch.Tensor) and 0 in w.shape[:2]:
+            raise UnsupportedModel(
+                f"cannot prune {name}: the cut left {n} with no channels ({tuple(w.shape)}): the "
+                "channel-dependency tracer mapped channels through an op it does not model (a slice "
+                "of a concat, as DPN's dual paths); this architecture is not supported for pruning")
+    stack: list[str] = []
+    failed: list[str] = []
+
+    def pre(n):
+        def hook(*a) -> None:  # returns None: the input is unchanged
+            stack.append(n)
+        return hook
+
+    def post(n):
+        def hook(*a) -> None:  # returns None: the output is unchanged
+            if stack and stack[-1] == n:
+                stack.pop()
+        return hook
+
+    hooks = [h for n, m in model.named_modules() if n
+             for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as e:
+        failed = stack[-1:]
+        raise UnsupportedModel(
+            f"cannot prune {name}: after the cut it no longer runs{' at ' + failed[0] if failed else ''} "
+            f"({str(e).splitlines()[0][:160]}): a module keeps channel counts that the cut cannot "
+            "update; this architecture is not supported for pruning") from None
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _cut_grouped_inputs(group, dg) -> None:

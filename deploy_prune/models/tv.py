@@ -63,7 +63,7 @@ def is_torchvision(arch: str) -> bool:
     return arch.startswith("tv.") or arch in REGISTERED
 
 
-def _resolve_tv(name: str) -> ModelSpec | None:
+def resolve_tv(name: str) -> ModelSpec | None:
     """``tv.NAME`` -> any torchvision classification model."""
     if not name.startswith("tv."):
         return None
@@ -73,5 +73,3 @@ def _resolve_tv(name: str) -> ModelSpec | None:
         return None
     return ModelSpec(tv_builder(name[3:]), input_size=224)
 
-
-MODELS.set_fallback(_resolve_tv)

@@ -33,8 +33,13 @@ class L1Scorer(Scorer):
         out = {}
         for n in ctx.nodes:
             total = np.zeros(n.channels)
-            for p in n.producers:
+            for i, p in enumerate(n.producers):
                 w = modules[p].weight.detach().abs().float().cpu()  # (C_out, C_in/g, k, k)
-                total += w.flatten(1).sum(1).numpy()
+                per = w.flatten(1).sum(1).numpy()
+                if n.maps:  # outputs mapped onto the node's channels (concat/split producers)
+                    idx = np.asarray(n.maps[i])
+                    np.add.at(total, idx[idx >= 0], per[idx >= 0])
+                else:
+                    total += per
             out[n.name] = total
         return out
