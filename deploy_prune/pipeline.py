@@ -170,7 +170,7 @@ def resolve_base_config(base: ModelPlan, config: str | None, overrides: list[str
                              ", ".join(dropped))
                 given[section] = {k: v for k, v in mine.items() if k not in keys}
         data = merge(data, given)
-    return from_dict(RunConfig, merge(data, parse_overrides(overrides)))
+    return validate_run_config(from_dict(RunConfig, merge(data, parse_overrides(overrides))))
 
 
 def new_base_plan(cfg: RunConfig, data: DataBundle, *, num_classes: int | None = None) -> ModelPlan:

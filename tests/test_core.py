@@ -297,3 +297,16 @@ def test_default_rounding_never_misses_a_flops_target_beyond_tolerance(example_n
         assert abs(a.flops_reduction / target - 1) <= cfg.tolerance, (target, a.flops_reduction)
         used = a.extra.get("round_to", cfg.round_to)
         assert all(c % used == 0 or c == n.channels for n in nodes for c in [a.counts[n.name]])
+
+
+@pytest.mark.parametrize("override", ["allocation.round_to=fast", "allocation.round_to=0", "allocation.tolerance=-1"])
+def test_stage_configs_on_a_base_are_validated(override):
+    """prune/recover/export resolve their config from the base directory plus overrides; a bad
+    value is the one-line config error naming the key, not a crash deep in the allocation."""
+    from deploy_prune.config import ConfigError
+    from deploy_prune.pipeline import resolve_base_config
+
+    base = ModelPlan("small_vgg", 10, 1, 28)
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        resolve_base_config(base, None, [override])
+    assert resolve_base_config(base, None, ["allocation.round_to=16"]).allocation.round_to == 16
