@@ -62,6 +62,15 @@ def random_plan(nodes, *, frac: float = 0.5, seed: int = 0) -> dict[str, list[in
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test, restored after (the family matrix's setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def small_vgg_dir(tmp_path):
     model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
     return save_model_dir(model, ModelPlan("small_vgg", 10, 1, 28), tmp_path / "base")

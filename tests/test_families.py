@@ -38,12 +38,7 @@ TINY = TimingConfig(warmup_s=0.0, warmup_iters=2, min_time_s=0.05, rounds=2, min
 ALL = torchvision.models.list_models(module=torchvision.models)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # timings and traces on one thread, as the matrix runs
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in ALL])

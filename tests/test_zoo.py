@@ -16,12 +16,7 @@ from deploy_prune.models import build_model, get_spec
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # timings and traces on one thread, as the matrix runs
 
 
 def _weights(tmp_path, arch: str, *, in_channels: int = 3, num_classes: int = 10):
