@@ -11,6 +11,7 @@ It prints the top-1 of its own evaluation loop (its own eval transform, the val/
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torchvision
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="state_dict file to write (.pth)")
     args = p.parse_args()
     model = train(args.data, arch=args.arch, size=args.size, epochs=args.epochs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # runs/own/ on a fresh checkout
     torch.save(model.state_dict(), args.out)
     print(f"{args.arch}: own eval loop top-1 {own_top1(model, args.data, args.size):.2f}% -> {args.out}")
 

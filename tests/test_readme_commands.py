@@ -63,7 +63,7 @@ def skipped(cmd: str) -> str | None:
 def workspace(root: Path, *, tiny: bool) -> Path:
     """A scratch copy of what the README's commands read, set up (setup.sh does nothing)."""
     ws = root / ("tiny" if tiny else "real")
-    for d in ("configs", "bench/baselines", "scripts", "docs/results"):
+    for d in ("configs", "bench/baselines", "scripts", "docs/results", "examples"):
         shutil.copytree(REPO / d, ws / d)
     (ws / "scripts" / "setup.sh").write_text("#!/usr/bin/env bash\n# set-up already done\n")
     if tiny:
