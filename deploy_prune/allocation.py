@@ -288,7 +288,7 @@ def finish_allocation(model: nn.Module, nodes: list[Node], pick: Scores, counts:
     ``fields`` fills the rest (``history``, ``extra``)."""
     plan = keep_top(pick, counts, group_counts(nodes), group_ties(nodes))
     base = base or count(model, example)
-    slim = count(cut(model, plan, example), example)
+    slim = count(cut(model, plan, example, nodes=nodes), example)
     return Allocation(counts={**{n.name: n.channels for n in nodes}, **counts}, plan=plan, crucial=crucial,
                       base_flops=base.flops, flops=slim.flops, base_params=base.params, params=slim.params,
                       **fields)
@@ -353,7 +353,7 @@ def _allocate(
         counts = ranking.counts(k)
         key = tuple(sorted(counts.items()))
         if key not in cache:
-            cache[key] = count(cut(model, keep_top(pick, counts, groups, ties), example), example).flops
+            cache[key] = count(cut(model, keep_top(pick, counts, groups, ties), example, nodes=nodes), example).flops
         return cache[key], counts
 
     history: list[tuple[int, float]] = []
@@ -421,7 +421,7 @@ def _search(flops_at, total: int, base_flops: int, cfg: AllocationConfig, histor
     return k
 
 
-def cut(model: nn.Module, plan: Plan, example: torch.Tensor) -> nn.Module:
-    """A cut copy of ``model`` (the original is untouched)."""
+def cut(model: nn.Module, plan: Plan, example: torch.Tensor, *, nodes: list[Node] | None = None) -> nn.Module:
+    """A cut copy of ``model`` (the original is untouched); ``nodes``: ``model``'s nodes, when known."""
     slim = copy.deepcopy(model).cpu()
-    return apply_plan(slim, plan, example)
+    return apply_plan(slim, plan, example, nodes=nodes)

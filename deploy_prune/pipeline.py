@@ -415,7 +415,7 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
     alloc = _allocation(model, plan, nodes, cfg, scores, selection=selection, crucial=crucial,
                         decision=decision)
     crucial = alloc.crucial
-    slim = cut(model, alloc.plan, example).eval()
+    slim = cut(model, alloc.plan, example, nodes=nodes).eval()
     slim_plan = ModelPlan(arch=plan.arch, arch_kwargs=plan.arch_kwargs, num_classes=plan.num_classes,
                           in_channels=plan.in_channels, input_size=plan.input_size, kept=alloc.plan)
     slim_plan.info.update(

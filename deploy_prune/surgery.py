@@ -94,12 +94,17 @@ def _validate_ties(plan: Mapping[str, Sequence[int]], nodes: list[Node]) -> None
                             + "; ".join(f"{k}: {len(v)} groups" for k, v in seen.items()) + ")")
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: torch.Tensor) -> nn.Module:
-    """Cut ``model`` in place so each node keeps only ``plan[node]``; returns ``model``."""
+def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: torch.Tensor,
+               *, nodes: list[Node] | None = None) -> nn.Module:
+    """Cut ``model`` in place so each node keeps only ``plan[node]``; returns ``model``.
+
+    ``nodes``: the nodes ``discover`` found on this architecture (on ``model`` or an uncut copy
+    of it), to skip discovering them again: an allocation cuts many copies of one model, and
+    finding the nodes of a concat-heavy net (DenseNet) took most of its time."""
     was_training = model.training
     model.eval()
     dg = build_graph(model, example)
-    nodes = discover(model, example, dg=dg)
+    nodes = nodes if nodes is not None else discover(model, example, dg=dg)
     validate_plan(plan, nodes)
     modules = dict(model.named_modules())
     for node in nodes:

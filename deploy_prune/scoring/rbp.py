@@ -176,6 +176,7 @@ class FlopsOracle:
             p.requires_grad_(True)  # torch-pruning traces the dependencies through autograd
         self.example = example[:1].cpu()  # (1, C, H, W)
         self.channels = {n.name: n.channels for n in nodes}
+        self.nodes = nodes
         self.base = count(self.model, self.example).flops
         self._cache: dict[tuple, float] = {}
 
@@ -184,7 +185,7 @@ class FlopsOracle:
         key = tuple(sorted((k, int(v)) for k, v in widths.items() if v < self.channels[k]))
         if key not in self._cache:
             plan = {name: list(range(k)) for name, k in key}  # FLOPs depend on the counts only
-            slim = apply_plan(copy.deepcopy(self.model), plan, self.example)
+            slim = apply_plan(copy.deepcopy(self.model), plan, self.example, nodes=self.nodes)
             self._cache[key] = self.base / max(count(slim, self.example).flops, 1)
         return self._cache[key]
 
