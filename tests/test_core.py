@@ -310,3 +310,30 @@ def test_stage_configs_on_a_base_are_validated(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         resolve_base_config(base, None, [override])
     assert resolve_base_config(base, None, ["allocation.round_to=16"]).allocation.round_to == 16
+
+
+def test_l1_scores_are_relative_to_their_node_so_fan_in_does_not_decide_the_global_ranking():
+    """Scaling one layer's filters changes no L1 score (each node is divided by its mean), the
+    order inside a node is the filters' L1 order, and a global allocation on random weights
+    narrows the wide-fan-in layers too (raw norms grow with fan-in and spared them)."""
+    from deploy_prune.scoring import SCORERS, ScoreContext
+
+    torch.manual_seed(0)
+    model = build_model("tv.resnet18", num_classes=10, in_channels=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    nodes = discover(model, x)
+    l1 = SCORERS.get("l1")()
+    before = l1.score(ScoreContext(model=model, nodes=nodes, example=x))
+    conv = dict(model.named_modules())["layer3.0.conv1"]
+    raw = conv.weight.detach().abs().flatten(1).sum(1).numpy()
+    node = next(n for n in nodes if n.producers == ("layer3.0.conv1",))
+    assert np.array_equal(np.argsort(before[node.name], kind="stable"), np.argsort(raw, kind="stable"))
+    assert np.mean(before[node.name]) == pytest.approx(1.0)
+    with torch.no_grad():
+        conv.weight.mul_(10.0)
+    after = l1.score(ScoreContext(model=model, nodes=nodes, example=x))
+    np.testing.assert_allclose(after[node.name], before[node.name], rtol=1e-5)
+    alloc = allocate(model, nodes, after, x, crucial=[last_node(nodes).name],
+                     cfg=AllocationConfig(flops_reduction=2.0, round_to=1))
+    late = [n for n in nodes if n.name.startswith(("layer3", "layer4")) and n.name in alloc.plan]
+    assert late, f"no layer3/4 node was narrowed: {sorted(alloc.plan)}"
