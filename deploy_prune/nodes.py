@@ -301,7 +301,7 @@ def is_grouped(m: nn.Module) -> bool:
 
 def _following_bn(dg: tp.DependencyGraph, conv: nn.Module) -> nn.Module | None:
     for out in dg.module2node[conv].outputs:
-        if isinstance(out.module, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
+        if isinstance(out.module, nn.BatchNorm2d | nn.BatchNorm1d | nn.GroupNorm | nn.LayerNorm):
             return out.module
     return None
 

@@ -18,15 +18,17 @@ from deploy_prune.recovery.mimic import RecoveryError, check_mimic_set, classifi
 
 
 class MLPHead(nn.Module):
-    """Two convs, then a VGG-like head: Linear -> ReLU -> Dropout -> Linear -> ReLU -> Linear."""
+    """Two convs, then a VGG-like head: Linear -> BN1d -> ReLU -> Dropout -> Linear -> ReLU -> Linear
+    (the BatchNorm1d, as in the CIFAR VGG-16's head, must carry the gate: a unit zeroed before it
+    is BN's shift, not zero)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                                       nn.MaxPool2d(2), nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24),
                                       nn.ReLU(), nn.AdaptiveAvgPool2d(2))
-        self.classifier = nn.Sequential(nn.Linear(96, 40), nn.ReLU(), nn.Dropout(0.5), nn.Linear(40, 32),
-                                        nn.ReLU(), nn.Linear(32, 7))
+        self.classifier = nn.Sequential(nn.Linear(96, 40), nn.BatchNorm1d(40), nn.ReLU(), nn.Dropout(0.5),
+                                        nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 7))
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -52,7 +54,7 @@ class LinearSE(nn.Module):
 
 def _randomise_bn(model: nn.Module) -> None:
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.bias.data.uniform_(-0.5, 0.5)
 
@@ -75,14 +77,14 @@ def test_mlp_head_hidden_units_are_flat_nodes_and_the_output_layer_is_not():
     x = torch.randn(3, 3, 16, 16)
     nodes = discover(model, x[:1])
     flat = {n.name: n.channels for n in nodes if n.flat}
-    assert flat == {"classifier.0": 40, "classifier.3": 32}
-    assert "classifier.5" not in {n.name for n in nodes}  # the 7 class outputs are never a node
+    assert flat == {"classifier.0": 40, "classifier.4": 32}
+    assert "classifier.6" not in {n.name for n in nodes}  # the 7 class outputs are never a node
     assert last_node(nodes).name == "features.4"  # the last *conv* node, not a head layer
     _randomise_bn(model)
-    _gated_equals_cut(model, x, {"classifier.0": list(range(0, 40, 3)), "classifier.3": [1, 5, 8, 30],
+    _gated_equals_cut(model, x, {"classifier.0": list(range(0, 40, 3)), "classifier.4": [1, 5, 8, 30],
                                  "features.0": list(range(8))})
     slim = cut(model, {"classifier.0": list(range(10))}, x[:1])
-    assert slim.classifier[0].out_features == 10 and slim.classifier[3].in_features == 10
+    assert slim.classifier[0].out_features == 10 and slim.classifier[4].in_features == 10
     assert slim(x).shape == (3, 7)
 
 
@@ -96,11 +98,11 @@ def test_flat_nodes_are_never_crucial_nor_mimicked_and_cut_head_layers_train_in_
     with pytest.raises(AllocationError, match="classifier head"):
         select_crucial(nodes, scores, names=["classifier.0", "features.4"])
     with pytest.raises(RecoveryError, match="classifier head"):
-        check_mimic_set(MIMIC_LOSSES.get("mse")(), ["classifier.3"], nodes)
-    slim = cut(model, {"classifier.3": list(range(16))}, x)
+        check_mimic_set(MIMIC_LOSSES.get("mse")(), ["classifier.4"], nodes)
+    slim = cut(model, {"classifier.4": list(range(16))}, x)
     frozen = classifier_modules(slim, model)
-    assert slim.classifier[0] in frozen  # left whole: frozen (OSPR)
-    assert slim.classifier[3] not in frozen and slim.classifier[5] not in frozen  # lost units / inputs: train
+    assert slim.classifier[0] in frozen and slim.classifier[1] in frozen  # left whole: frozen (OSPR)
+    assert slim.classifier[4] not in frozen and slim.classifier[6] not in frozen  # lost units / inputs: train
 
 
 def test_global_allocation_narrows_an_mlp_head():
@@ -114,7 +116,7 @@ def test_global_allocation_narrows_an_mlp_head():
                      cfg=AllocationConfig(flops_reduction=1.3, round_to=1))
     assert alloc.flops_reduction > 1.2  # a conv channel here is ~5% of the FLOPs: near, not within 3%
     assert cut(model, alloc.plan, x)(x).shape == (1, 7)
-    assert {"classifier.0", "classifier.3"} & set(alloc.plan)
+    assert {"classifier.0", "classifier.4"} & set(alloc.plan)
 
 
 def test_linear_squeeze_excitation_couples_its_gate_to_the_conv_channels():
