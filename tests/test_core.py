@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -337,3 +339,35 @@ def test_l1_scores_are_relative_to_their_node_so_fan_in_does_not_decide_the_glob
                      cfg=AllocationConfig(flops_reduction=2.0, round_to=1))
     late = [n for n in nodes if n.name.startswith(("layer3", "layer4")) and n.name in alloc.plan]
     assert late, f"no layer3/4 node was narrowed: {sorted(alloc.plan)}"
+
+
+def test_flops_search_finds_what_bisection_finds_in_fewer_cuts():
+    """The interpolated search returns bisection's answer on monotone step functions (plateaus from
+    rounding, flat ends, exact hits) and, on smooth ones, cuts fewer copies of the model."""
+    from deploy_prune.allocation import _first_meeting
+
+    def bisection(red, total, target):
+        lo, hi = 0, total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if red(mid) >= target else (mid + 1, hi)
+        return lo
+
+    def probe(curve, calls, k):
+        calls.append(k)
+        return int(curve[k])
+
+    rng = np.random.default_rng(0)
+    fewer = 0
+    for trial in range(300):
+        total, base = int(rng.integers(1, 3000)), 10_000_000
+        steps = np.sort(rng.random(total))[::-1] if trial % 3 else np.linspace(1, 0, total)
+        step = int(rng.choice([1, 1, 16, 64]))  # plateaus, as widths rounded to multiples give
+        curve = base * (0.05 + 0.95 * steps[(np.arange(total + 1) // step * step).clip(max=total - 1)])
+        curve[0] = base
+        target = float(rng.uniform(1.0, base / curve[total]))
+        calls: list[int] = []
+        got = _first_meeting(partial(probe, curve, calls), total, base, target, [])
+        assert got == bisection(lambda k, c=curve, b=base: b / max(int(c[k]), 1), total, target), trial
+        fewer += len(set(calls)) < math.ceil(math.log2(total + 1)) + 1
+    assert fewer > 200, fewer  # most searches cut fewer copies than bisection would
