@@ -371,3 +371,21 @@ def test_flops_search_finds_what_bisection_finds_in_fewer_cuts():
         assert got == bisection(lambda k, c=curve, b=base: b / max(int(c[k]), 1), total, target), trial
         fewer += len(set(calls)) < math.ceil(math.log2(total + 1)) + 1
     assert fewer > 200, fewer  # most searches cut fewer copies than bisection would
+
+
+def test_out_of_reach_names_the_crucial_nodes_kept_whole():
+    from deploy_prune import pipeline
+    from deploy_prune.config import RunConfig
+
+    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
+    plan = ModelPlan("small_vgg", 10, 1, 32)
+    nodes = discover(model, plan.example())
+    scores = {n.name: np.ones(n.channels) for n in nodes}
+    cfg = RunConfig()
+    cfg.allocation.flops_reduction = 40.0
+    crucial = [nodes[0].name, last_node(nodes).name]
+    with pytest.raises(allocation.OutOfReach) as e:
+        pipeline.prune(model, plan, cfg, scores, crucial=crucial)
+    msg = str(e.value)
+    assert "out of reach" in msg and "\n" not in msg
+    assert f"crucial nodes, kept whole: {nodes[0].name}, {last_node(nodes).name} (2 of {len(nodes)} nodes" in msg
