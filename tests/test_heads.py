@@ -131,3 +131,15 @@ def test_linear_squeeze_excitation_couples_its_gate_to_the_conv_channels():
     assert "conv1" in by_name and set(by_name["conv1"].producers) == {"conv1", "fc2"}
     assert by_name["fc1"].flat and "head" not in by_name
     _gated_equals_cut(model, x, {"conv1": [0, 2, 3, 7, 9, 15], "fc1": [1, 2, 6]})
+
+
+def test_explain_reads_the_width_of_a_head_node():
+    """``bench explain`` read every node's width from its root's out_channels (a Linear has none)."""
+    from bench.explain import node_widths
+
+    model = MLPHead().eval()
+    x = torch.randn(1, 3, 16, 16)
+    nodes = discover(model, x)
+    slim = cut(model, {"classifier.0": list(range(16)), "features.0": list(range(8))}, x, nodes=nodes)
+    widths = node_widths(slim, nodes)
+    assert widths["classifier.0"] == 16 and widths["features.0"] == 8 and widths["classifier.4"] == 32
