@@ -205,7 +205,22 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
             f"cannot prune {type(model).__name__}: a reshape maps channels in a way the dependency tracer "
             f"cannot follow ({e})") from e
     except Exception as e:  # tracing failures come from deep inside torch-pruning
+        _check_runs(model, example)
         raise _untraceable(model, e) from e
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """A model that does not run on ``example`` at all: say that (usually the input is too small
+    for it, as Inception-v4 at 64x64), not that its graph cannot be traced."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as e:  # noqa: BLE001  (any failure of the user's forward is the one line)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UnsupportedModel(
+            f"{type(model).__name__} does not run on an input of shape {tuple(example.shape)} "
+            f"({type(e).__name__}: {first}); give it an input size it accepts (the model's "
+            "input_size, e.g. --input-size 299 on import)") from None
 
 
 def _untraceable(model: nn.Module, e: Exception) -> UnsupportedModel:
