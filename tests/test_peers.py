@@ -143,3 +143,14 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "p" / "peers.csv").equals(df)
     assert peers.main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
     assert "no study rows" in capsys.readouterr().err
+
+
+def test_sgdft_ablation_changes_only_the_finetune_stage_of_the_default():
+    """The ablation row is the default recipe with one change: fine-tuning's optimiser and schedule."""
+    study = peers.Study(config="configs/default.yaml")
+    base = peers.seed_config(study, 0, peers.METHODS["dp-stage-kd"].overrides)
+    sgd = peers.seed_config(study, 0, peers.METHODS["dp-stage-kd-sgdft"].overrides)
+    assert (sgd.finetune.optimizer, sgd.finetune.lr, sgd.finetune.schedule) == ("sgd", 0.01, "cosine")
+    assert sgd.finetune.epochs == base.finetune.epochs
+    assert (sgd.allocation, sgd.crucial, sgd.recovery, sgd.scoring) == \
+        (base.allocation, base.crucial, base.recovery, base.scoring)

@@ -76,12 +76,11 @@ METHODS: dict[str, Method] = {
     "dp-stage-kd-r8": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
                                     "allocation.round_to=8"),
                              label="deploy-prune default recipe, widths in multiples of 8"),
-    # ablation: dp-stage-kd-r8 with the peers' fine-tuning schedule (SGD, lr 0.01, cosine) in its
-    # own fine-tuning epochs; same widths, same budget
+    # ablation: dp-stage-kd with the peers' fine-tuning schedule (SGD, lr 0.01, cosine) in its own
+    # fine-tuning epochs; same widths (same speed), same budget
     "dp-stage-kd-sgdft": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                       "allocation.round_to=8", "finetune.optimizer=sgd", "finetune.lr=0.01",
-                                       "finetune.schedule=cosine"),
-                                label="deploy-prune default recipe (multiples of 8) + SGD lr 0.01 cosine fine-tuning"),
+                                       "finetune.optimizer=sgd", "finetune.lr=0.01", "finetune.schedule=cosine"),
+                                label="deploy-prune default recipe + SGD lr 0.01 cosine fine-tuning"),
     "tp-l1": Method("tp", importance="l1", label="Torch-Pruning L1 (global) + CE fine-tune"),
     "tp-bn": Method("tp", importance="bn", label="Torch-Pruning BN-scale (global) + CE fine-tune"),
     "tp-taylor": Method("tp", importance="taylor", label="Torch-Pruning Taylor (global) + CE fine-tune"),
