@@ -154,3 +154,20 @@ def test_sgdft_ablation_changes_only_the_finetune_stage_of_the_default():
     assert sgd.finetune.epochs == base.finetune.epochs
     assert (sgd.allocation, sgd.crucial, sgd.recovery, sgd.scoring) == \
         (base.allocation, base.crucial, base.recovery, base.scoring)
+
+
+def test_every_dp_method_is_the_config_with_valid_overrides():
+    """A misspelt key in a screened recipe would be a one-line config error mid-study: load each."""
+    # the page's settings (docs/results/peers.md): dp-stage-kd-noft moves the page's 0.5
+    # fine-tuning epoch into its 1.0 recovery epoch, so its budget is equal at that scale
+    study = peers.Study(config="configs/default.yaml", overrides=[
+        "data.max_train_samples=4000", "train.epochs=10", "scoring.epochs=0.5", "recovery.epochs=1.0",
+        "finetune.epochs=0.5"])
+    default = peers.seed_config(study, 0, peers.METHODS["dp-stage-kd"].overrides)
+    for name, m in peers.METHODS.items():
+        if m.kind != "dp":
+            continue
+        cfg = peers.seed_config(study, 0, m.overrides)
+        # the budget of every recipe is the default's: the peers' epochs are computed from it
+        assert peers.budget(cfg)["total"] == pytest.approx(peers.budget(default)["total"]), name
+    assert peers.seed_config(study, 0, peers.METHODS["dp-stage-kd-noft"].overrides).finetune.epochs == 0
