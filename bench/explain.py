@@ -143,7 +143,8 @@ def build_rowmap(model: nn.Module, example: torch.Tensor, nodes: list[Node] | No
 def node_widths(model: nn.Module, nodes: list[Node]) -> dict[str, int]:
     """Each node's channel count in ``model`` (its root conv's ``out_channels``)."""
     mods = dict(model.named_modules())
-    return {n.name: int(mods[n.root].out_channels) for n in nodes if n.root in mods}
+    return {n.name: int(getattr(mods[n.root], "out_channels", None) or mods[n.root].out_features)
+            for n in nodes if n.root in mods}  # a Linear root: an MLP head's hidden units, or ConvNeXt's MLP
 
 
 def row_flops(model: nn.Module, example: torch.Tensor, rowmap: RowMap) -> tuple[dict[str, int], int]:

@@ -47,12 +47,17 @@ def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list
         bad = [x for x in names if x not in known]
         if bad:
             raise AllocationError(f"crucial.nodes: unknown node(s) {bad}; nodes are: {sorted(known)}")
+        flat = [nd.name for nd in nodes if nd.flat and nd.name in names]
+        if flat:
+            raise AllocationError(f"crucial.nodes: {flat} are hidden units of the classifier head (flat (B, F) "
+                                  "features, no feature map to mimic); name conv nodes")
         chosen = list(names)
     else:
         if n < 2:
             raise AllocationError(f"crucial.n must be >= 2 (OSPR section 3), got {n}")
         ns = node_scores(scores)
-        ranked = sorted(ns, key=lambda k: -ns[k])
+        flat = {nd.name for nd in nodes if nd.flat}  # an MLP head's hidden units: no map to mimic
+        ranked = sorted((k for k in ns if k not in flat), key=lambda k: -ns[k])
         if select == "score":
             chosen = ranked[:n]
         elif select == "per_stage":

@@ -58,6 +58,10 @@ class Node:
     # GhostNet's primary + cheap op, MixNet's split kernels): per producer (and its gate), the node
     # channel each of its output channels belongs to (-1: none); empty when all are one-to-one
     maps: tuple[tuple[int, ...], ...] = ()
+    # hidden units of an MLP head (a Linear on flattened (B, F) features feeding another Linear,
+    # as VGG's and AlexNet's 4096-wide classifier layers): prunable, but with no spatial map they
+    # are never crucial and never mimicked, and "the last node" means the last conv node
+    flat: bool = False
 
     @property
     def is_junction(self) -> bool:
@@ -297,7 +301,7 @@ def is_grouped(m: nn.Module) -> bool:
 
 def _following_bn(dg: tp.DependencyGraph, conv: nn.Module) -> nn.Module | None:
     for out in dg.module2node[conv].outputs:
-        if isinstance(out.module, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
+        if isinstance(out.module, nn.BatchNorm2d | nn.BatchNorm1d | nn.GroupNorm | nn.LayerNorm):
             return out.module
     return None
 
@@ -323,9 +327,12 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     in_dims: dict[str, int] = {}
     order, chans = _exec_order(model, example, in_dims)
     _refuse_train_only(model, example, order)
-    # Linears on flattened (B, F) features are classifier heads: never pruned. Linears on
-    # (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's MLP): they produce nodes.
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2]
+    # Linears on flattened (B, F) features: the output layer (its outputs are the classes) is
+    # never pruned; a hidden layer of an MLP head (its outputs feed another layer) produces a
+    # ``flat`` node. Linears on (B, H, W, C) maps are 1x1 convs written channels-last (ConvNeXt's
+    # MLP): they produce nodes.
+    flat = {m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2}
+    heads = _output_layers(dg, flat)
     nodes, touches = [], []  # touches[i]: node i's grouped convs
     try:
         with _bounded_groups(dg, names):
@@ -340,6 +347,8 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if not convs:
             continue
         node = _make_node(dg, convs, names, modules, order, chans)
+        if all(c in flat for c in convs):
+            node = dataclasses.replace(node, flat=True)
         if any(_out_width(c) != node.channels for c in convs):
             node = _with_maps(dg, model, node, convs, names)
         moved = next((dg.opaque[it.dep.target] for it in group if it.dep.target in dg.opaque), None)
@@ -362,6 +371,18 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
             "on (B, H, W, C) maps, whose output channels are not tied to the classifier)")
     nodes.sort(key=lambda n: n.order)
     return nodes
+
+
+def _output_layers(dg, linears: set[nn.Module]) -> list[nn.Module]:
+    """The Linears (of ``linears``) whose outputs reach no other layer: the model's outputs."""
+    out = []
+    for m in linears:
+        group = dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
+        if not any(it.dep.target.module is not m and isinstance(it.dep.target.module, nn.Module)
+                   and not dg.is_out_channel_pruning_fn(it.dep.handler)
+                   and type(it.dep.target.module).__name__ != "_ElementWiseOp" for it in group):
+            out.append(m)
+    return out
 
 
 def _unique_names(nodes: list[Node], order: dict[str, int]) -> list[Node]:
@@ -577,5 +598,6 @@ def stage_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> dict
 
 
 def last_node(nodes: list[Node]) -> Node:
-    """The last conv node: the one feeding the classifier."""
-    return max(nodes, key=lambda n: n.order)
+    """The last conv node: the one feeding the classifier (an MLP head's ``flat`` nodes come
+    after it and are not it)."""
+    return max([n for n in nodes if not n.flat] or nodes, key=lambda n: n.order)

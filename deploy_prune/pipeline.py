@@ -458,10 +458,14 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
     try:
         return allocate(model, nodes, scores, example, crucial=crucial, cfg=cfg.allocation, selection=selection)
     except OutOfReach as e:
+        msg = str(e)
         whole = kept_whole(nodes)  # the cause, when nodes the tracer ties together are kept whole
-        if whole and "kept whole" not in str(e):
-            raise OutOfReach(f"{e}; {whole}") from None
-        raise
+        if whole and "kept whole" not in msg:
+            msg = f"{msg}; {whole}"
+        if "out of reach" in msg:  # name the crucial nodes: on a net of few (tied) nodes they are most of it
+            msg += (f"; crucial nodes, kept whole: {', '.join(crucial)} ({len(crucial)} of {len(nodes)} nodes; "
+                    "crucial.n / crucial.nodes choose them)")
+        raise OutOfReach(msg) from None
 
 
 def load_base(path: str | Path) -> tuple[nn.Module, ModelPlan]:

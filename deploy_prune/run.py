@@ -233,7 +233,7 @@ def recover_slim(teacher: nn.Module, student: nn.Module, plan: ModelPlan, cfg: R
         names = rc.nodes or plan.info.get("crucial_nodes")
         if not names:
             raise ValueError("no nodes to mimic: the slim plan names no crucial_nodes; set recovery.nodes")
-        state = recovery_state(student, loader, rc)
+        state = recovery_state(student, loader, rc, teacher)
         on_step = None
         if ckpt is not None:
             ck = Checkpointer(ckpt, {"model": student}, state, started=started)

@@ -39,23 +39,31 @@ def _measurer():
     return found["speed"].load() if "speed" in found else None
 
 
-def likely_cause(base: nn.Module, slim: nn.Module, flops_reduction: float, base_ms: float | None) -> str:
+def likely_cause(base: nn.Module, slim: nn.Module, flops_reduction: float, base_ms: float | None,
+                 device: str = "cpu") -> str:
     """The probable reasons a cut model is not faster, from what changed between the two."""
+    from deploy_prune.decisions import auto_round_to
+
     old = {n: m for n, m in base.named_modules() if isinstance(m, nn.Conv2d)}
     changed = [(n, m) for n, m in slim.named_modules()
                if isinstance(m, nn.Conv2d) and n in old and m.out_channels != old[n].out_channels]
     causes = []
-    odd = [n for n, m in changed if m.out_channels % 8]
+    block = auto_round_to(device)[0]
+    odd = [n for n, m in changed if m.out_channels % block]
     if odd:
-        causes.append(f"{len(odd)} cut convs have widths that are not multiples of 8 (e.g. {odd[0]}); "
-                      "use --round-to 8")
+        causes.append(f"{len(odd)} cut convs have widths that are not multiples of {block}, the channel block "
+                      f"of this hardware (e.g. {odd[0]}); use --round-to auto (the default)")
     dw = [n for n, m in changed if m.groups > 1 and m.groups == m.in_channels == m.out_channels]
     if dw:
         causes.append(f"{len(dw)} narrowed depthwise convs (e.g. {dw[0]}) save FLOPs but little time "
                       "on CPU kernels")
-    grouped = [n for n, m in changed if 1 < m.groups < m.in_channels]
-    if grouped:
-        causes.append(f"{len(grouped)} grouped convs (e.g. {grouped[0]}) were narrowed")
+    # whole groups cut keep each group's width; narrower groups are what grouped kernels pay for
+    thin = [(n, old[n].in_channels // old[n].groups, m.in_channels // m.groups) for n, m in changed
+            if 1 < m.groups < m.in_channels and m.in_channels // m.groups != old[n].in_channels // old[n].groups]
+    if thin:
+        n, was, now = thin[0]
+        causes.append(f"{len(thin)} grouped convs have narrower groups (e.g. {n}: {was} -> {now} channels "
+                      "per group), which grouped kernels run at a lower rate")
     if flops_reduction < 1.15:
         causes.append(f"only {flops_reduction:.2f}x fewer FLOPs were removed")
     if base_ms is not None and base_ms < 0.3:
@@ -102,7 +110,7 @@ def speed_check(base: nn.Module, base_plan: ModelPlan, slim: nn.Module, slim_pla
     result["faster"] = bool(result["low"] > 1.0)
     if not result["faster"]:
         verdict = "SLOWER than" if result["speedup"] < 1.0 else "not measurably faster than"
-        result["cause"] = likely_cause(base, slim, flops_reduction, result.get("base_ms"))
+        result["cause"] = likely_cause(base, slim, flops_reduction, result.get("base_ms"), a.device)
         msg = (f"the pruned model is {verdict} its base: {summary_line(result)}. "
                f"Likely cause: {result['cause']}")
         log.warning(msg)

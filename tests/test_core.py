@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -310,3 +312,80 @@ def test_stage_configs_on_a_base_are_validated(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         resolve_base_config(base, None, [override])
     assert resolve_base_config(base, None, ["allocation.round_to=16"]).allocation.round_to == 16
+
+
+def test_l1_scores_are_relative_to_their_node_so_fan_in_does_not_decide_the_global_ranking():
+    """Scaling one layer's filters changes no L1 score (each node is divided by its mean), the
+    order inside a node is the filters' L1 order, and a global allocation on random weights
+    narrows the wide-fan-in layers too (raw norms grow with fan-in and spared them)."""
+    from deploy_prune.scoring import SCORERS, ScoreContext
+
+    torch.manual_seed(0)
+    model = build_model("tv.resnet18", num_classes=10, in_channels=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    nodes = discover(model, x)
+    l1 = SCORERS.get("l1")()
+    before = l1.score(ScoreContext(model=model, nodes=nodes, example=x))
+    conv = dict(model.named_modules())["layer3.0.conv1"]
+    raw = conv.weight.detach().abs().flatten(1).sum(1).numpy()
+    node = next(n for n in nodes if n.producers == ("layer3.0.conv1",))
+    assert np.array_equal(np.argsort(before[node.name], kind="stable"), np.argsort(raw, kind="stable"))
+    assert np.mean(before[node.name]) == pytest.approx(1.0)
+    with torch.no_grad():
+        conv.weight.mul_(10.0)
+    after = l1.score(ScoreContext(model=model, nodes=nodes, example=x))
+    np.testing.assert_allclose(after[node.name], before[node.name], rtol=1e-5)
+    alloc = allocate(model, nodes, after, x, crucial=[last_node(nodes).name],
+                     cfg=AllocationConfig(flops_reduction=2.0, round_to=1))
+    late = [n for n in nodes if n.name.startswith(("layer3", "layer4")) and n.name in alloc.plan]
+    assert late, f"no layer3/4 node was narrowed: {sorted(alloc.plan)}"
+
+
+def test_flops_search_finds_what_bisection_finds_in_fewer_cuts():
+    """The interpolated search returns bisection's answer on monotone step functions (plateaus from
+    rounding, flat ends, exact hits) and, on smooth ones, cuts fewer copies of the model."""
+    from deploy_prune.allocation import _first_meeting
+
+    def bisection(red, total, target):
+        lo, hi = 0, total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if red(mid) >= target else (mid + 1, hi)
+        return lo
+
+    def probe(curve, calls, k):
+        calls.append(k)
+        return int(curve[k])
+
+    rng = np.random.default_rng(0)
+    fewer = 0
+    for trial in range(300):
+        total, base = int(rng.integers(1, 3000)), 10_000_000
+        steps = np.sort(rng.random(total))[::-1] if trial % 3 else np.linspace(1, 0, total)
+        step = int(rng.choice([1, 1, 16, 64]))  # plateaus, as widths rounded to multiples give
+        curve = base * (0.05 + 0.95 * steps[(np.arange(total + 1) // step * step).clip(max=total - 1)])
+        curve[0] = base
+        target = float(rng.uniform(1.0, base / curve[total]))
+        calls: list[int] = []
+        got = _first_meeting(partial(probe, curve, calls), total, base, target, [])
+        assert got == bisection(lambda k, c=curve, b=base: b / max(int(c[k]), 1), total, target), trial
+        fewer += len(set(calls)) < math.ceil(math.log2(total + 1)) + 1
+    assert fewer > 200, fewer  # most searches cut fewer copies than bisection would
+
+
+def test_out_of_reach_names_the_crucial_nodes_kept_whole():
+    from deploy_prune import pipeline
+    from deploy_prune.config import RunConfig
+
+    model = build_model("small_vgg", num_classes=10, in_channels=1).eval()
+    plan = ModelPlan("small_vgg", 10, 1, 32)
+    nodes = discover(model, plan.example())
+    scores = {n.name: np.ones(n.channels) for n in nodes}
+    cfg = RunConfig()
+    cfg.allocation.flops_reduction = 40.0
+    crucial = [nodes[0].name, last_node(nodes).name]
+    with pytest.raises(allocation.OutOfReach) as e:
+        pipeline.prune(model, plan, cfg, scores, crucial=crucial)
+    msg = str(e.value)
+    assert "out of reach" in msg and "\n" not in msg
+    assert f"crucial nodes, kept whole: {nodes[0].name}, {last_node(nodes).name} (2 of {len(nodes)} nodes" in msg

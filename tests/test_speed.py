@@ -73,8 +73,20 @@ def test_likely_cause_names_odd_widths_and_depthwise():
 
     base = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, groups=32))
     slim = nn.Sequential(nn.Conv2d(3, 13, 1), nn.Conv2d(13, 13, 3, groups=13))
-    cause = speed.likely_cause(base, slim, 2.0, 1.0)
-    assert "not multiples of 8 (e.g. 0)" in cause and "1 narrowed depthwise convs (e.g. 1)" in cause
+    cause = speed.likely_cause(base, slim, 2.0, 1.0, device="cuda")
+    assert "not multiples of 8, the channel block" in cause and "(e.g. 0)" in cause
+    assert "1 narrowed depthwise convs (e.g. 1)" in cause
+
+
+def test_likely_cause_names_narrower_groups_not_whole_groups_cut():
+    from torch import nn
+
+    base = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 3, groups=4))
+    whole = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, groups=2))  # 2 of 4 groups cut
+    thin = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, groups=4))  # every group halved
+    assert "grouped convs" not in speed.likely_cause(base, whole, 2.0, 1.0, device="cuda")
+    assert "1 grouped convs have narrower groups (e.g. 1: 16 -> 8 channels per group)" in \
+        speed.likely_cause(base, thin, 2.0, 1.0, device="cuda")
 
 
 def test_prune_cli_records_the_check_and_exits_2_under_require_speedup(tmp_path, capsys):

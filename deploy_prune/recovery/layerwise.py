@@ -42,7 +42,7 @@ def layerwise(teacher: nn.Module, nodes: list[Node], plan: Plan, *, loader, cfg:
         apply_plan(student, {node.name: plan[node.name]}, example)
         target = next_node(nodes, node)
         student.to(device).train()
-        for m in classifier_modules(student):
+        for m in classifier_modules(student, teacher):
             for p in m.parameters():
                 p.requires_grad_(not cfg.freeze_classifier)
         opt = make_optimizer(student.parameters(), name="adam", lr=cfg.lr)

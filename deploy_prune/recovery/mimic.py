@@ -36,9 +36,16 @@ class RecoveryError(ValueError):
     """A recovery setting that cannot work (e.g. KL with one node)."""
 
 
-def classifier_modules(model: nn.Module) -> list[nn.Module]:
-    """The layers after the last conv node: linears and 1-d norms of the head."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear | nn.BatchNorm1d)]
+def classifier_modules(model: nn.Module, teacher: nn.Module | None = None) -> list[nn.Module]:
+    """The layers after the last conv node: linears and 1-d norms of the head. With ``teacher``
+    (the uncut model), only those pruning left whole: layers of an MLP head whose hidden units
+    were cut must train, frozen they could not adapt to the units they lost."""
+    whole = None
+    if teacher is not None:
+        shapes = {n: tuple(m.weight.shape) for n, m in teacher.named_modules() if hasattr(m, "weight")}
+        whole = {n for n, m in model.named_modules() if hasattr(m, "weight") and shapes.get(n) == tuple(m.weight.shape)}
+    return [m for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.BatchNorm1d)
+            and (whole is None or n in whole)]
 
 
 def check_mimic_set(loss: MimicLoss, names: list[str], nodes: list[Node]) -> None:
@@ -47,6 +54,10 @@ def check_mimic_set(loss: MimicLoss, names: list[str], nodes: list[Node]) -> Non
     bad = [n for n in names if n not in known]
     if bad:
         raise RecoveryError(f"mimic nodes {bad} are not nodes of this model")
+    flat = [n.name for n in nodes if n.flat and n.name in names]
+    if flat:
+        raise RecoveryError(f"mimic nodes {flat} are hidden units of the classifier head (flat (B, F) "
+                            "features, no feature map): mimic conv nodes")
     if loss.needs_crucial_set:
         last = last_node(nodes).name
         if len(names) < 2 or last not in names:
@@ -98,9 +109,9 @@ def mimic_loss_fn(teacher: nn.Module, nodes: list[Node], loss: MimicLoss, *, ce_
     return fn
 
 
-def recovery_state(student: nn.Module, loader, cfg: RecoveryConfig) -> StepState:
+def recovery_state(student: nn.Module, loader, cfg: RecoveryConfig, teacher: nn.Module | None = None) -> StepState:
     if cfg.freeze_classifier:
-        for m in classifier_modules(student):
+        for m in classifier_modules(student, teacher):
             for p in m.parameters():
                 p.requires_grad_(False)
     steps = steps_for(cfg.epochs, loader)
@@ -126,7 +137,7 @@ def recover(teacher: nn.Module, student: nn.Module, *, teacher_nodes: list[Node]
     """Train ``student`` to mimic ``teacher`` on ``names`` (``cfg.mode='ce'``: cross-entropy)."""
     teacher.to(device).eval()
     student.to(device).train()
-    state = state or recovery_state(student, loader, cfg)
+    state = state or recovery_state(student, loader, cfg, teacher)
     if cfg.mode == "ce":  # "Model_CE": same budget, cross-entropy only
         loss_fn = cross_entropy()
     else:

@@ -26,7 +26,14 @@ class FirstKScorer(Scorer):
 
 @SCORERS.register("l1")
 class L1Scorer(Scorer):
-    """L1 norm of each output filter ("max response"); summed over coupled producers."""
+    """L1 norm of each output filter ("max response"); summed over coupled producers, then
+    divided by the node's mean (Torch-Pruning's default ``normalizer="mean"``).
+
+    The division changes no choice inside a node; it makes the *global* ranking compare channels
+    relative to their layer. Raw filter norms grow with fan-in (C_in * k * k weights of a similar
+    scale), so a raw global ranking strips the layers with few inputs first: on ResNet-50 at 2x
+    fewer FLOPs it cut layer1-2 to 16 channels and left layer3-4 whole, the layers where time per
+    FLOP is highest at batch 1 (1.51x measured, against 1.77x with equal fractions per layer)."""
 
     def score(self, ctx: ScoreContext) -> Scores:
         modules = dict(ctx.model.named_modules())
@@ -41,5 +48,6 @@ class L1Scorer(Scorer):
                     np.add.at(total, idx[idx >= 0], per[idx >= 0])
                 else:
                     total += per
-            out[n.name] = total
+            mean = float(total.mean())
+            out[n.name] = total / mean if mean > 0 else total
         return out

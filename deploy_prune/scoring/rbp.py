@@ -411,8 +411,9 @@ class RBPScorer(Scorer):
         if sw.target is not None or not ctx.goal.crucial_nodes:  # forecasts or crucial nodes needed
             sw.probe = probe(sw.model, nodes, sw.loader, cfg=cfg, device=sw.device, generator=sw.generator)
         crucial = self._crucial(ctx, nodes, sw.probe)
-        # nodes tied to grouped convs are kept whole by RBP (its per-channel cut ignores groups)
-        visits = [n for n in nodes if n.prunable and n.groups == 1 and n.name not in crucial]
+        # nodes tied to grouped convs are kept whole by RBP (its per-channel cut ignores groups),
+        # and so are an MLP head's hidden units (flat: RBP's noise model is per feature-map channel)
+        visits = [n for n in nodes if n.prunable and n.groups == 1 and not n.flat and n.name not in crucial]
         log.info("rbp: %d nodes to visit, crucial %s, %s", len(visits), crucial,
                  f"threshold {cfg.threshold}" if sw.target is None else f"target {sw.target}x FLOPs")
         records = sweep(sw, visits)
