@@ -111,6 +111,11 @@ METHODS: dict[str, Method] = {
     "dp-stage-kd-ft3e4": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
                                        "finetune.lr=0.0003"),
                                 label="deploy-prune default recipe, fine-tuning Adam 3e-4"),
+    # hypothesis test (small VGG only): the full-resolution stage's crucial node is features.3,
+    # not the stem features.0 that beta picks on every base, so the stem can be cut
+    "dp-stage-kd-nostem": Method("dp", ("crucial.nodes=[features.3, features.10]", "recovery.ce_weight=1",
+                                        "recovery.kd_weight=1"),
+                                 label="deploy-prune default recipe, crucial features.3/.10/.18 (stem cut)"),
     "tp-l1": Method("tp", importance="l1", label="Torch-Pruning L1 (global) + CE fine-tune"),
     "tp-bn": Method("tp", importance="bn", label="Torch-Pruning BN-scale (global) + CE fine-tune"),
     "tp-taylor": Method("tp", importance="taylor", label="Torch-Pruning Taylor (global) + CE fine-tune"),
