@@ -138,6 +138,8 @@ class _Ranking:
         keys, vals = [], []
         for i, n in enumerate(nodes):
             s = np.asarray(scores[n.name], dtype=np.float64)
+            if cfg.normalize == "mean" and s.mean() > 0:  # per-layer scale (L1 norms): relative to the node
+                s = s / s.mean()
             if cfg.method == "uniform":  # rank-normalise: equal fractions from every node
                 s = 1.0 - np.argsort(np.argsort(-s, kind="stable"), kind="stable") / n.channels
             elif cfg.method != "global":

@@ -130,7 +130,7 @@ def prune(
     data = SimpleNamespace(train=loader) if loader is not None else None
     result = pipeline.score(model, base, cfg, data, torch.device(device), method=method)
     scores, decision = pipeline.scored(result, base, source=f"scorer {method}")
-    res = pipeline.prune(model, base, cfg, scores, decision=decision)
+    res = pipeline.prune(model, base, cfg, scores, decision=decision, scorer=method)
     res.plan.info["scorer"] = method
     if speed_check:
         from deploy_prune import speed

@@ -13,6 +13,7 @@ from deploy_prune.artifacts import (
     check_output,
     finite_json,
     load_model_dir,
+    read_json_object,
     read_plan,
     save_model_dir,
 )
@@ -202,9 +203,12 @@ def cmd_prune(args) -> int:
     device = pipeline.setup(cfg)
     if args.scores:
         scores, decision = pipeline.read_scored(args.scores, plan, model)
+        scorer = read_json_object(args.scores).get("scorer")  # read once already: valid JSON
     else:
         scores, decision = pipeline.scored(_scores(args, model, plan, cfg, device), plan, source="scorer")
-    res = pipeline.prune(model, plan, cfg, scores, decision=decision)
+        scorer = args.scorer
+    res = pipeline.prune(model, plan, cfg, scores, decision=decision,
+                         scorer=scorer if isinstance(scorer, str) else None)
     if not distributed.is_main():
         return 0
     check = speed.speed_check(model, plan, res.slim, res.plan, cfg)

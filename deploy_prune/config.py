@@ -178,6 +178,11 @@ class AllocationConfig:
     # in, measured (docs/results/rounding.md): 16 on AVX-512 CPUs, 8 on AVX2 CPUs and on GPUs
     # (tensor cores); plan.json's "rounding" says which and why; 1 = exact widths
     round_to: int | str = "auto"
+    # per-node scaling of channel scores before the global ranking: mean = each node's scores
+    # divided by their mean (scores whose scale follows the layer, e.g. L1 norms that grow with
+    # fan-in); none = as they are (beta, RBP: comparable across nodes by construction); auto =
+    # what the scorer declares (mean for l1, none otherwise). Crucial nodes use the raw scores.
+    normalize: str = "auto"
     # latency-aware allocation (target=speedup|latency)
     speedup: float = 2.0  # target=speedup: measured speedup to reach (2.0 = twice as fast)
     latency_ms: float | None = None  # target=latency: slim latency to reach, in ms

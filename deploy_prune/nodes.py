@@ -105,6 +105,10 @@ class _ChannelMoves(TorchFunctionMode):
     def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
         super().__init__()
         self.moves: dict = {}  # grad_fn -> "view (1, 48, 8, 8) -> (1, 2, 24, 8, 8) in stage2.0"
+        # grad_fn of a channel concat of feature maps -> its inputs' channel counts, as they ran
+        # (torch-pruning infers them from the graph and fails when an input comes from a split:
+        # CSPNet's cross-stage blocks, "unsupported operand type(s) for +: 'int' and 'NoneType'")
+        self.cat_sizes: dict = {}
         # feature maps: tensors computed from the input (not from weights alone, as in weight
         # standardisation); by id, with the tensors held so that no id is reused during the trace
         self._maps: dict[int, torch.Tensor] = {id(example): example}
@@ -137,6 +141,10 @@ class _ChannelMoves(TorchFunctionMode):
                 self._maps[id(t)] = t
         src = args[0] if args else None
         fn = getattr(out, "grad_fn", None)
+        if func in (torch.cat, torch.concat, torch.concatenate) and fn is not None and isinstance(src, list | tuple):
+            dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
+            if out.dim() == 4 and dim in (1, -3):
+                self.cat_sizes[fn] = [int(t.shape[1]) for t in src]
         if (isinstance(src, torch.Tensor) and id(src) in self._maps and isinstance(out, torch.Tensor)
                 and fn is not None and any(k in fn.name().lower() for k in ("view", "reshape"))
                 and _moves_channels(src.shape, out.shape)):
@@ -160,13 +168,18 @@ class _Graph(tp.DependencyGraph):
     node whose group reaches one whole (``Node.fixed``). The channels after it are then never
     cut either: only a group coming through it could cut them."""
 
-    def __init__(self, moves: dict) -> None:
+    def __init__(self, moves: dict, cat_sizes: dict | None = None) -> None:
         super().__init__()
         self.moves, self.opaque = moves, {}  # opaque: tp node -> what the reshape did
+        self.cat_sizes = cat_sizes if cat_sizes is not None else {}  # filled during the trace
 
     def _trace(self, *args, **kwargs):
         module2node = super()._trace(*args, **kwargs)
         for op, node in list(module2node.items()):
+            if node.type == tp.ops.OPTYPE.CONCAT and node.grad_fn in self.cat_sizes:
+                sizes = self.cat_sizes[node.grad_fn]
+                if len(sizes) == len(node.inputs):  # the traced inputs are the concat's, in order
+                    node.module.concat_sizes = sizes
             if node.type == tp.ops.OPTYPE.RESHAPE and node.grad_fn in self.moves:
                 node.module = tp.ops._ElementWiseOp(op.id, "ChannelMove")
                 node.type, node.module_class = tp.ops.OPTYPE.ELEMENTWISE, type(node.module)
@@ -186,13 +199,28 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     refuse_unsupported(model)
     try:
         with torch.enable_grad(), _ChannelMoves(model, example) as moves:
-            return _Graph(moves.moves).build_dependency(model, example_inputs=example, verbose=False)
+            return _Graph(moves.moves, moves.cat_sizes).build_dependency(model, example_inputs=example, verbose=False)
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
         raise UnsupportedModel(
             f"cannot prune {type(model).__name__}: a reshape maps channels in a way the dependency tracer "
             f"cannot follow ({e})") from e
     except Exception as e:  # tracing failures come from deep inside torch-pruning
+        _check_runs(model, example)
         raise _untraceable(model, e) from e
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """A model that does not run on ``example`` at all: say that (usually the input is too small
+    for it, as Inception-v4 at 64x64), not that its graph cannot be traced."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as e:  # noqa: BLE001  (any failure of the user's forward is the one line)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UnsupportedModel(
+            f"{type(model).__name__} does not run on an input of shape {tuple(example.shape)} "
+            f"({type(e).__name__}: {first}); give it an input size it accepts (the model's "
+            "input_size, e.g. --input-size 299 on import)") from None
 
 
 def _untraceable(model: nn.Module, e: Exception) -> UnsupportedModel:
@@ -299,10 +327,22 @@ def is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels)
 
 
+_NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm)
+
+
 def _following_bn(dg: tp.DependencyGraph, conv: nn.Module) -> nn.Module | None:
-    for out in dg.module2node[conv].outputs:
-        if isinstance(out.module, nn.BatchNorm2d | nn.BatchNorm1d | nn.GroupNorm | nn.LayerNorm):
+    """The norm module right after ``conv``, whose output the gate multiplies (a zeroed channel
+    is then exactly a cut one); None when there is none."""
+    outs = dg.module2node[conv].outputs
+    for out in outs:
+        if isinstance(out.module, _NORMS):
             return out.module
+    # timm's BatchNormAct2d / GroupNormAct call the norm functionally inside the module, whose
+    # (hooked) output comes after its activation: conv -> functional norm -> the norm module
+    if len(outs) == 1 and type(outs[0].module).__name__ == "_ElementWiseOp" and "Norm" in outs[0].grad_fn.name():
+        nxt = outs[0].outputs
+        if len(nxt) == 1 and isinstance(nxt[0].module, _NORMS):
+            return nxt[0].module
     return None
 
 

@@ -5,6 +5,7 @@ The CLI commands and the end-to-end ``run`` are thin layers over these.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -395,14 +396,27 @@ class PruneResult:
     nodes: list[Node]
 
 
+def normalized(cfg: RunConfig, scorer: str | None = None) -> RunConfig:
+    """``cfg`` with ``allocation.normalize=auto`` resolved for the scorer that made the scores
+    (``scorer``, else ``scoring.method``): what it declares (:attr:`Scorer.normalize`)."""
+    if cfg.allocation.normalize != "auto":
+        return cfg
+    name = scorer or cfg.scoring.method
+    how = SCORERS.get(name).normalize if name in SCORERS.names() else "none"
+    return dataclasses.replace(cfg, allocation=dataclasses.replace(cfg.allocation, normalize=how))
+
+
 def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
           selection: Scores | None = None, crucial: list[str] | None = None,
-          decision: Decision | None = None) -> PruneResult:
+          decision: Decision | None = None, scorer: str | None = None) -> PruneResult:
     """Crucial nodes, global allocation and surgery; the base ``model`` is left untouched.
 
     With a ``decision`` (RBP's), its crucial nodes and widths are taken as they are, filled by
     ``scores``; otherwise the allocation derives them from the scores for ``cfg.allocation``.
+    ``scorer``: the scorer that made ``scores`` when it is not ``cfg.scoring.method`` (it
+    decides ``allocation.normalize=auto``).
     """
+    cfg = normalized(cfg, scorer)
     example = plan.example()
     model = model.cpu().eval()
     nodes = discover(model, example)

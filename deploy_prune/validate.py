@@ -123,6 +123,7 @@ def validate_run_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"allocation.target: unknown allocation target {a.target!r}; known: "
                           f"{', '.join(known)}") from None
     _choice("allocation.method", a.method, ALLOCATION_METHODS)
+    _choice("allocation.normalize", a.normalize, ("auto", "none", "mean"))
     _num("allocation.flops_reduction", a.flops_reduction, lo=1)
     _num("allocation.keep_fraction", a.keep_fraction, lo=0, hi=1, lo_open=True)
     _num("allocation.tolerance", a.tolerance, lo=0, hi=1, hi_open=True)

@@ -301,7 +301,8 @@ def test_default_rounding_never_misses_a_flops_target_beyond_tolerance(example_n
         assert all(c % used == 0 or c == n.channels for n in nodes for c in [a.counts[n.name]])
 
 
-@pytest.mark.parametrize("override", ["allocation.round_to=fast", "allocation.round_to=0", "allocation.tolerance=-1"])
+@pytest.mark.parametrize("override", ["allocation.round_to=fast", "allocation.normalize=max", "allocation.round_to=0",
+                                      "allocation.tolerance=-1"])
 def test_stage_configs_on_a_base_are_validated(override):
     """prune/recover/export resolve their config from the base directory plus overrides; a bad
     value is the one-line config error naming the key, not a crash deep in the allocation."""
@@ -314,31 +315,36 @@ def test_stage_configs_on_a_base_are_validated(override):
     assert resolve_base_config(base, None, ["allocation.round_to=16"]).allocation.round_to == 16
 
 
-def test_l1_scores_are_relative_to_their_node_so_fan_in_does_not_decide_the_global_ranking():
-    """Scaling one layer's filters changes no L1 score (each node is divided by its mean), the
-    order inside a node is the filters' L1 order, and a global allocation on random weights
-    narrows the wide-fan-in layers too (raw norms grow with fan-in and spared them)."""
+def test_l1_scores_are_ranked_relative_to_their_node_and_crucial_nodes_use_the_raw_norms():
+    """L1 norms grow with fan-in: the global ranking divides each node's scores by their mean
+    (allocation.normalize=auto resolves to mean for l1), so a layer scaled by 10 is cut as
+    before and a wide-fan-in layer is narrowed too; crucial selection still ranks nodes by
+    their raw mean norm (the normalised means are all 1: no information)."""
+    from deploy_prune.config import RunConfig
+    from deploy_prune.pipeline import normalized
     from deploy_prune.scoring import SCORERS, ScoreContext
 
     torch.manual_seed(0)
     model = build_model("tv.resnet18", num_classes=10, in_channels=3).eval()
     x = torch.randn(1, 3, 64, 64)
     nodes = discover(model, x)
-    l1 = SCORERS.get("l1")()
-    before = l1.score(ScoreContext(model=model, nodes=nodes, example=x))
-    conv = dict(model.named_modules())["layer3.0.conv1"]
-    raw = conv.weight.detach().abs().flatten(1).sum(1).numpy()
-    node = next(n for n in nodes if n.producers == ("layer3.0.conv1",))
-    assert np.array_equal(np.argsort(before[node.name], kind="stable"), np.argsort(raw, kind="stable"))
-    assert np.mean(before[node.name]) == pytest.approx(1.0)
-    with torch.no_grad():
-        conv.weight.mul_(10.0)
-    after = l1.score(ScoreContext(model=model, nodes=nodes, example=x))
-    np.testing.assert_allclose(after[node.name], before[node.name], rtol=1e-5)
-    alloc = allocate(model, nodes, after, x, crucial=[last_node(nodes).name],
-                     cfg=AllocationConfig(flops_reduction=2.0, round_to=1))
-    late = [n for n in nodes if n.name.startswith(("layer3", "layer4")) and n.name in alloc.plan]
-    assert late, f"no layer3/4 node was narrowed: {sorted(alloc.plan)}"
+    cfg = RunConfig()
+    assert normalized(cfg, "l1").allocation.normalize == "mean"
+    assert normalized(cfg, "beta").allocation.normalize == "none"
+    assert normalized(cfg).allocation.normalize == "none"  # the default scorer: beta
+    acfg = dataclasses.replace(normalized(cfg, "l1").allocation, flops_reduction=2.0, round_to=1)
+    scores = SCORERS.get("l1")().score(ScoreContext(model=model, nodes=nodes, example=x))
+    crucial = select_crucial(nodes, scores, n=2)
+    means = {k: float(np.mean(v)) for k, v in scores.items()}
+    assert crucial[:-1] == sorted(sorted(means, key=lambda k: -means[k])[:2], key=[n.name for n in nodes].index) \
+        or last_node(nodes).name in crucial[:2]
+    a = allocate(model, nodes, scores, x, crucial=crucial, cfg=acfg)
+    late = [n for n in nodes if n.name.startswith(("layer3", "layer4")) and n.name in a.plan]
+    assert late, f"no layer3/4 node was narrowed: {sorted(a.plan)}"
+    scaled = dict(scores, **{late[0].name: scores[late[0].name] * 10.0})
+    assert allocate(model, nodes, scaled, x, crucial=crucial, cfg=acfg).plan == a.plan
+    raw = allocate(model, nodes, scaled, x, crucial=crucial, cfg=dataclasses.replace(acfg, normalize="none"))
+    assert raw.plan != a.plan  # without the division, the scaled layer's channels all survive
 
 
 def test_flops_search_finds_what_bisection_finds_in_fewer_cuts():

@@ -143,3 +143,15 @@ def test_explain_reads_the_width_of_a_head_node():
     slim = cut(model, {"classifier.0": list(range(16)), "features.0": list(range(8))}, x, nodes=nodes)
     widths = node_widths(slim, nodes)
     assert widths["classifier.0"] == 16 and widths["features.0"] == 8 and widths["classifier.4"] == 32
+
+
+def test_a_model_that_does_not_run_on_the_input_says_so_not_that_it_cannot_be_traced():
+    """Inception-v4 at 64x64 was 'cannot trace the channel dependencies' (its kernels outgrow the
+    maps): the one line now says the input is too small for the model."""
+    from deploy_prune.nodes import UnsupportedModel
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 7)).eval()
+    with pytest.raises(UnsupportedModel, match=r"does not run on an input of shape \(1, 3, 6, 6\)") as e:
+        discover(model, torch.randn(1, 3, 6, 6))
+    assert "\n" not in str(e.value) and "input size" in str(e.value)
+    assert discover(model, torch.randn(1, 3, 16, 16))  # a size it accepts traces

@@ -317,3 +317,38 @@ def test_families_takes_any_arch_name_and_renders_a_named_page(tmp_path):
     assert text.startswith("# Held-out") and "1 not reached before the run's deadline: timm.c" in text
     assert "Median efficiency 0.80" in text and "cannot prune B: why" in text
     assert main(["list", "--zoo", "timm", "--pattern", "resnet10t"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["cs3darknet_s", "cspresnet50"])
+def test_csp_concat_of_a_split_traces_and_gates_exactly_like_the_cut(arch):
+    """CSPNet concatenates a split's halves: torch-pruning could not infer the split's channel
+    counts (TypeError: 'int' + 'NoneType'), so cs3darknet was refused; the sizes are now taken
+    from the trace. timm's BatchNormAct2d normalises functionally inside the module, so the gate
+    fell on the conv (a zeroed channel came out as BN's shift); it now falls on the norm module,
+    and zeroing a node's channels is the same model as cutting them."""
+    import copy
+
+    from conftest import random_plan
+    from deploy_prune.gates import ChannelGates
+    from deploy_prune.nodes import discover
+    from deploy_prune.surgery import apply_plan
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+    for m in model.modules():  # non-trivial BN, so a gate before the norm shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    nodes = discover(model, x[:1])
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[g], torch.nn.BatchNorm2d) for n in nodes for g in n.gates)
+    plan = random_plan(nodes, seed=1)
+    assert plan
+    masks = {n.name: torch.zeros(n.channels).index_fill_(0, torch.tensor(plan[n.name]), 1.0)
+             if n.name in plan else torch.ones(n.channels) for n in nodes}
+    with torch.no_grad(), ChannelGates(model, nodes, masks.__getitem__):
+        gated = model(x)
+    with torch.no_grad():
+        cut = apply_plan(copy.deepcopy(model), plan, x[:1])(x)
+    torch.testing.assert_close(cut, gated, rtol=1e-4, atol=1e-5)

@@ -46,6 +46,9 @@ class Scorer(abc.ABC):
 
     needs_data: bool = False
     decision: Decision | None = None
+    # how allocation.normalize=auto treats these scores in the global ranking: "none" when they
+    # compare across nodes as they are (beta, RBP), "mean" when their scale is per layer (L1 norms)
+    normalize: str = "none"
 
     @classmethod
     def config_of(cls, cfg: RunConfig) -> Any:

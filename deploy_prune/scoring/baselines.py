@@ -26,14 +26,14 @@ class FirstKScorer(Scorer):
 
 @SCORERS.register("l1")
 class L1Scorer(Scorer):
-    """L1 norm of each output filter ("max response"); summed over coupled producers, then
-    divided by the node's mean (Torch-Pruning's default ``normalizer="mean"``).
+    """L1 norm of each output filter ("max response"); summed over coupled producers.
 
-    The division changes no choice inside a node; it makes the *global* ranking compare channels
-    relative to their layer. Raw filter norms grow with fan-in (C_in * k * k weights of a similar
-    scale), so a raw global ranking strips the layers with few inputs first: on ResNet-50 at 2x
-    fewer FLOPs it cut layer1-2 to 16 channels and left layer3-4 whole, the layers where time per
-    FLOP is highest at batch 1 (1.51x measured, against 1.77x with equal fractions per layer)."""
+    Raw norms grow with fan-in (C_in * k * k weights of a similar scale), so they rank channels
+    within a node, and their node means rank nodes (crucial selection); for the *global*
+    ranking the allocation divides each node's scores by their mean (``allocation.normalize``:
+    auto = mean for this scorer, as Torch-Pruning's default importance normaliser does)."""
+
+    normalize = "mean"
 
     def score(self, ctx: ScoreContext) -> Scores:
         modules = dict(ctx.model.named_modules())
@@ -48,6 +48,5 @@ class L1Scorer(Scorer):
                     np.add.at(total, idx[idx >= 0], per[idx >= 0])
                 else:
                     total += per
-            mean = float(total.mean())
-            out[n.name] = total / mean if mean > 0 else total
+            out[n.name] = total
         return out
