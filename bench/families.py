@@ -205,7 +205,8 @@ def render(csv_path: Path, out: Path, command: str, *, name: str = "families",
     lines = [f"# {title}", "",
              "Each model (random weights, 10 classes, the input given) is scored by L1 norm, pruned to "
              "2x fewer FLOPs with the defaults (widths rounded by allocation.round_to=auto: 16 on this "
-             "AVX-512 CPU; 2 crucial nodes), run in eval "
+             "AVX-512 CPU; each node's norms divided by their mean for the global ranking, "
+             "allocation.normalize=auto; 2 crucial nodes by raw mean norm, plus the last), run in eval "
              "and train mode, exported to ONNX with parity against PyTorch (batch 1 and 7), and "
              "timed against its base on ONNX Runtime CPU, batch 1, one thread, CPU clock, in 12 "
              "interleaved rounds (speedup = geometric mean of paired round ratios, 95% bootstrap "

@@ -690,6 +690,13 @@ def test_parity_is_relative_to_the_output_scale():
         check_close(near_zero + 5e-4, near_zero, rtol=1e-6, atol=1e-4, what="t")
     with pytest.raises(ParityError, match="NaN"):
         check_close(torch.full((2,), float("nan")), torch.ones(2), rtol=1, atol=1, what="t")
+    # huge logits (random Inception-v3: 4e7): float32 rounding moves a small output by ~2e-6 of the
+    # scale, which rtol * |its own value| does not cover; an error of 1e-3 of the scale still fails
+    huge = torch.randn(2, 10, generator=g) * 4e7
+    huge[0, 0] = 1e3
+    check_close(huge + 84.0, huge, rtol=1e-3, atol=1e-4, what="t")
+    with pytest.raises(ParityError, match="output scale"):
+        check_close(huge + 4e4, huge, rtol=1e-3, atol=1e-4, what="t")
 
 
 def test_top1_agreement_on_real_inputs_fails_when_decisions_differ():
