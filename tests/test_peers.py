@@ -143,3 +143,31 @@ def test_study_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "p" / "peers.csv").equals(df)
     assert peers.main(["--out", str(tmp_path / "empty"), "--report-only"]) == 2
     assert "no study rows" in capsys.readouterr().err
+
+
+def test_sgdft_ablation_changes_only_the_finetune_stage_of_the_default():
+    """The ablation row is the default recipe with one change: fine-tuning's optimiser and schedule."""
+    study = peers.Study(config="configs/default.yaml")
+    base = peers.seed_config(study, 0, peers.METHODS["dp-stage-kd"].overrides)
+    sgd = peers.seed_config(study, 0, peers.METHODS["dp-stage-kd-sgdft"].overrides)
+    assert (sgd.finetune.optimizer, sgd.finetune.lr, sgd.finetune.schedule) == ("sgd", 0.01, "cosine")
+    assert sgd.finetune.epochs == base.finetune.epochs
+    assert (sgd.allocation, sgd.crucial, sgd.recovery, sgd.scoring) == \
+        (base.allocation, base.crucial, base.recovery, base.scoring)
+
+
+def test_every_dp_method_is_the_config_with_valid_overrides():
+    """A misspelt key in a screened recipe would be a one-line config error mid-study: load each."""
+    # the page's settings (docs/results/peers.md): dp-stage-kd-noft moves the page's 0.5
+    # fine-tuning epoch into its 1.0 recovery epoch, so its budget is equal at that scale
+    study = peers.Study(config="configs/default.yaml", overrides=[
+        "data.max_train_samples=4000", "train.epochs=10", "scoring.epochs=0.5", "recovery.epochs=1.0",
+        "finetune.epochs=0.5"])
+    default = peers.seed_config(study, 0, peers.METHODS["dp-stage-kd"].overrides)
+    for name, m in peers.METHODS.items():
+        if m.kind != "dp":
+            continue
+        cfg = peers.seed_config(study, 0, m.overrides)
+        # the budget of every recipe is the default's: the peers' epochs are computed from it
+        assert peers.budget(cfg)["total"] == pytest.approx(peers.budget(default)["total"]), name
+    assert peers.seed_config(study, 0, peers.METHODS["dp-stage-kd-noft"].overrides).finetune.epochs == 0
