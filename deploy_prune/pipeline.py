@@ -416,7 +416,7 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
     ``scorer``: the scorer that made ``scores`` when it is not ``cfg.scoring.method`` (it
     decides ``allocation.normalize=auto``).
     """
-    cfg = normalized(cfg, scorer)
+    asked, cfg = cfg, normalized(cfg, scorer)  # plan.json keeps the config as asked (auto stays auto)
     example = plan.example()
     model = model.cpu().eval()
     nodes = discover(model, example)
@@ -433,7 +433,7 @@ def prune(model: nn.Module, plan: ModelPlan, cfg: RunConfig, scores: Scores, *,
     slim_plan = ModelPlan(arch=plan.arch, arch_kwargs=plan.arch_kwargs, num_classes=plan.num_classes,
                           in_channels=plan.in_channels, input_size=plan.input_size, kept=alloc.plan)
     slim_plan.info.update(
-        config=to_dict(cfg), base_sha256=plan.digest(), crucial_nodes=crucial,
+        config=to_dict(asked), normalize=cfg.allocation.normalize, base_sha256=plan.digest(), crucial_nodes=crucial,
         flops=alloc.flops, params=alloc.params, base_flops=alloc.base_flops, base_params=alloc.base_params,
         flops_reduction=alloc.flops_reduction, widths=widths(nodes, alloc.plan),
         base_widths=widths(nodes), **_notes(plan), rounding=rounding_note(cfg.allocation, alloc.extra.pop("round_to", None)),

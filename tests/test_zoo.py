@@ -144,15 +144,20 @@ def test_a_dependency_group_that_does_not_converge_is_refused_in_seconds():
     fixed point for > 300 s; bounded, it is one line naming the op and where."""
     import time
 
+    from conftest import random_plan
     from deploy_prune.nodes import UnsupportedModel, discover
+    from deploy_prune.surgery import apply_plan
 
     model = timm.create_model("rexnet_100", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
     t0 = time.perf_counter()
-    with pytest.raises(UnsupportedModel) as e:
-        discover(model, torch.randn(1, 3, 32, 32))
+    with pytest.raises(UnsupportedModel) as e:  # since concat sizes come from the trace, the groups
+        nodes = discover(model, x)  # may converge; the cut then cannot update the slice-add
+        apply_plan(model, random_plan(nodes), x)
     assert time.perf_counter() - t0 < 60  # the bound is in entries, not seconds: ~2 s alone
     msg = str(e.value)
-    assert "\n" not in msg and "channel slice after features." in msg and "ReXNet" in msg
+    assert "\n" not in msg and ("ReXNet" in msg or "RexNet" in msg)
+    assert "channel slice after features." in msg or "after the cut it no longer runs at features." in msg
 
 
 def test_concat_producers_map_onto_the_node_channels():
