@@ -202,8 +202,9 @@ def cmd_prune(args) -> int:
     cfg = pipeline.resolve_base_config(plan, args.config, over)
     device = pipeline.setup(cfg)
     if args.scores:
-        scores, decision = pipeline.read_scored(args.scores, plan, model)
-        scorer = read_json_object(args.scores).get("scorer")  # read once already: valid JSON
+        data = read_json_object(args.scores, finite=True, max_bytes=256 << 20)  # read_scored's reading
+        scores, decision = pipeline.scored(data, plan, source=args.scores, model=model)
+        scorer = data.get("scorer")
     else:
         scores, decision = pipeline.scored(_scores(args, model, plan, cfg, device), plan, source="scorer")
         scorer = args.scorer
