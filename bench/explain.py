@@ -354,11 +354,19 @@ def profile_ort(backend: Backend, host: torch.Tensor, rowmap: RowMap, model: nn.
     import onnx
     import onnxruntime as ort
 
+    from export.onnx_files import external_files
+    from export.to_onnx import EXTERNAL_MIN_BYTES
+
     workdir.mkdir(parents=True, exist_ok=True)
     so = backend.session_options()
     so.enable_profiling = True
     so.profile_file_prefix = str(workdir / "ort-profile")
     so.optimized_model_filepath = str(workdir / "optimized.onnx")
+    if external_files(backend.path):  # a model past 2 GiB: its optimised copy needs external data too
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    "optimized.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                    str(EXTERNAL_MIN_BYTES))
     providers = backend.providers(None, host) if backend.device == "cuda" else ["CPUExecutionProvider"]
     sess = ort.InferenceSession(str(backend.path), sess_options=so, providers=providers)
     name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name

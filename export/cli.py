@@ -37,8 +37,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_model_dir(args.model_dir, args.format, args.out, **opts)
     except BackendUnavailableError as e:
         raise CLIError(str(e)) from None
-    size = out.stat().st_size / 1e6
-    print(f"{args.format}: {args.model_dir} -> {out} ({size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    from export.onnx_files import onnx_files
+
+    files = onnx_files(out) if args.format == "onnx" else [out]
+    size = sum(f.stat().st_size for f in files) / 1e6
+    extra = "".join(f" + {f.name}" for f in files[1:])  # the external-data file travels with it
+    print(f"{args.format}: {args.model_dir} -> {out}{extra} ({size:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     if args.format == "onnx" and opts.get("verify", True) is not False:
         line = real_input_agreement(args.model_dir, out)
         if line:

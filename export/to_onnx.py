@@ -8,6 +8,10 @@ model's ``metadata_props``, every value JSON-encoded (:func:`read_metadata` deco
 input and output, fp16 weights and compute in between (one Cast after the input, one before
 the output). TensorRT 11 builds every network strongly typed, so such a half-typed graph is
 the only way to get an fp16 engine from it (see :mod:`export.to_trt`).
+
+A graph that would serialise past protobuf's 2 GiB (:data:`EXTERNAL_DATA_LIMIT`) is written with
+its weights as ONNX external data: ``NAME.onnx`` plus one ``NAME.onnx.data`` beside it (see
+:mod:`export.onnx_files`); both appear together once verified, or neither.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from typing import Any
 
 import onnx
 import torch
+from google.protobuf.message import EncodeError
 from torch import nn
 
-from export._staging import ensure_writable, staged
+from export._staging import ensure_writable, staged_onnx
 from export.errors import BackendUnavailableError, ParityError, first_line
 from export.fold import fold_batchnorm
 from export.formats import COMMON_OPTIONS, FORMATS, FormatSpec, export_versions, from_model_dir
+from export.onnx_files import check_data_file, check_external_data, data_path, onnx_size
 from export.parity import check_example, check_parity, tolerance
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "ONNX_PRECISIONS", "ParityError", "export_onnx", "read_metadata",
@@ -42,6 +48,10 @@ OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 DEFAULT_OPSET = 18
 _PROTOBUF_LIMIT = 2**31 - 1  # a single-file ONNX model must serialise below 2 GiB
+# Past this many serialised bytes the weights go to NAME.onnx.data (tests lower it to force
+# external data on a small model); tensors of at least EXTERNAL_MIN_BYTES move, smaller stay inline.
+EXTERNAL_DATA_LIMIT = _PROTOBUF_LIMIT
+EXTERNAL_MIN_BYTES = 1024
 ONNX_PRECISIONS = ("fp32", "fp16")
 # fp32 parity tolerance (rtol, atol); fp16 uses export.parity.DEFAULT_TOLERANCE["fp16"], atol
 # scaled by the logits' magnitude, the same rule the TensorRT fp16 engines are held to.
@@ -83,6 +93,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: str | Path, *, ops
     out = Path(out)
     check_precision(precision)
     ensure_writable(out, force=force)
+    ensure_writable(data_path(out), force=force)
     check_example(example)
     t0 = time.perf_counter()
     proto = to_proto(model, example, opset=opset, dynamic_batch=dynamic_batch, precision=precision)
@@ -90,15 +101,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: str | Path, *, ops
         proto = simplify_proto(proto)
     _check_no_batchnorm(proto)
     set_metadata(proto, {**_default_metadata(example, opset, dynamic_batch, precision), **(metadata or {})})
-    with staged(out, force=force, suffix=".onnx") as tmp:
-        _save(proto, tmp)
+    with staged_onnx(out, force=force) as tmp:
+        _save(proto, tmp, location=data_path(out).name)
         check_onnx(tmp)
         if verify:
             r, a = parity_tolerance(precision, model, tuple(example.shape[1:]), rtol, atol)
             _verify(tmp, model, batches=(1, 7), rtol=r, atol=a, providers=None, label=out.name)
         else:
             log.warning("ONNX parity check skipped (verify=False): %s is unverified", out)
-    log.info("wrote %s (%.1f MB, opset %d, %s batch, %s) in %.1f s", out, out.stat().st_size / 1e6, opset,
+    log.info("wrote %s (%.1f MB%s, opset %d, %s batch, %s) in %.1f s", out, onnx_size(out) / 1e6,
+             f" with {data_path(out).name}" if data_path(out).is_file() else "", opset,
              "dynamic" if dynamic_batch else "static", precision, time.perf_counter() - t0)
     return out
 
@@ -233,15 +245,19 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # InvalidProtobuf, Fail, ... from the C++ side
+        check_data_file(path)  # a missing or short NAME.onnx.data: name that file
         raise ValueError(f"{path}: not a loadable ONNX model ({type(e).__name__}: {first_line(e)})") from None
 
 
 def check_onnx(path: Path) -> None:
-    """``onnx.checker`` with strict shape inference, on the file (no 2 GiB re-serialisation)."""
+    """``onnx.checker`` with strict shape inference, on the file (no 2 GiB re-serialisation; it
+    finds external data beside the file), after its external-data file is checked for length."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        check_data_file(path)
         raise ValueError(f"{path}: the exported graph fails onnx.checker: {first_line(e)}") from None
+    check_external_data(path)  # the checker finds a data file but does not check its length
 
 
 def set_metadata(proto: onnx.ModelProto, values: Mapping[str, Any]) -> None:
@@ -291,12 +307,32 @@ def _check_no_batchnorm(proto: onnx.ModelProto) -> None:
         log.warning("%d BatchNormalization node(s) left in the graph (no conv/linear before them)", left)
 
 
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    size = proto.ByteSize()
-    if size > _PROTOBUF_LIMIT:
-        raise ValueError(f"the ONNX graph is {size / 2**30:.2f} GiB; single-file ONNX is limited "
-                         f"to 2 GiB and external-data export is not supported here")
-    onnx.save_model(proto, str(path))
+def serialised_size(proto: onnx.ModelProto) -> int:
+    """Bytes ``proto`` serialises to; past 2 GiB protobuf cannot even count them (``ByteSize``
+    raises EncodeError), which is then reported as just over the limit."""
+    try:
+        return proto.ByteSize()
+    except EncodeError:
+        return _PROTOBUF_LIMIT + 1
+
+
+def _save(proto: onnx.ModelProto, path: Path, *, location: str) -> None:
+    """One file, or past :data:`EXTERNAL_DATA_LIMIT` the graph at ``path`` and every tensor of at
+    least :data:`EXTERNAL_MIN_BYTES` in ``location`` (a file name beside it, relative as the
+    ONNX external-data spec wants). torch's own ``ONNXProgram.save`` switches at 1.5 GiB of
+    initializers and writes the same ``NAME.onnx.data``; ``model_proto``, used here, never
+    switches, so the choice is made here. ``proto``'s tensors are moved out of it when saved so."""
+    size = serialised_size(proto)
+    if size <= EXTERNAL_DATA_LIMIT:
+        onnx.save_model(proto, str(path))
+        return
+    log.info("the ONNX graph is %s bytes, over %d: writing its weights to %s beside it",
+             "over 2 GiB of" if size > _PROTOBUF_LIMIT else size, EXTERNAL_DATA_LIMIT, location)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=EXTERNAL_MIN_BYTES, convert_attribute=False)
+    if path.stat().st_size > _PROTOBUF_LIMIT:
+        raise ValueError(f"the ONNX graph is over 2 GiB even with its weights in {location} "
+                         f"(large constants inside nodes?); it cannot be saved")
 
 
 @contextmanager

@@ -342,16 +342,26 @@ def _check_settings(s: BuildSettings) -> None:
 
 
 def _read_onnx(path: Path, s: BuildSettings) -> OnnxInput:
-    """The file's bytes, input name and (C, H, W); one-line errors for garbage or bad shapes."""
+    """The file's bytes, input name and (C, H, W); one-line errors for garbage or bad shapes.
+
+    A model with external data (``NAME.onnx.data``, see :mod:`export.onnx_files`) is read as its
+    graph alone; its data file is checked here and read by the parser from the model's folder.
+    """
     import onnx
+
+    from export.onnx_files import check_external_data
 
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
     data = path.read_bytes()
     try:
         proto = onnx.load_model_from_string(data)
-        onnx.checker.check_model(proto)
-    except Exception as e:  # DecodeError, ValidationError, ...
+    except Exception as e:  # DecodeError, ...
+        raise ValueError(f"{path}: not a valid ONNX model ({type(e).__name__}: {first_line(e)})") from None
+    check_external_data(path, proto)
+    try:  # on the path: an in-memory check would look for external data in the working directory
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # ValidationError, ...
         raise ValueError(f"{path}: not a valid ONNX model ({type(e).__name__}: {first_line(e)})") from None
     inits = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in inits]
@@ -375,7 +385,8 @@ def _build(trt: Any, onnx_in: OnnxInput, s: BuildSettings, plan: BuildPlan, cali
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_in.data):
+    # ``path`` lets the parser find external weights (NAME.onnx.data) relative to the model
+    if not parser.parse(onnx_in.data, path=str(onnx_in.path)):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
         raise ValueError(f"{onnx_in.path}: TensorRT's ONNX parser rejected it: {errors or 'no detail'}")
     config = builder.create_builder_config()

@@ -83,10 +83,16 @@ class ORTBackend(Backend):
     def prepare(self, artifact: Artifact, example: torch.Tensor) -> None:
         import onnxruntime as ort
 
+        from export.onnx_files import check_data_file
+
         self.path = onnx_file(artifact, example, self.options, self.onnx_precision())
         self.stream = torch.cuda.Stream() if self.device == "cuda" else None
-        self.session = ort.InferenceSession(str(self.path), sess_options=self.session_options(),
-                                            providers=self.providers(artifact, example))
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=self.session_options(),
+                                                providers=self.providers(artifact, example))
+        except Exception:
+            check_data_file(self.path)  # ORT reads NAME.onnx.data beside it: name it when gone
+            raise
         used = self.session.get_providers()[0]
         if used != self.provider_by_device[self.device]:
             raise RuntimeError(f"onnxruntime fell back to {used} instead of "

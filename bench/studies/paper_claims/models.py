@@ -39,12 +39,14 @@ def onnx_matches(onnx_path: Path, model_dir: Path) -> bool:
     """Whether a cached ONNX file was exported from this directory's model: its metadata's
     plan_sha256 (and weights_sha256, when recorded) equal the directory's plan."""
     from deploy_prune.artifacts import read_plan
+    from export.onnx_files import check_data_file
     from export.to_onnx import read_metadata
 
     plan = read_plan(model_dir)
     try:
         meta = read_metadata(onnx_path)
-    except ValueError:  # a truncated or foreign file: not ours, export again
+        check_data_file(onnx_path)  # a model past 2 GiB is only whole with its NAME.onnx.data
+    except (ValueError, FileNotFoundError):  # a truncated or foreign file: not ours, export again
         return False
     if meta.get("plan_sha256") != plan.digest():
         return False
@@ -60,13 +62,14 @@ def ensure_onnx(model_dir: Path) -> Path:
     """
     from bench.backends.onnx_cache import write_onnx
     from deploy_prune.artifacts import load_model_dir
+    from export.onnx_files import remove_onnx
     from export.to_onnx import DEFAULT_OPSET
 
     out = model_dir / ONNX_FILE
     if out.is_file() and not onnx_matches(out, model_dir):
         log.warning("%s does not match %s/plan.json (plan or weights hash differs); exporting it again",
                     out, model_dir)
-        out.unlink()
+        remove_onnx(out)  # with its external-data file, if it has one
     if not out.is_file():
         model, plan = load_model_dir(model_dir)
         example = torch.randn(plan.example(2).shape, generator=torch.Generator().manual_seed(0))  # (2, C, H, W)
