@@ -89,6 +89,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: str | Path, *, ops
     ``precision`` is ``fp32`` or ``fp16`` (fp32 IO, fp16 weights and compute: the graph a
     TensorRT 11 fp16 engine is built from). Tolerances default per precision: fp32
     ``rtol=1e-3, atol=1e-4``; fp16 that of TensorRT fp16 engines (atol scaled by the logits).
+    A graph past :data:`EXTERNAL_DATA_LIMIT` keeps its weights in ``out.name + ".data"`` beside
+    ``out``; both files appear together, or neither.
     """
     out = Path(out)
     check_precision(precision)
