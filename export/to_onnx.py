@@ -328,8 +328,8 @@ def _save(proto: onnx.ModelProto, path: Path, *, location: str) -> None:
     if size <= EXTERNAL_DATA_LIMIT:
         onnx.save_model(proto, str(path))
         return
-    log.info("the ONNX graph is %s bytes, over %d: writing its weights to %s beside it",
-             "over 2 GiB of" if size > _PROTOBUF_LIMIT else size, EXTERNAL_DATA_LIMIT, location)
+    log.info("the ONNX graph is %s, over the %d-byte single-file limit: writing its weights to %s beside it",
+             "over 2 GiB" if size > _PROTOBUF_LIMIT else f"{size} bytes", EXTERNAL_DATA_LIMIT, location)
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=location, size_threshold=EXTERNAL_MIN_BYTES, convert_attribute=False)
     if path.stat().st_size > _PROTOBUF_LIMIT:
