@@ -210,3 +210,40 @@ def test_cli_export_names_both_files(external, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert rc == 0 and f"-> {out} + m.onnx.data (" in stdout
     assert max(verify_onnx(out, model).values()) < 1e-4
+
+
+def test_tensorrt_parser_is_given_the_models_path(pair):
+    """TensorRT's parser reads external weights relative to ``path`` (parse(model, path=...)); a
+    recording stand-in for the tensorrt module checks that the builder passes it."""
+    from types import SimpleNamespace
+
+    from export.to_trt import BuildSettings, _build, _read_onnx, plan_build
+
+    _, path, _ = pair
+    settings = BuildSettings("fp32", 1, 1, 1, 1.0, None)
+    onnx_in = _read_onnx(path, settings)
+    assert onnx_in.data == path.read_bytes() and onnx_in.chw == (3, 32, 32)  # the graph alone
+    calls = []
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, model, path=None):
+            calls.append((model, path))
+            return False  # stop the build here: the call is what is checked
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    trt = SimpleNamespace(Logger=Logger, OnnxParser=Parser,
+                          NetworkDefinitionCreationFlag=SimpleNamespace(),
+                          Builder=lambda logger: SimpleNamespace(create_network=lambda flags: object()))
+    with pytest.raises(ValueError, match="parser rejected it"):
+        _build(trt, onnx_in, settings, plan_build(10, "fp32"), None)
+    assert calls == [(onnx_in.data, str(path))]
