@@ -52,9 +52,9 @@ def staged_onnx(out: Path, *, force: bool) -> Iterator[Path]:
     checker wants); an external-data file must be written there as ``data_path(out).name``, the
     location the graph names relative to itself, so both are checked and run as they will be
     found. On success the data file moves into place first and the graph last, so
-    ``out`` never appears before its weights; a replaced model is moved aside first (an old
-    ``.onnx`` never meets the new data) and its own data file goes once the new pair is in
-    place. On failure nothing at ``out`` changes.
+    ``out`` never appears before its weights; a replaced model (and its data file) is moved
+    aside first, so an old ``.onnx`` never meets the new data, and deleted once the new pair is
+    in place. On failure nothing at ``out`` changes.
     """
     from export.onnx_files import data_path, external_files
 
@@ -73,33 +73,42 @@ def staged_onnx(out: Path, *, force: bool) -> Iterator[Path]:
 
 
 def _commit_onnx(tmp: Path, out: Path, *, data: Path | None) -> None:
-    """Move the staged graph (and its data file) over ``out``; see :func:`staged_onnx`."""
+    """Move the staged graph (and its data file) over ``out``; see :func:`staged_onnx`.
+
+    What it replaces (the old graph, and the old data file when the new model writes one or the
+    old graph used it) is first moved aside, put back if a rename fails, and deleted once the
+    new pair is in place; a data file the old graph did not use is left alone.
+    """
     from export.onnx_files import data_path
 
-    aside = None
-    if out.is_file():
-        aside = temp_sibling(out, ".onnx")
-        os.replace(out, aside)  # the old graph leaves before its data file is replaced
+    final_data = data_path(out)
+    old_used_data = out.is_file() and final_data in _external_or_none(out)
+    replaced = [p for p, go in ((out, True), (final_data, data is not None or old_used_data))
+                if go and p.is_file()]
+    asides = [(p, temp_sibling(p)) for p in replaced]
+    for p, aside in asides:
+        os.replace(p, aside)
     try:
         if data is not None:
-            os.replace(data, data_path(out))
+            os.replace(data, final_data)  # the weights first: the graph never appears without them
         os.replace(tmp, out)
     except BaseException:
-        if aside is not None and not out.exists():
-            os.replace(aside, out)
+        if data is not None and not data.exists():
+            final_data.unlink(missing_ok=True)
+        for p, aside in asides:
+            os.replace(aside, p)
         raise
-    if aside is not None:
-        if data is None and data_path(out) in _external_or_none(aside):
-            data_path(out).unlink(missing_ok=True)  # the replaced model's weights belong to nothing now
+    for _, aside in asides:
         aside.unlink(missing_ok=True)
 
 
 def _external_or_none(path: Path) -> list[Path]:
+    """The external-data files ``path`` uses, or [] when it is no ONNX model."""
     from export.onnx_files import external_files
 
     try:
         return external_files(path)
-    except (OSError, ValueError):  # the replaced file was no ONNX model
+    except (OSError, ValueError):
         return []
 
 

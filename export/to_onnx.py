@@ -253,7 +253,8 @@ def open_session(path: Path, *, providers: Sequence[str] | None = None) -> Any:
 
 def check_onnx(path: Path) -> None:
     """``onnx.checker`` with strict shape inference, on the file (no 2 GiB re-serialisation; it
-    finds external data beside the file), after its external-data file is checked for length."""
+    finds external data beside the file), then the external-data file's length, which the
+    checker does not look at."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

@@ -3,6 +3,8 @@ graph), forced on a small model by lowering ``to_onnx.EXTERNAL_DATA_LIMIT``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -247,3 +249,33 @@ def test_tensorrt_parser_is_given_the_models_path(pair):
     with pytest.raises(ValueError, match="parser rejected it"):
         _build(trt, onnx_in, settings, plan_build(10, "fp32"), None)
     assert calls == [(onnx_in.data, str(path))]
+
+
+def test_a_failed_commit_puts_the_old_pair_back(external, tmp_path, monkeypatch):
+    """If the graph's rename fails after the new data file moved in, the replaced model and its
+    data file are restored as they were (the old graph never runs on the new weights)."""
+    import export._staging as staging
+
+    out = tmp_path / "m.onnx"
+    export_onnx(small_vgg(0), EXAMPLE, out, verify=False)
+    before = {f.name: f.read_bytes() for f in onnx_files(out)}
+    real = staging.os.replace
+
+    def failing(src, dst):
+        if str(dst) == str(out) and Path(src).parent != tmp_path:  # the staged graph, not a restore
+            raise OSError("injected: rename of the staged graph failed")
+        return real(src, dst)
+
+    monkeypatch.setattr(staging.os, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        export_onnx(small_vgg(1), EXAMPLE, out, force=True, verify=False)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    verify_onnx(out, small_vgg(0))
+
+
+def test_a_data_file_the_old_graph_did_not_use_is_left_alone(tmp_path):
+    out = tmp_path / "m.onnx"
+    export_onnx(small_vgg(0), EXAMPLE, out, verify=False)  # one file
+    (tmp_path / "m.onnx.data").write_text("not the model's")
+    export_onnx(small_vgg(1), EXAMPLE, out, force=True, verify=False)  # one file again
+    assert (tmp_path / "m.onnx.data").read_text() == "not the model's"
