@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
+    _config_as_positional(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # the exporters' own INFO chatter drowns the useful lines (parity reports)
@@ -70,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         distributed.shutdown(ok=code == 0)
+
+
+def _config_as_positional(args: argparse.Namespace) -> None:
+    """``train configs/x.yaml --out DIR`` as ``run configs/x.yaml`` takes it: one YAML path among
+    the overrides of a command with ``--config`` is that config file."""
+    over = getattr(args, "overrides", None) or []
+    yamls = [x for x in over if "=" not in x and x.lower().endswith((".yaml", ".yml"))]
+    if len(yamls) == 1 and hasattr(args, "config") and args.config is None:
+        args.config = yamls[0]
+        args.overrides = [x for x in over if x != yamls[0]]
 
 
 def _dispatch(args: argparse.Namespace) -> int:

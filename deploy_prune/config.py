@@ -163,6 +163,10 @@ class CrucialConfig:
     # one per spatial resolution, so two neighbouring full-resolution nodes cannot take the
     # whole crucial set and force the FLOPs cut onto the rest; docs/results/peers.md)
     select: str = "score"
+    # per_stage only: may the stem (the node of the first conv, which reads the image) be crucial?
+    # false: never, while another node is left (its map is a linear filter of the pixels, and kept
+    # whole it costs the next conv its full-resolution input; docs/results/peers.md)
+    stem: bool = False
 
 
 @dataclass

@@ -36,11 +36,14 @@ CRUCIAL_SELECT = ("score", "per_stage")
 
 
 def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list[str] | None = None,
-                   select: str = "score", stages: Mapping[str, Any] | None = None) -> list[str]:
+                   select: str = "score", stages: Mapping[str, Any] | None = None,
+                   stem: str | None = None) -> list[str]:
     """Top-``n`` nodes by node score (or the explicit ``names``), plus the last conv node.
 
     ``select="per_stage"`` takes the top-``n`` with at most one node per stage (``stages``: node
-    name -> its feature map's spatial size, :func:`deploy_prune.nodes.stage_of`).
+    name -> its feature map's spatial size, :func:`deploy_prune.nodes.stage_of`) and never the
+    ``stem`` node (the channels of the conv that reads the image, :func:`deploy_prune.nodes.stem_of`;
+    ``None``: no exclusion) unless the N cannot be filled without it.
     """
     known = {nd.name for nd in nodes}
     if names:
@@ -64,8 +67,11 @@ def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list
             if stages is None:
                 raise AllocationError("crucial.select=per_stage needs the nodes' stages")
             chosen, seen = [], set()
-            for k in ranked:
-                if stages[k] not in seen and len(chosen) < n:
+            # the stem's map is a linear filter of the pixels: mimicking it teaches little, and kept
+            # whole it fixes the widest full-resolution input of the next conv (peers.md: beta chose
+            # it on every base and lost to plain L1 by 0.41 points on one)
+            for k in [k for k in ranked if k != stem] + [stem]:  # the stem only to fill the N
+                if k in ranked and stages[k] not in seen and len(chosen) < n:
                     chosen.append(k)
                     seen.add(stages[k])
         else:

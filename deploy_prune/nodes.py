@@ -637,6 +637,35 @@ def stage_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> dict
     return sizes
 
 
+def stem_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> str | None:
+    """The node whose channels the first-run conv makes (the stem, reading the image), or None.
+
+    On ResNets that is the first stage's residual stream (the stem conv's channels run through it)."""
+    modules = dict(model.named_modules())
+    owner = {p: n.name for n in nodes if not n.flat for p in n.producers}
+    first: list[str] = []
+
+    def hook(name: str):
+        def fn(mod, inp, out) -> None:
+            if not first:
+                first.append(name)
+
+        return fn
+
+    hooks = [m.register_forward_hook(hook(name)) for name, m in modules.items()
+             if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return owner.get(first[0]) if first else None
+
+
 def last_node(nodes: list[Node]) -> Node:
     """The last conv node: the one feeding the classifier (an MLP head's ``flat`` nodes come
     after it and are not it)."""

@@ -57,7 +57,7 @@ from deploy_prune.flops import count
 from deploy_prune.host import cpu_count
 from deploy_prune.models import build_model, load_weights_file, zoo
 from deploy_prune.models.tv import is_torchvision
-from deploy_prune.nodes import Node, discover, kept_whole, stage_of
+from deploy_prune.nodes import Node, discover, kept_whole, stage_of, stem_of
 from deploy_prune.precision import check_precision
 from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
@@ -459,9 +459,11 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         log.info("widths as %s decided them (allocation.target=%s not searched)", decision.by,
                  cfg.allocation.target)
         return decided(model, nodes, scores, example, decision)
-    stages = stage_of(model, nodes, example) if cfg.crucial.select == "per_stage" else None
+    per_stage = cfg.crucial.select == "per_stage" and not crucial and not cfg.crucial.nodes
+    stages = stage_of(model, nodes, example) if per_stage else None
+    stem = stem_of(model, nodes, example) if per_stage and not cfg.crucial.stem else None
     crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes,
-                                        select=cfg.crucial.select, stages=stages)
+                                        select=cfg.crucial.select, stages=stages, stem=stem)
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
         check_precision(cfg.allocation.precision, key="allocation.precision")
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP

@@ -12,7 +12,7 @@ from bench.studies import peers
 from deploy_prune.allocation import AllocationError, select_crucial
 from deploy_prune.config import FinetuneConfig, load_config
 from deploy_prune.models import build_model
-from deploy_prune.nodes import discover, stage_of
+from deploy_prune.nodes import discover, stage_of, stem_of
 from deploy_prune.recovery.losses import KLMimic
 from deploy_prune.recovery.mimic import RecoveryError, finetune_state, mimic_loss_fn
 from deploy_prune.run import Runner
@@ -44,6 +44,36 @@ def test_per_stage_crucial_never_takes_two_nodes_of_one_stage():
     assert got == ["features.0", "features.10", "features.18"]
     with pytest.raises(AllocationError, match="crucial.select"):
         select_crucial(nodes, scores, n=2, select="best", stages={})
+
+
+def test_per_stage_crucial_passes_over_the_stem():
+    model, nodes, example = _vgg()
+    stem = stem_of(model, nodes, example)
+    assert stem == "features.0"
+    ns = {"features.0": 5.0, "features.3": 4.0, "features.7": 1.0, "features.10": 3.0,
+          "features.14": 2.0, "features.18": 0.5}
+    scores = {n.name: np.full(n.channels, ns[n.name]) for n in nodes}
+    stages = stage_of(model, nodes, example)
+    # the stem's stage is still chosen from, through its next-best node
+    assert select_crucial(nodes, scores, n=2, select="per_stage", stages=stages, stem=stem) == \
+        ["features.3", "features.10", "features.18"]
+    # a net whose only candidate is the stem still gets its N nodes
+    only = [n for n in nodes if n.name in ("features.0", "features.18")]
+    two = {k: scores[k] for k in ("features.0", "features.18")}
+    assert select_crucial(only, two, n=2, select="per_stage", stages=stages, stem=stem) == \
+        ["features.0", "features.18"]
+
+
+def test_stem_is_the_node_of_the_first_conv_that_runs():
+    import torchvision
+
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    ex = torch.zeros(1, 3, 64, 64)
+    nodes = discover(m, ex)
+    stem = stem_of(m, nodes, ex)
+    assert "conv1" in next(n for n in nodes if n.name == stem).producers  # layer1's stream carries conv1
+    m = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    assert stem_of(m, discover(m, ex), ex) == "features.0.0"
 
 
 def test_recovery_adds_task_and_distillation_terms():

@@ -114,6 +114,17 @@ def test_cli_bad_value_fails_before_any_work(capsys, tmp_path):
     assert not out.exists()  # refused at load: not after the base training
 
 
+def test_train_takes_its_config_as_run_does(capsys, tmp_path):
+    # ``train CONFIG`` (as ``run CONFIG``) reads the file: its bad key is the error, not "CONFIG is
+    # not of the form key=value"
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("train: {epochs: -1}\n")
+    expect_error(capsys, r"train\.epochs", "train", bad, "--out", tmp_path / "o")
+    expect_error(capsys, r"recovery\.loss", "train", ROOT / "configs" / "default.yaml", "--out", tmp_path / "o",
+                 "recovery.loss=kll")
+    assert not (tmp_path / "o").exists()
+
+
 def test_yaml_alias_bomb_refused(capsys, tmp_path):
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
     for i, (prev, cur) in enumerate(zip("abcdefgh", "bcdefghi")):

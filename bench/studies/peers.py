@@ -116,6 +116,10 @@ METHODS: dict[str, Method] = {
     "dp-stage-kd-nostem": Method("dp", ("crucial.nodes=[features.3, features.10]", "recovery.ce_weight=1",
                                         "recovery.kd_weight=1"),
                                  label="deploy-prune default recipe, crucial features.3/.10/.18 (stem cut)"),
+    # ablation of the stem rule (crucial.stem=false is the default): per_stage may pick the stem
+    "dp-stage-kd-stem": Method("dp", ("crucial.select=per_stage", "crucial.stem=true", "recovery.ce_weight=1",
+                                      "recovery.kd_weight=1"),
+                               label="deploy-prune default recipe, but the stem may be crucial (before 2026-12-02)"),
     "tp-l1": Method("tp", importance="l1", label="Torch-Pruning L1 (global) + CE fine-tune"),
     "tp-bn": Method("tp", importance="bn", label="Torch-Pruning BN-scale (global) + CE fine-tune"),
     "tp-taylor": Method("tp", importance="taylor", label="Torch-Pruning Taylor (global) + CE fine-tune"),
@@ -519,8 +523,9 @@ def _tables(df, eq, command: str) -> str:
 
 COLORS = {"dp-ospr": "#1f77b4", "dp-stage": "#2ca02c", "dp-kd": "#9467bd", "dp-stage-kd": "#d62728",
           "dp-stage-kd-sgdft": "#e377c2", "dp-stage-kd-r8": "#17becf",
+          "dp-stage-kd-stem": "#ff7f0e",
           "tp-l1": "#ff7f0e", "tp-bn": "#8c564b", "tp-taylor": "#7f7f7f"}
-MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "dp-stage-kd-sgdft": "X", "dp-stage-kd-r8": "h", "tp-l1": "^", "tp-bn": "v",
+MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "dp-stage-kd-sgdft": "X", "dp-stage-kd-r8": "h", "dp-stage-kd-stem": "P", "tp-l1": "^", "tp-bn": "v",
            "tp-taylor": "P"}
 
 
