@@ -28,9 +28,9 @@ data: {name: fashion_mnist, max_train_samples: 1024, max_eval_samples: 500}
 model: {arch: small_vgg}
 train: {epochs: 1, lr: 0.05}
 scoring: {method: beta, l1_lambda: 0.0005, lr: 0.01, epochs: 0.5}
-crucial: {n: 2}
+crucial: {n: 2, select: per_stage}
 allocation: {target: flops, flops_reduction: 3.0}
-recovery: {mode: onestep, loss: kl, epochs: 0.5, lr: 0.001, step_size: 2}
+recovery: {mode: onestep, loss: kl, ce_weight: 1.0, kd_weight: 1.0, epochs: 0.5, lr: 0.001, step_size: 2}
 finetune: {epochs: 0.25, lr: 0.0001}
 """
 
@@ -39,6 +39,8 @@ SKIP = {
     "bash scripts/test.sh": "the test suite itself (CI runs it: .ci/run)",
     "deploy-prune bench suite configs/bench/paper_claims.yaml": "hours of measurements; "
     "its tables are checked against the committed CSV by tests/test_results.py",
+    "python -m bench.studies.peers": "the peer study: about 12 minutes of CPU per seed at the page's "
+    "budget, hours for its seeds; tests/test_peers.py runs the same study code at a tiny budget",
 }
 
 
