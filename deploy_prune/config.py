@@ -184,8 +184,8 @@ class AllocationConfig:
     round_to: int | str = "auto"
     # per-node scaling of channel scores before the global ranking: mean = each node's scores
     # divided by their mean (scores whose scale follows the layer, e.g. L1 norms that grow with
-    # fan-in); none = as they are (beta, RBP: comparable across nodes by construction); auto =
-    # what the scorer declares (mean for l1, none otherwise). Crucial nodes use the raw scores.
+    # fan-in, or |beta| under an L1 pull that differs per layer); none = as they are; auto = what
+    # the scorer declares (mean for l1 and beta, none otherwise). Crucial nodes use the raw scores.
     normalize: str = "auto"
     # latency-aware allocation (target=speedup|latency)
     speedup: float = 2.0  # target=speedup: measured speedup to reach (2.0 = twice as fast)

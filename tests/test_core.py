@@ -330,8 +330,9 @@ def test_l1_scores_are_ranked_relative_to_their_node_and_crucial_nodes_use_the_r
     nodes = discover(model, x)
     cfg = RunConfig()
     assert normalized(cfg, "l1").allocation.normalize == "mean"
-    assert normalized(cfg, "beta").allocation.normalize == "none"
-    assert normalized(cfg).allocation.normalize == "none"  # the default scorer: beta
+    assert normalized(cfg, "beta").allocation.normalize == "mean"
+    assert normalized(cfg, "rbp").allocation.normalize == "none"
+    assert normalized(cfg).allocation.normalize == "mean"  # the default scorer: beta
     acfg = dataclasses.replace(normalized(cfg, "l1").allocation, flops_reduction=2.0, round_to=1)
     scores = SCORERS.get("l1")().score(ScoreContext(model=model, nodes=nodes, example=x))
     crucial = select_crucial(nodes, scores, n=2)

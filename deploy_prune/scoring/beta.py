@@ -44,6 +44,11 @@ class BetaScorer(Scorer):
     """Train beta with frozen weights; score = |beta|."""
 
     needs_data = True
+    # ranked relative to each node's mean (allocation.normalize=auto): raw |beta| does not compare
+    # across nodes: on VGG-16 the L1 pull left an MLP head's units and the deep layers with small
+    # betas, the global ranking cut them hardest, and the 2x models fell to 50-80% where the
+    # per-node ranking gave 84-87% (docs/results/peers_vgg16.md); small VGG: the same or better
+    normalize = "mean"
 
     def score(self, ctx: ScoreContext) -> Scores:
         if ctx.train_loader is None:
