@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -613,9 +614,24 @@ def kept_whole(nodes: list[Node]) -> str:
     return f"{len(fixed)} of {len(nodes)} nodes are kept whole: " + "; ".join(parts)
 
 
+def _run_hooked(model: nn.Module, example: torch.Tensor, hooks: list[tuple[str, Callable[..., None]]]) -> None:
+    """One eval-mode forward of ``example[:1]`` with forward hooks on the named modules (removed
+    after, the model's train/eval mode restored)."""
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(fn) for name, fn in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def stage_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Node name -> the spatial size of its feature map: nodes of one resolution share a stage."""
-    modules = dict(model.named_modules())
     sizes: dict[str, tuple[int, ...]] = {}
 
     def hook(name: str):
@@ -624,16 +640,7 @@ def stage_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> dict
 
         return fn
 
-    hooks = [modules[n.capture].register_forward_hook(hook(n.name)) for n in nodes]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _run_hooked(model, example, [(n.capture, hook(n.name)) for n in nodes])
     return sizes
 
 
@@ -641,7 +648,6 @@ def stem_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> str |
     """The node whose channels the first-run conv makes (the stem, reading the image), or None.
 
     On ResNets that is the first stage's residual stream (the stem conv's channels run through it)."""
-    modules = dict(model.named_modules())
     owner = {p: n.name for n in nodes if not n.flat for p in n.producers}
     first: list[str] = []
 
@@ -652,17 +658,7 @@ def stem_of(model: nn.Module, nodes: list[Node], example: torch.Tensor) -> str |
 
         return fn
 
-    hooks = [m.register_forward_hook(hook(name)) for name, m in modules.items()
-             if isinstance(m, nn.Conv2d)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _run_hooked(model, example, [(name, hook(name)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)])
     return owner.get(first[0]) if first else None
 
 
