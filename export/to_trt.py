@@ -349,7 +349,7 @@ def _read_onnx(path: Path, s: BuildSettings) -> OnnxInput:
     """
     import onnx
 
-    from export.onnx_files import check_external_data
+    from export.onnx_files import check_external_data, external_files
 
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
@@ -359,8 +359,10 @@ def _read_onnx(path: Path, s: BuildSettings) -> OnnxInput:
     except Exception as e:  # DecodeError, ...
         raise ValueError(f"{path}: not a valid ONNX model ({type(e).__name__}: {first_line(e)})") from None
     check_external_data(path, proto)
-    try:  # on the path: an in-memory check would look for external data in the working directory
-        onnx.checker.check_model(str(path))
+    # a model with external data is checked on its path (in memory the checker would look for the
+    # data in the working directory); a single-file one on the bytes already read, not read again
+    try:
+        onnx.checker.check_model(str(path) if external_files(path, proto) else proto)
     except Exception as e:  # ValidationError, ...
         raise ValueError(f"{path}: not a valid ONNX model ({type(e).__name__}: {first_line(e)})") from None
     inits = {i.name for i in proto.graph.initializer}
