@@ -27,6 +27,7 @@ from deploy_prune.config import AllocationConfig
 from deploy_prune.decisions import (  # noqa: F401 (select_crucial, round_width: re-exported)
     AUTO_ROUND,
     AllocationError,
+    CostFn,
     Decision,
     Scores,
     auto_round_to,
@@ -374,6 +375,67 @@ def _allocate(
                               "allocation (use flops or channels, or the latency allocator)")
     _, counts = flops_at(k)
     return finish_allocation(model, nodes, pick, counts, example, crucial=crucial, base=base, history=history)
+
+
+def whole_cost(model: nn.Module, nodes: list[Node], scores: Scores, example: torch.Tensor, *,
+               keep: list[str], cfg: AllocationConfig, selection: Scores | None = None) -> CostFn | None:
+    """What keeping nodes whole costs at ``cfg``'s FLOPs target: ``cost(node, whole)`` is the
+    FLOPs that ``node``'s full width adds to the slim model the global ranking gives (with only
+    ``keep`` whole), when the nodes ``whole`` are already kept whole too, as a share of that
+    model's budget (base FLOPs / target). A crucial node is never narrowed: a share of 0.4 means
+    the other nodes must give up 40% of the slim model's FLOPs to pay for it. Costs are joint
+    because a conv between two whole nodes costs both its sides.
+
+    The cost is infinite when the target can no longer be met at ``cfg``'s rounding with the
+    set kept whole (every other node at its floor): costs are measured at the other nodes'
+    natural widths, and a set can look cheap there and still leave too little to cut.
+
+    ``None`` when the target is not FLOPs, or cannot be met with only ``keep`` whole (the
+    allocation that follows then says why). Each new set costed cuts and counts a copy or two."""
+    if cfg.target != "flops":
+        return None
+    quiet, log.disabled = log.disabled, True  # its rounding fallbacks are the real allocation's to report
+    try:
+        ref = allocate(model, nodes, scores, example, crucial=keep, cfg=cfg, selection=selection)
+    except AllocationError:
+        return None
+    finally:
+        log.disabled = quiet
+    budget = ref.base_flops / cfg.flops_reduction
+    pick = selection or scores
+    groups, ties = group_counts(nodes), group_ties(nodes)
+    memo: dict[frozenset[str], int] = {frozenset(): ref.flops}
+
+    def flops(whole: frozenset[str]) -> int:
+        if whole not in memo:
+            tied = {m.tie for m in nodes if m.name in whole and m.tie}  # a tie goes whole together
+            counts = {**ref.counts, **{m.name: m.channels for m in nodes if m.name in whole or m.tie in tied}}
+            memo[whole] = count(cut(model, keep_top(pick, counts, groups, ties), example, nodes=nodes), example).flops
+        return memo[whole]
+
+    reachable: dict[frozenset[str], bool] = {}
+
+    def reaches(whole: frozenset[str]) -> bool:
+        """Can the target still be met with ``whole`` kept whole too, at ``cfg``'s rounding
+        (every other node at its floor)?"""
+        if whole not in reachable:
+            try:
+                ranking = _Ranking(prunable_nodes(nodes, [*keep, *whole]), scores, cfg)
+            except AllocationError:
+                reachable[whole] = False
+                return False
+            floor = count(cut(model, keep_top(pick, ranking.counts(ranking.total), groups, ties), example,
+                              nodes=nodes), example).flops
+            reachable[whole] = ref.base_flops / max(floor, 1) >= cfg.flops_reduction * (1 - cfg.tolerance)
+        return reachable[whole]
+
+    def cost(name: str, whole: tuple[str, ...] = ()) -> float:
+        before = frozenset(whole)
+        if not reaches(before | {name}):
+            return math.inf
+        return max(0.0, (flops(before | {name}) - flops(before)) / budget)
+
+    return cost
 
 
 def decided(model: nn.Module, nodes: list[Node], scores: Scores, example: torch.Tensor,

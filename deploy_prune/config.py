@@ -167,6 +167,13 @@ class CrucialConfig:
     # false: never, while another node is left (its map is a linear filter of the pixels, and kept
     # whole it costs the next conv its full-resolution input; docs/results/peers.md)
     stem: bool = False
+    # weigh what keeping a node whole costs (allocation.target=flops): the FLOPs its whole width
+    # adds to the slim model the global ranking gives, beside the nodes already picked. per_stage
+    # takes each chosen stage's cheapest of its best-scored nodes; a node with which the set could
+    # no longer reach the target (at the rounding) is never taken. false: beta's score alone.
+    # Crucial nodes are never narrowed, so a costly one forces the cut onto every other node
+    # (docs/results/peers.md)
+    cost: bool = True
 
 
 @dataclass

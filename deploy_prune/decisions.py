@@ -10,7 +10,7 @@ place of the allocation.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,17 +33,24 @@ def node_scores(scores: Scores) -> dict[str, float]:
 
 
 CRUCIAL_SELECT = ("score", "per_stage")
+CostFn = Callable[[str, tuple[str, ...]], float]  # (node, nodes already kept whole) -> the share it adds
 
 
 def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list[str] | None = None,
                    select: str = "score", stages: Mapping[str, Any] | None = None,
-                   stem: str | None = None) -> list[str]:
+                   stem: str | None = None, cost: CostFn | None = None) -> list[str]:
     """Top-``n`` nodes by node score (or the explicit ``names``), plus the last conv node.
 
     ``select="per_stage"`` takes the top-``n`` with at most one node per stage (``stages``: node
     name -> its feature map's spatial size, :func:`deploy_prune.nodes.stage_of`) and never the
     ``stem`` node (the channels of the conv that reads the image, :func:`deploy_prune.nodes.stem_of`;
     ``None``: no exclusion) unless the N cannot be filled without it.
+
+    ``cost`` (node, nodes already whole -> what keeping it whole adds, as a share of the slim
+    model's FLOPs budget, infinite where the set could no longer reach the target:
+    :func:`deploy_prune.allocation.whole_cost`): per_stage takes each stage's cheapest node of its
+    few best-scored ones; either rule passes over a node that does not fit (see :func:`_fill`).
+    Only the nodes a pick looks at are costed.
     """
     known = {nd.name for nd in nodes}
     if names:
@@ -61,26 +68,73 @@ def select_crucial(nodes: list[Node], scores: Scores, *, n: int = 2, names: list
         ns = node_scores(scores)
         flat = {nd.name for nd in nodes if nd.flat}  # an MLP head's hidden units: no map to mimic
         ranked = sorted((k for k in ns if k not in flat), key=lambda k: -ns[k])
-        if select == "score":
-            chosen = ranked[:n]
-        elif select == "per_stage":
-            if stages is None:
-                raise AllocationError("crucial.select=per_stage needs the nodes' stages")
-            chosen, seen = [], set()
-            # the stem's map is a linear filter of the pixels: mimicking it teaches little, and kept
-            # whole it fixes the widest full-resolution input of the next conv (peers.md: beta chose
-            # it on every base and lost to plain L1 by 0.41 points on one)
-            for k in [k for k in ranked if k != stem] + [stem]:  # the stem only to fill the N
-                if k in ranked and stages[k] not in seen and len(chosen) < n:
-                    chosen.append(k)
-                    seen.add(stages[k])
-        else:
+        if select not in CRUCIAL_SELECT:
             raise AllocationError(f"crucial.select: expected one of {', '.join(CRUCIAL_SELECT)}, got {select!r}")
+        if select == "per_stage" and stages is None:
+            raise AllocationError("crucial.select=per_stage needs the nodes' stages")
+        # the stem's map is a linear filter of the pixels: mimicking it teaches little, and kept
+        # whole it fixes the widest full-resolution input of the next conv (peers.md: beta chose
+        # it on every base and lost to plain L1 by 0.41 points on one)
+        if select == "per_stage" and stem in ranked:
+            ranked = [k for k in ranked if k != stem] + [stem]  # the stem only to fill the N
+        chosen = _fill(ranked, n, stages if select == "per_stage" else None, cost,
+                       stem if select == "per_stage" else None)
     last = last_node(nodes).name
     if last not in chosen:
         chosen.append(last)
     order = {nd.name: nd.order for nd in nodes}
     return sorted(chosen, key=order.__getitem__)
+
+
+STAGE_CANDIDATES = 4  # per_stage with costs: the stage's node is the cheapest of its best-scored few
+
+
+def _size(stage: Any) -> float:
+    return float(math.prod(stage)) if isinstance(stage, tuple | list) else 0.0
+
+
+def _fill(ranked: list[str], n: int, stages: Mapping[str, Any] | None, cost: CostFn | None,
+          stem: str | None = None) -> list[str]:
+    """Up to ``n`` of ``ranked`` (best score first).
+
+    Without ``stages``: in score order. With them: one node per stage, from the ``n`` stages of
+    the best-scored nodes (the ``stem`` only where its stage has nothing else).
+
+    With ``cost`` (see :func:`select_crucial`), a node is never taken when the set, with it, can
+    no longer reach the target (infinite cost), and per_stage takes each stage's node as the
+    cheapest, beside the nodes already taken, of its :data:`STAGE_CANDIDATES` best-scored nodes
+    (any node of a stage gives a map at that resolution to mimic; beta's node scores within a
+    stage differ by about 1%, the costs by several times). The chosen stages are filled from the
+    highest resolution down (their nodes cost the most and constrain the rest); a stage with no
+    node that fits is replaced by the next stage. If nothing fits, the score order (for the
+    allocation to refuse in its own words).
+    """
+    chosen: list[str] = []
+    if stages is None:
+        for k in ranked:
+            if len(chosen) < n and (cost is None or math.isfinite(cost(k, tuple(chosen)))):
+                chosen.append(k)
+    else:
+        by_stage: dict[Any, list[str]] = {}
+        for k in ranked:
+            by_stage.setdefault(stages[k], []).append(k)
+        pools = [[k for k in g if k != stem][:STAGE_CANDIDATES] or g[:1] for g in by_stage.values()]
+        queue = list(range(len(pools)))  # stages by their best score
+        while queue and len(chosen) < n:
+            take = queue[:n - len(chosen)]
+            queue = queue[len(take):]
+            for s in sorted(take, key=lambda s: -_size(stages[pools[s][0]])):  # highest resolution first
+                pool = pools[s]
+                if cost is None:
+                    chosen.append(pool[0])
+                    continue
+                prices = {k: cost(k, tuple(chosen)) for k in pool}
+                best = min(pool, key=lambda k: (prices[k], pool.index(k)))
+                if math.isfinite(prices[best]):
+                    chosen.append(best)
+    if not chosen and cost is not None:
+        return _fill(ranked, n, stages, None, stem)
+    return chosen
 
 
 def round_width(kept: int, channels: int, multiple: int) -> int:

@@ -31,6 +31,7 @@ from deploy_prune.allocation import (
     load_allocator,
     rounding_note,
     select_crucial,
+    whole_cost,
     with_rounding,
 )
 from deploy_prune.artifacts import (
@@ -57,7 +58,7 @@ from deploy_prune.flops import count
 from deploy_prune.host import cpu_count
 from deploy_prune.models import build_model, load_weights_file, zoo
 from deploy_prune.models.tv import is_torchvision
-from deploy_prune.nodes import Node, discover, kept_whole, stage_of, stem_of
+from deploy_prune.nodes import Node, discover, kept_whole, last_node, stage_of, stem_of
 from deploy_prune.precision import check_precision
 from deploy_prune.preprocess import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from deploy_prune.scoring import SCORERS, Decision, Goal, ScoreContext, Scores, node_scores
@@ -462,8 +463,17 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
     per_stage = cfg.crucial.select == "per_stage" and not crucial and not cfg.crucial.nodes
     stages = stage_of(model, nodes, example) if per_stage else None
     stem = stem_of(model, nodes, example) if per_stage and not cfg.crucial.stem else None
-    crucial = crucial or select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes,
-                                        select=cfg.crucial.select, stages=stages, stem=stem)
+    if not crucial:
+        cost = None
+        if cfg.crucial.cost and not cfg.crucial.nodes:
+            cost = whole_cost(model, nodes, scores, example, keep=[last_node(nodes).name], cfg=cfg.allocation,
+                              selection=selection)
+        crucial = select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes, select=cfg.crucial.select,
+                                 stages=stages, stem=stem, cost=cost)
+        if cost is not None:
+            shares = [cost(k, tuple(crucial[:i])) for i, k in enumerate(crucial)]
+            log.info("crucial nodes %s: kept whole they take %.2f of the slim model's FLOPs budget (%s)",
+                     ", ".join(crucial), sum(shares), ", ".join(f"{k} +{c:.2f}" for k, c in zip(crucial, shares)))
     if cfg.allocation.target in PLUGIN_TARGETS:  # measured targets: the bench plugin allocator
         check_precision(cfg.allocation.precision, key="allocation.precision")
         # timings differ per rank, so rank 0 measures and every rank takes its widths (DDP

@@ -64,6 +64,76 @@ def test_per_stage_crucial_passes_over_the_stem():
         ["features.0", "features.18"]
 
 
+def test_per_stage_takes_each_stages_cheapest_node_that_fits():
+    model, nodes, example = _vgg()
+    ns = {"features.0": 1.02, "features.3": 1.01, "features.7": 1.03, "features.10": 1.00,
+          "features.14": 0.99, "features.18": 0.98}
+    scores = {n.name: np.full(n.channels, ns[n.name]) for n in nodes}
+    stages = stage_of(model, nodes, example)
+    costs = {"features.0": 0.05, "features.3": 0.3, "features.7": 0.45, "features.10": 0.17, "features.14": 0.2,
+             "features.18": 0.0}
+    asked = []
+
+    def cost(k, whole=()):
+        asked.append((k, tuple(whole)))
+        if k == "features.7" and "features.3" in whole:
+            return 0.9  # its conv reads features.3: both sides whole
+        return costs[k]
+
+    pick = dict(n=2, select="per_stage", stages=stages, stem="features.0")
+    # by score alone: features.7 (best by 1%) for its stage, although it costs 0.45 of the budget
+    assert select_crucial(nodes, scores, **pick) == ["features.3", "features.7", "features.18"]
+    # with costs: the cheaper node of that stage; the stem stays out although it is cheapest
+    assert select_crucial(nodes, scores, **pick, cost=cost) == ["features.3", "features.10", "features.18"]
+    # the full-resolution stage is filled first, and the next stage's nodes are costed beside it
+    assert asked[0] == ("features.3", ()) and ("features.7", ("features.3",)) in asked
+    assert not any(k == "features.14" for k, _ in asked)  # only the chosen stages are costed
+
+    # a node with which the set can no longer reach the target is never taken: its stage goes
+    # to the next stage by score
+    def tight(k, whole=()):
+        return math.inf if k in ("features.7", "features.10") and whole else cost(k, whole)
+
+    assert select_crucial(nodes, scores, **pick, cost=tight) == ["features.3", "features.14", "features.18"]
+    # the OSPR rule (select=score) keeps the score order, passing over what does not fit
+    assert select_crucial(nodes, scores, n=2, cost=cost) == ["features.0", "features.7", "features.18"]
+    assert select_crucial(nodes, scores, n=2, cost=lambda k, whole=(): math.inf if whole else 0.1) == \
+        ["features.7", "features.18"]
+    # nothing fits: the score order, for the allocation to refuse in its own words
+    assert select_crucial(nodes, scores, **pick, cost=lambda k, whole=(): math.inf) == \
+        ["features.3", "features.7", "features.18"]
+
+
+def test_whole_cost_is_what_keeping_a_node_whole_adds_to_the_slim_model():
+    from deploy_prune.allocation import allocate, whole_cost
+    from deploy_prune.config import AllocationConfig
+    from deploy_prune.flops import count
+
+    model, nodes, example = _vgg()
+    scores = {n.name: np.linspace(0.1, 1.0, n.channels) for n in nodes}
+    cfg = AllocationConfig(flops_reduction=3.0, round_to=1)
+    cost = whole_cost(model, nodes, scores, example, keep=["features.18"], cfg=cfg)
+    ref = allocate(model, nodes, scores, example, crucial=["features.18"], cfg=cfg)
+    budget = count(model, example).flops / 3.0
+    assert cost("features.18") == 0.0  # already whole
+    for name in ("features.3", "features.7", "features.14"):
+        slim = allocate(model, nodes, scores, example, crucial=["features.18"], cfg=cfg)
+        assert slim.counts[name] < next(n.channels for n in nodes if n.name == name)
+        assert cost(name) > 0
+    # one node kept whole at the natural widths of the rest: exactly the FLOPs its full width adds
+    from deploy_prune.allocation import cut, keep_top
+
+    full = {**ref.counts, "features.7": 64}
+    f7 = count(cut(model, keep_top(scores, full), example, nodes=nodes), example).flops
+    assert cost("features.7") == pytest.approx((f7 - ref.flops) / budget)
+    # joint: with its input node features.3 whole too, features.7's conv costs both its sides
+    assert cost("features.7", ("features.3",)) > cost("features.7")
+    # a set that leaves too little to cut cannot reach the target: infinite
+    assert math.isinf(cost("features.14", ("features.3", "features.7", "features.10")))
+    assert whole_cost(model, nodes, scores, example, keep=["features.18"],
+                      cfg=AllocationConfig(target="channels")) is None
+
+
 def test_stem_is_the_node_of_the_first_conv_that_runs():
     import torchvision
 
@@ -201,3 +271,28 @@ def test_every_dp_method_is_the_config_with_valid_overrides():
         # the budget of every recipe is the default's: the peers' epochs are computed from it
         assert peers.budget(cfg)["total"] == pytest.approx(peers.budget(default)["total"]), name
     assert peers.seed_config(study, 0, peers.METHODS["dp-stage-kd-noft"].overrides).finetune.epochs == 0
+
+
+def test_prune_weighs_what_keeping_a_crucial_node_whole_costs():
+    from deploy_prune import pipeline
+    from deploy_prune.artifacts import ModelPlan
+    from deploy_prune.config import RunConfig
+
+    model, nodes, _ = _vgg()
+    plan = ModelPlan("small_vgg", 10, 1, 28)
+    # beta's margin between nodes of one stage: about 1% (features.7 over features.10)
+    ns = {"features.0": 1.02, "features.3": 1.01, "features.7": 1.012, "features.10": 1.008,
+          "features.14": 0.99, "features.18": 0.98}
+    scores = {n.name: ns[n.name] * np.linspace(0.8, 1.2, n.channels) for n in nodes}
+    cfg = RunConfig()
+    cfg.crucial.select, cfg.allocation.flops_reduction, cfg.allocation.round_to = "per_stage", 3.0, 8
+    costed = pipeline.prune(model, plan, cfg, scores)
+    cfg.crucial.cost = False
+    plain = pipeline.prune(model, plan, cfg, scores)
+    assert plain.allocation.crucial == ["features.3", "features.7", "features.18"]
+    assert costed.allocation.crucial == ["features.3", "features.10", "features.18"]
+    # the cheaper crucial node leaves the rest of the network wider at the same FLOPs
+    for res in (costed, plain):
+        assert res.allocation.flops_reduction == pytest.approx(3.0, rel=0.05)
+    others = lambda res: sum(v for k, v in res.allocation.counts.items() if k not in res.allocation.crucial)  # noqa: E731
+    assert others(costed) > others(plain)

@@ -63,11 +63,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "dp-ospr": Method("dp", ("crucial.select=score", "recovery.ce_weight=0", "recovery.kd_weight=0"),
+    "dp-ospr": Method("dp", ("crucial.select=score", "crucial.cost=false", "recovery.ce_weight=0",
+                             "recovery.kd_weight=0"),
                       label="deploy-prune, OSPR rule (top-N crucial, KL mimic)"),
     "dp-stage": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=0", "recovery.kd_weight=0"),
                        label="deploy-prune, one crucial node per stage, KL mimic"),
-    "dp-kd": Method("dp", ("crucial.select=score", "recovery.ce_weight=1", "recovery.kd_weight=1"),
+    "dp-kd": Method("dp", ("crucial.select=score", "crucial.cost=false", "recovery.ce_weight=1",
+                           "recovery.kd_weight=1"),
                     label="deploy-prune, top-N crucial, KL mimic + CE + logit KD"),
     "dp-stage-kd": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1"),
                           label="deploy-prune, one crucial node per stage, KL mimic + CE + logit KD"),
@@ -120,6 +122,12 @@ METHODS: dict[str, Method] = {
     "dp-stage-kd-stem": Method("dp", ("crucial.select=per_stage", "crucial.stem=true", "recovery.ce_weight=1",
                                       "recovery.kd_weight=1"),
                                label="deploy-prune default recipe, but the stem may be crucial (before 2026-12-02)"),
+    # ablation of the cost rule (crucial.cost=true is the default): each stage's crucial node by
+    # beta score alone, whatever its whole width costs the slim model
+    "dp-stage-kd-nocost": Method("dp", ("crucial.select=per_stage", "crucial.cost=false", "recovery.ce_weight=1",
+                                        "recovery.kd_weight=1"),
+                                 label="deploy-prune default recipe, crucial nodes chosen without their cost "
+                                 "(the default before 2026-12-02)"),
     "tp-l1": Method("tp", importance="l1", label="Torch-Pruning L1 (global) + CE fine-tune"),
     "tp-bn": Method("tp", importance="bn", label="Torch-Pruning BN-scale (global) + CE fine-tune"),
     "tp-taylor": Method("tp", importance="taylor", label="Torch-Pruning Taylor (global) + CE fine-tune"),
@@ -523,9 +531,9 @@ def _tables(df, eq, command: str) -> str:
 
 COLORS = {"dp-ospr": "#1f77b4", "dp-stage": "#2ca02c", "dp-kd": "#9467bd", "dp-stage-kd": "#d62728",
           "dp-stage-kd-sgdft": "#e377c2", "dp-stage-kd-r8": "#17becf",
-          "dp-stage-kd-stem": "#ff7f0e",
+          "dp-stage-kd-stem": "#ff7f0e", "dp-stage-kd-nocost": "#bcbd22",
           "tp-l1": "#ff7f0e", "tp-bn": "#8c564b", "tp-taylor": "#7f7f7f"}
-MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "dp-stage-kd-sgdft": "X", "dp-stage-kd-r8": "h", "dp-stage-kd-stem": "P", "tp-l1": "^", "tp-bn": "v",
+MARKERS = {"dp-ospr": "o", "dp-stage": "s", "dp-kd": "D", "dp-stage-kd": "*", "dp-stage-kd-sgdft": "X", "dp-stage-kd-r8": "h", "dp-stage-kd-stem": "P", "dp-stage-kd-nocost": "p", "tp-l1": "^", "tp-bn": "v",
            "tp-taylor": "P"}
 
 
