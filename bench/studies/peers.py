@@ -62,6 +62,10 @@ class Method:
     label: str = ""
 
 
+# deploy-prune's default recipe as the study runs it (configs/default.yaml's crucial.select and
+# recovery terms, spelled out so a variant's change is the only difference)
+RECIPE = ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1")
+
 METHODS: dict[str, Method] = {
     "dp-ospr": Method("dp", ("crucial.select=score", "crucial.cost=false", "recovery.ce_weight=0",
                              "recovery.kd_weight=0"),
@@ -71,47 +75,40 @@ METHODS: dict[str, Method] = {
     "dp-kd": Method("dp", ("crucial.select=score", "crucial.cost=false", "recovery.ce_weight=1",
                            "recovery.kd_weight=1"),
                     label="deploy-prune, top-N crucial, KL mimic + CE + logit KD"),
-    "dp-stage-kd": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1"),
+    "dp-stage-kd": Method("dp", RECIPE,
                           label="deploy-prune, one crucial node per stage, KL mimic + CE + logit KD"),
     # the default recipe with widths in multiples of 8 (the default before round_to=auto, and what
     # auto picks on AVX2 CPUs and GPUs; auto is 16 on AVX-512)
-    "dp-stage-kd-r8": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                    "allocation.round_to=8"),
+    "dp-stage-kd-r8": Method("dp", (*RECIPE, "allocation.round_to=8"),
                              label="deploy-prune default recipe, widths in multiples of 8"),
     # ablation: dp-stage-kd with the peers' fine-tuning schedule (SGD, lr 0.01, cosine) in its own
     # fine-tuning epochs; same widths (same speed), same budget
-    "dp-stage-kd-sgdft": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                       "finetune.optimizer=sgd", "finetune.lr=0.01", "finetune.schedule=cosine"),
+    "dp-stage-kd-sgdft": Method("dp", (*RECIPE, "finetune.optimizer=sgd", "finetune.lr=0.01", "finetune.schedule=cosine"),
                                 label="deploy-prune default recipe + SGD lr 0.01 cosine fine-tuning"),
     # screened candidates, each the default recipe with one or two changes (same widths, same budget)
-    "dp-stage-kd-ftcos": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                       "finetune.lr=0.001", "finetune.schedule=cosine"),
+    "dp-stage-kd-ftcos": Method("dp", (*RECIPE, "finetune.lr=0.001", "finetune.schedule=cosine"),
                                 label="deploy-prune default recipe + Adam 1e-3 cosine fine-tuning"),
-    "dp-stage-kd-unfrozen": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                          "recovery.freeze_classifier=false"),
+    "dp-stage-kd-unfrozen": Method("dp", (*RECIPE, "recovery.freeze_classifier=false"),
                                    label="deploy-prune default recipe, classifier trained in recovery"),
-    "dp-stage-kd-rlr3": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                      "recovery.lr=0.003"),
+    "dp-stage-kd-rlr3": Method("dp", (*RECIPE, "recovery.lr=0.003"),
                                label="deploy-prune default recipe, recovery lr 3e-3"),
-    "dp-stage-kd-unfrozen-ftcos": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1",
-                                                "recovery.kd_weight=1", "recovery.freeze_classifier=false",
+    "dp-stage-kd-unfrozen-ftcos": Method("dp", (*RECIPE, "recovery.freeze_classifier=false",
                                                 "finetune.lr=0.001", "finetune.schedule=cosine"),
                                          label="deploy-prune default recipe, classifier trained in recovery, "
                                          "Adam 1e-3 cosine fine-tuning"),
-    "dp-stage-kd-rlr03": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1", "recovery.lr=0.0003"),
+    "dp-stage-kd-rlr03": Method("dp", (*RECIPE, "recovery.lr=0.0003"),
                                 label="deploy-prune default recipe, recovery lr 3e-4"),
-    "dp-stage-kd-noft": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1", "recovery.epochs=1.5", "finetune.epochs=0"),
+    "dp-stage-kd-noft": Method("dp", (*RECIPE, "recovery.epochs=1.5", "finetune.epochs=0"),
                                label="deploy-prune default recipe, the fine-tuning epochs spent on recovery "
                                "(equal budget at the page's 1.0 + 0.5 epochs)"),
-    "dp-stage-kd-kd3": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=3"),
+    "dp-stage-kd-kd3": Method("dp", (*RECIPE, "recovery.kd_weight=3"),
                               label="deploy-prune default recipe, logit KD weight 3"),
-    "dp-stage-kd-ftlow": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1", "finetune.lr=0.00003"),
+    "dp-stage-kd-ftlow": Method("dp", (*RECIPE, "finetune.lr=0.00003"),
                                 label="deploy-prune default recipe, fine-tuning Adam 3e-5"),
-    "dp-stage-kd-kd3-unfrozen": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1",
-                                              "recovery.kd_weight=3", "recovery.freeze_classifier=false"),
+    "dp-stage-kd-kd3-unfrozen": Method("dp", (*RECIPE, "recovery.kd_weight=3",
+                                              "recovery.freeze_classifier=false"),
                                        label="deploy-prune default recipe, logit KD weight 3, classifier trained"),
-    "dp-stage-kd-ft3e4": Method("dp", ("crucial.select=per_stage", "recovery.ce_weight=1", "recovery.kd_weight=1",
-                                       "finetune.lr=0.0003"),
+    "dp-stage-kd-ft3e4": Method("dp", (*RECIPE, "finetune.lr=0.0003"),
                                 label="deploy-prune default recipe, fine-tuning Adam 3e-4"),
     # hypothesis test (small VGG only): the full-resolution stage's crucial node is features.3,
     # not the stem features.0 that beta picks on every base, so the stem can be cut
@@ -119,13 +116,11 @@ METHODS: dict[str, Method] = {
                                         "recovery.kd_weight=1"),
                                  label="deploy-prune default recipe, crucial features.3/.10/.18 (stem cut)"),
     # ablation of the stem rule (crucial.stem=false is the default): per_stage may pick the stem
-    "dp-stage-kd-stem": Method("dp", ("crucial.select=per_stage", "crucial.stem=true", "recovery.ce_weight=1",
-                                      "recovery.kd_weight=1"),
+    "dp-stage-kd-stem": Method("dp", (*RECIPE, "crucial.stem=true"),
                                label="deploy-prune default recipe, but the stem may be crucial (before 2026-12-02)"),
     # ablation of the cost rule (crucial.cost=true is the default): each stage's crucial node by
     # beta score alone, whatever its whole width costs the slim model
-    "dp-stage-kd-nocost": Method("dp", ("crucial.select=per_stage", "crucial.cost=false", "recovery.ce_weight=1",
-                                        "recovery.kd_weight=1"),
+    "dp-stage-kd-nocost": Method("dp", (*RECIPE, "crucial.cost=false"),
                                  label="deploy-prune default recipe, crucial nodes chosen without their cost "
                                  "(the default before 2026-12-02)"),
     "tp-l1": Method("tp", importance="l1", label="Torch-Pruning L1 (global) + CE fine-tune"),
