@@ -378,7 +378,8 @@ def _allocate(
 
 
 def whole_cost(model: nn.Module, nodes: list[Node], scores: Scores, example: torch.Tensor, *,
-               keep: list[str], cfg: AllocationConfig, selection: Scores | None = None) -> CostFn | None:
+               keep: list[str], cfg: AllocationConfig, selection: Scores | None = None,
+               marginal: bool = True) -> CostFn | None:
     """What keeping nodes whole costs at ``cfg``'s FLOPs target: ``cost(node, whole)`` is the
     FLOPs that ``node``'s full width adds to the slim model the global ranking gives (with only
     ``keep`` whole), when the nodes ``whole`` are already kept whole too, as a share of that
@@ -390,23 +391,30 @@ def whole_cost(model: nn.Module, nodes: list[Node], scores: Scores, example: tor
     set kept whole (every other node at its floor): costs are measured at the other nodes'
     natural widths, and a set can look cheap there and still leave too little to cut.
 
+    ``marginal=False``: only whether the set still fits (0 or infinite), without the global
+    ranking's allocation the shares are measured against (what ``select=score`` needs).
+
     ``None`` when the target is not FLOPs, or cannot be met with only ``keep`` whole (the
     allocation that follows then says why). Each new set costed cuts and counts a copy or two."""
     if cfg.target != "flops":
         return None
-    quiet, log.disabled = log.disabled, True  # its rounding fallbacks are the real allocation's to report
-    try:
-        ref = allocate(model, nodes, scores, example, crucial=keep, cfg=cfg, selection=selection)
-    except AllocationError:
-        return None
-    finally:
-        log.disabled = quiet
-    budget = ref.base_flops / cfg.flops_reduction
+    base_flops = count(model, example).flops
+    ref = None
+    if marginal:
+        quiet, log.disabled = log.disabled, True  # its rounding fallbacks are the real allocation's to report
+        try:
+            ref = allocate(model, nodes, scores, example, crucial=keep, cfg=cfg, selection=selection)
+        except AllocationError:
+            return None
+        finally:
+            log.disabled = quiet
+    budget = base_flops / cfg.flops_reduction
     pick = selection or scores
     groups, ties = group_counts(nodes), group_ties(nodes)
-    memo: dict[frozenset[str], int] = {frozenset(): ref.flops}
+    memo: dict[frozenset[str], int] = {frozenset(): ref.flops} if ref else {}
 
     def flops(whole: frozenset[str]) -> int:
+        assert ref is not None
         if whole not in memo:
             tied = {m.tie for m in nodes if m.name in whole and m.tie}  # a tie goes whole together
             counts = {**ref.counts, **{m.name: m.channels for m in nodes if m.name in whole or m.tie in tied}}
@@ -426,13 +434,15 @@ def whole_cost(model: nn.Module, nodes: list[Node], scores: Scores, example: tor
                 return False
             floor = count(cut(model, keep_top(pick, ranking.counts(ranking.total), groups, ties), example,
                               nodes=nodes), example).flops
-            reachable[whole] = ref.base_flops / max(floor, 1) >= cfg.flops_reduction * (1 - cfg.tolerance)
+            reachable[whole] = base_flops / max(floor, 1) >= cfg.flops_reduction * (1 - cfg.tolerance)
         return reachable[whole]
 
     def cost(name: str, whole: tuple[str, ...] = ()) -> float:
         before = frozenset(whole)
         if not reaches(before | {name}):
             return math.inf
+        if ref is None:
+            return 0.0
         return max(0.0, (flops(before | {name}) - flops(before)) / budget)
 
     return cost

@@ -467,10 +467,10 @@ def _allocation(model: nn.Module, plan: ModelPlan, nodes: list[Node], cfg: RunCo
         cost = None
         if cfg.crucial.cost and not cfg.crucial.nodes:
             cost = whole_cost(model, nodes, scores, example, keep=[last_node(nodes).name], cfg=cfg.allocation,
-                              selection=selection)
+                              selection=selection, marginal=per_stage)  # select=score: only what fits
         crucial = select_crucial(nodes, scores, n=cfg.crucial.n, names=cfg.crucial.nodes, select=cfg.crucial.select,
                                  stages=stages, stem=stem, cost=cost)
-        if cost is not None:
+        if cost is not None and per_stage:
             shares = [cost(k, tuple(crucial[:i])) for i, k in enumerate(crucial)]
             log.info("crucial nodes %s: kept whole they take %.2f of the slim model's FLOPs budget (%s)",
                      ", ".join(crucial), sum(shares), ", ".join(f"{k} +{c:.2f}" for k, c in zip(crucial, shares)))

@@ -130,6 +130,10 @@ def test_whole_cost_is_what_keeping_a_node_whole_adds_to_the_slim_model():
     assert cost("features.7", ("features.3",)) > cost("features.7")
     # a set that leaves too little to cut cannot reach the target: infinite
     assert math.isinf(cost("features.14", ("features.3", "features.7", "features.10")))
+    # only whether it fits (select=score): 0 or infinite, with no allocation to measure shares on
+    fits = whole_cost(model, nodes, scores, example, keep=["features.18"], cfg=cfg, marginal=False)
+    assert fits("features.7") == 0.0 and fits("features.7", ("features.3",)) == 0.0
+    assert math.isinf(fits("features.14", ("features.3", "features.7", "features.10")))
     assert whole_cost(model, nodes, scores, example, keep=["features.18"],
                       cfg=AllocationConfig(target="channels")) is None
 
