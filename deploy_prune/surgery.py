@@ -116,7 +116,11 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
         if node.tie:
             _cut_grouped_inputs(group, dg)
         extra = _extra_out_params(dg, group)
+        norms = {it.dep.target.module: it.dep.target.module.num_channels // it.dep.target.module.num_groups
+                 for it in group if isinstance(it.dep.target.module, nn.GroupNorm)}
         group.prune(record_history=False)
+        for norm, width in norms.items():  # torch-pruning narrows a GroupNorm but keeps its group count;
+            norm.num_groups = max(1, norm.num_channels // width)  # the node lost whole groups (nodes._tie_group_norms)
         for param, n_out, idxs in extra:  # e.g. timm's ScaledStdConv2d gain, (C_out, 1, 1, 1)
             keep = torch.tensor([i for i in range(n_out) if i not in set(idxs)], dtype=torch.long)
             param.data = param.data.index_select(0, keep)

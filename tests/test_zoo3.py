@@ -1,0 +1,60 @@
+"""The causes the third held-out timm sweep (docs/results/heldout2.md) found, each with a test:
+GroupNorm (timm.resnet50_gn)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deploy_prune.nodes import discover
+from deploy_prune.surgery import apply_plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _TinyGN(nn.Module):
+    """conv 3->8 -> GroupNorm(4 groups of 2) -> ReLU -> conv 8->6 -> pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn1 = nn.GroupNorm(4, 8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.relu(self.gn1(self.conv1(x)))).mean((2, 3)))
+
+
+def test_group_norm_node_loses_whole_groups_and_equals_the_base_without_them():
+    """Before: torch-pruning narrowed the GroupNorm but kept its 32 groups, so the cut model did
+    not run ('Expected number of channels in input to be divisible by num_groups', resnet50_gn).
+    Now the node loses whole GroupNorm groups: the kept groups hold the same channels, so the
+    cut model equals the base whose next conv ignores the cut channels."""
+    torch.manual_seed(0)
+    model = _TinyGN().eval()
+    with torch.no_grad():
+        model.gn1.weight.uniform_(0.5, 1.5)
+        model.gn1.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 12, 12)
+    nodes = {n.name: n for n in discover(model, x)}
+    assert nodes["conv1"].groups == 4 and nodes["conv1"].tie == "conv1" and nodes["conv1"].prunable
+    kept = [0, 1, 4, 5]  # GroupNorm groups 0 and 2
+    oracle = _TinyGN().eval()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        oracle.conv2.weight[:, [2, 3, 6, 7]] = 0
+        want = oracle(x)
+    apply_plan(model, {"conv1": kept}, x)
+    assert (model.gn1.num_groups, model.gn1.num_channels, model.conv2.in_channels) == (2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_plan_must_keep_whole_groups():
+    from deploy_prune.surgery import PlanError
+
+    model = _TinyGN().eval()
+    with pytest.raises(PlanError, match="whole blocks of 2"):
+        apply_plan(model, {"conv1": [0, 2, 4, 6]}, torch.randn(1, 3, 12, 12))
