@@ -124,6 +124,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
         for param, n_out, idxs in extra:  # e.g. timm's ScaledStdConv2d gain, (C_out, 1, 1, 1)
             keep = torch.tensor([i for i in range(n_out) if i not in set(idxs)], dtype=torch.long)
             param.data = param.data.index_select(0, keep)
+    _fit_channel_buffers(model, example)
     _check_cut(model, example, plan)
     model.train(was_training)
     return model
@@ -141,6 +142,46 @@ def _extra_out_params(dg, group) -> list[tuple[nn.Parameter, int, list[int]]]:
             if name not in ("weight", "bias") and param.dim() >= 1 and param.shape[0] == m.out_channels:
                 out.append((param, m.out_channels, list(item.idxs)))
     return out
+
+
+def _channel_buffers(m: nn.Module) -> list[str]:
+    """The per-channel buffers of a parameter-free module that records its channel count
+    (``m.channels``), when every channel's row is the same: timm's BlurPool2d (anti-aliased
+    downsampling, ``resnetblur``), a fixed binomial filter per channel run as a depthwise conv."""
+    c = getattr(m, "channels", None)
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or next(m.parameters(False), None) is not None:
+        return []
+    bufs = [(n, b) for n, b in m.named_buffers(recurse=False) if b is not None and b.dim() >= 1 and b.shape[0] == c]
+    if not bufs or not all(torch.equal(b, b[:1].expand_as(b)) for _, b in bufs):
+        return []
+    return [n for n, _ in bufs]
+
+
+def _fit_channel_buffers(model: nn.Module, example: torch.Tensor) -> None:
+    """Narrow the modules of :func:`_channel_buffers` to the channels they now receive: their
+    rows are all the same, so which channels were cut does not matter (torch-pruning sees their
+    functional conv as an element-wise op and maps the channels through it, one to one)."""
+    fit = {m: names for m in model.modules() if (names := _channel_buffers(m))}
+    if not fit:
+        return
+
+    def pre(m, args) -> None:  # returns None: the input is unchanged
+        c = args[0].shape[1] if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1 else None
+        if c is not None and c != m.channels:
+            for n in fit[m]:
+                b = getattr(m, n)
+                m._buffers[n] = b[:1].expand(c, *b.shape[1:]).contiguous()
+            m.channels = c
+
+    hooks = [m.register_forward_pre_hook(pre) for m in fit]
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError:  # _check_cut says where, in one line
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _check_cut(model: nn.Module, example: torch.Tensor, plan: Mapping[str, Sequence[int]]) -> None:

@@ -1,5 +1,6 @@
 """The causes the third held-out timm sweep (docs/results/heldout2.md) found, each with a test:
-GroupNorm (timm.resnet50_gn)."""
+GroupNorm (timm.resnet50_gn), and anti-aliased downsampling that records its channel count
+(timm.resnetblur18)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,41 @@ def test_group_norm_plan_must_keep_whole_groups():
     model = _TinyGN().eval()
     with pytest.raises(PlanError, match="whole blocks of 2"):
         apply_plan(model, {"conv1": [0, 2, 4, 6]}, torch.randn(1, 3, 12, 12))
+
+
+class _TinyBlur(nn.Module):
+    """conv 3->16 -> BN -> ReLU -> timm's BlurPool2d(16) -> conv 16->8 -> pooled linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import BlurPool2d
+
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.blur = BlurPool2d(16, filt_size=3, stride=2)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.blur(torch.relu(self.bn1(self.conv1(x))))).mean((2, 3)))
+
+
+def test_blur_pool_follows_the_cut():
+    """Before: BlurPool2d kept channels=16 and its (16, 1, 3, 3) filter, so the cut model did
+    not run ('expected input ... to have 64 channels', resnetblur18). Its rows are one filter,
+    so it narrows to the channels it receives and equals the base without the cut channels."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _TinyBlur().eval()
+    x = torch.randn(2, 3, 16, 16)
+    kept = list(range(0, 16, 2))
+    oracle = _TinyBlur().eval()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        oracle.conv2.weight[:, [i for i in range(16) if i not in kept]] = 0
+        want = oracle(x)
+    name = next(n.name for n in discover(model, x) if n.root == "conv1")
+    apply_plan(model, {name: kept}, x)
+    assert model.blur.channels == 8 and tuple(model.blur.filt.shape) == (8, 1, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
