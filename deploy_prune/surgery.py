@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from deploy_prune.nodes import (
     Node,
@@ -211,18 +212,48 @@ def _check_cut(model: nn.Module, example: torch.Tensor, plan: Mapping[str, Seque
 
     hooks = [h for n, m in model.named_modules() if n
              for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+    slices = _ChannelSlices(stack)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), slices:
             model(example)
     except RuntimeError as e:
         failed = stack[-1:]
+        at = f" at {failed[0]}" if failed else ""
+        cut = slices.seen.get(failed[0]) if failed else None
+        if cut:  # ReXNet: cat([x[:, :self.in_channels] + shortcut, x[:, self.in_channels:]])
+            raise UnsupportedModel(
+                f"cannot prune {name}: after the cut it no longer runs{at}, which slices its channels at a "
+                f"fixed index ({cut}: a partial residual, as ReXNet's x[:, :C] + shortcut, ties the first C "
+                "channels to the block input, and the cut cannot update the index); this architecture is "
+                "not supported for pruning") from None
         raise UnsupportedModel(
-            f"cannot prune {name}: after the cut it no longer runs{' at ' + failed[0] if failed else ''} "
+            f"cannot prune {name}: after the cut it no longer runs{at} "
             f"({str(e).splitlines()[0][:160]}): a module keeps channel counts that the cut cannot "
             "update; this architecture is not supported for pruning") from None
     finally:
         for h in hooks:
             h.remove()
+
+
+class _ChannelSlices(TorchFunctionMode):
+    """Records, per running module (the top of ``stack``), its first slice of a feature map's
+    channel axis at a fixed index (``x[:, 0:16]``): a cut model that then fails there failed
+    because the index kept the base's width."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack, self.seen = stack, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and self.stack and len(args) == 2 and isinstance(args[1], tuple):
+            x, idx = args
+            ch = idx[1] if len(idx) > 1 and idx[0] == slice(None) else None
+            if (isinstance(ch, slice) and isinstance(x, torch.Tensor) and x.dim() == 4
+                    and (ch.start, ch.stop) != (None, None) and ch.step in (None, 1)):
+                self.seen.setdefault(self.stack[-1], f"x[:, {ch.start or ''}:{ch.stop or ''}] on "
+                                     f"a map of {x.shape[1]} channels")
+        return out
 
 
 def _cut_grouped_inputs(group, dg) -> None:

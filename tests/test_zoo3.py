@@ -1,6 +1,6 @@
 """The causes the third held-out timm sweep (docs/results/heldout2.md) found, each with a test:
-GroupNorm (timm.resnet50_gn), and anti-aliased downsampling that records its channel count
-(timm.resnetblur18)."""
+GroupNorm (timm.resnet50_gn), anti-aliased downsampling that records its channel count
+(timm.resnetblur18), and ReXNet's partial residual as one line naming the slice (timm.rexnetr_100)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deploy_prune.nodes import discover
+from deploy_prune.nodes import UnsupportedModel, discover
 from deploy_prune.surgery import apply_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,3 +97,19 @@ def test_blur_pool_follows_the_cut():
     assert model.blur.channels == 8 and tuple(model.blur.filt.shape) == (8, 1, 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rexnet_partial_residual_is_one_line_naming_the_slice():
+    """Before: 'a module keeps channel counts that the cut cannot update' (timm.rexnetr_100):
+    true of no module there; the cause is the fixed slice x[:, :C] of the partial residual."""
+    timm = pytest.importorskip("timm")
+    from conftest import random_plan
+
+    model = timm.create_model("rexnetr_100", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(UnsupportedModel) as e:
+        nodes = discover(model, x)
+        apply_plan(model, random_plan(nodes), x)
+    msg = str(e.value)
+    assert "\n" not in msg and "no longer runs at features." in msg
+    assert "slices its channels at a fixed index (x[:, :" in msg and "partial residual" in msg
