@@ -199,7 +199,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     move channels opaque (torch-pruning maps a channel shuffle wrongly, or fails on it)."""
     refuse_unsupported(model)
     try:
-        with torch.enable_grad(), _ChannelMoves(model, example) as moves:
+        with torch.enable_grad(), _traced_channelwise(model), _ChannelMoves(model, example) as moves:
             return _Graph(moves.moves, moves.cat_sizes).build_dependency(model, example_inputs=example, verbose=False)
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
         raise UnsupportedModel(
@@ -208,6 +208,44 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     except Exception as e:  # tracing failures come from deep inside torch-pruning
         _check_runs(model, example)
         raise _untraceable(model, e) from e
+
+
+def global_context_blocks(model: nn.Module) -> list[nn.Module]:
+    """timm's GlobalContext blocks (GCNet, ``gcresnet*``) that pool by a learned spatial attention:
+    ``conv_attn`` (C -> 1) weighs the positions, and the context (B, C, 1, 1) is the flattened map
+    times those weights (a matmul). Channel for channel it is a weighted mean, but torch-pruning
+    maps the channels of the (B, 1, C, HW) @ (B, 1, HW, 1) matmul onto the attention map's single
+    channel, and its index groups never converge."""
+    return [m for m in model.modules() if type(m).__name__ == "GlobalContext"
+            and isinstance(getattr(m, "conv_attn", None), nn.Conv2d)]
+
+
+def _mean_context_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """GlobalContext.forward as the tracer sees it: the attention-weighted context replaced by the
+    plain mean, which couples the channels the same way (each context channel from its own map
+    channel). ``conv_attn`` then stays out of the graph: surgery cuts its inputs with the
+    mlp's (``surgery._cut_context_attention``)."""
+    context = x.mean((2, 3), keepdim=True)
+    if self.mlp_scale is not None:
+        x = x * self.gate(self.mlp_scale(context))
+    if self.mlp_add is not None:
+        x = x + self.mlp_add(context)
+    return x
+
+
+@contextlib.contextmanager
+def _traced_channelwise(model: nn.Module):
+    """While inside, the blocks of :func:`global_context_blocks` run :func:`_mean_context_forward`."""
+    import types
+
+    blocks = global_context_blocks(model)
+    for m in blocks:
+        m.forward = types.MethodType(_mean_context_forward, m)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            del m.forward
 
 
 def _check_runs(model: nn.Module, example: torch.Tensor) -> None:

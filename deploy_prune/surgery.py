@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -23,6 +24,7 @@ from deploy_prune.nodes import (
     UnsupportedModel,
     build_graph,
     discover,
+    global_context_blocks,
     is_grouped,
     pruning_group,
 )
@@ -117,11 +119,14 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
         if node.tie:
             _cut_grouped_inputs(group, dg)
         extra = _extra_out_params(dg, group)
+        attn = _cut_context_attention(group, dg, model)
         norms = {it.dep.target.module: it.dep.target.module.num_channels // it.dep.target.module.num_groups
                  for it in group if isinstance(it.dep.target.module, nn.GroupNorm)}
         group.prune(record_history=False)
         for norm, width in norms.items():  # torch-pruning narrows a GroupNorm but keeps its group count;
             norm.num_groups = max(1, norm.num_channels // width)  # the node lost whole groups (nodes._tie_group_norms)
+        for conv, idxs in attn:
+            tp.prune_conv_in_channels(conv, idxs)
         for param, n_out, idxs in extra:  # e.g. timm's ScaledStdConv2d gain, (C_out, 1, 1, 1)
             keep = torch.tensor([i for i in range(n_out) if i not in set(idxs)], dtype=torch.long)
             param.data = param.data.index_select(0, keep)
@@ -129,6 +134,20 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
     _check_cut(model, example, plan)
     model.train(was_training)
     return model
+
+
+def _cut_context_attention(group, dg, model: nn.Module) -> list[tuple[nn.Conv2d, list[int]]]:
+    """(conv_attn, input channels to cut) of the GlobalContext blocks this group narrows: the
+    tracer saw them pool by a plain mean (nodes.global_context_blocks), so their attention conv
+    is not in the graph; its inputs are the block's, which are the mlp's first layer's."""
+    first = {mlp.fc1: gc.conv_attn for gc in global_context_blocks(model)
+             for mlp in (gc.mlp_scale, gc.mlp_add) if mlp is not None}
+    out = {}
+    for item in group:
+        conv = first.get(item.dep.target.module)
+        if conv is not None and not dg.is_out_channel_pruning_fn(item.dep.handler):
+            out[conv] = list(item.idxs)
+    return list(out.items())
 
 
 def _extra_out_params(dg, group) -> list[tuple[nn.Parameter, int, list[int]]]:

@@ -1,6 +1,7 @@
 """The causes the third held-out timm sweep (docs/results/heldout2.md) found, each with a test:
 GroupNorm (timm.resnet50_gn), anti-aliased downsampling that records its channel count
-(timm.resnetblur18), and ReXNet's partial residual as one line naming the slice (timm.rexnetr_100)."""
+(timm.resnetblur18), ReXNet's partial residual as one line naming the slice (timm.rexnetr_100),
+and GCNet's attention pooling (timm.gcresnet33ts)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,49 @@ def test_rexnet_partial_residual_is_one_line_naming_the_slice():
     msg = str(e.value)
     assert "\n" not in msg and "no longer runs at features." in msg
     assert "slices its channels at a fixed index (x[:, :" in msg and "partial residual" in msg
+
+
+class _TinyGC(nn.Module):
+    """conv 3->16 -> BN -> ReLU -> timm's GlobalContext(16) (attention pooling) -> conv 16->8 -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import GlobalContext
+
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.gc = GlobalContext(16, rd_ratio=1 / 4)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.gc(torch.relu(self.bn1(self.conv1(x))))).mean((2, 3)))
+
+
+def test_global_context_attention_pooling_is_cut_with_its_block():
+    """Before: the group through GlobalContext's (B, 1, C, HW) @ (B, 1, HW, 1) matmul never
+    converged ('indices multiply past 500,000 ... as ECA's conv1d', gcresnet33ts). Traced as the
+    mean it weighs, the block's channels are one node with the conv before it; the attention conv
+    loses the same inputs, and the cut equals the base with those channels zeroed."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _TinyGC().eval()
+    with torch.no_grad():
+        for p in model.gc.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 3, 16, 16)
+    nodes = discover(model, x)
+    node = next(n for n in nodes if "conv1" in n.producers)
+    assert node.prunable and "gc.mlp_scale.fc2" in node.producers
+    drop = [1, 2, 5, 7, 8, 11, 12, 15]
+    oracle = _TinyGC().eval()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        oracle.bn1.weight[drop] = 0
+        oracle.bn1.bias[drop] = 0
+        want = oracle(x)
+        assert (model(x) - want).abs().max() > 1e-3  # the dropped channels mattered
+    apply_plan(model, {node.name: [i for i in range(16) if i not in drop]}, x)
+    assert model.gc.conv_attn.in_channels == 8 and model.gc.mlp_scale.fc1.in_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
