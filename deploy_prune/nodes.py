@@ -199,7 +199,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     move channels opaque (torch-pruning maps a channel shuffle wrongly, or fails on it)."""
     refuse_unsupported(model)
     try:
-        with torch.enable_grad(), _ChannelMoves(model, example) as moves:
+        with torch.enable_grad(), _traced_channelwise(model), _ChannelMoves(model, example) as moves:
             return _Graph(moves.moves, moves.cat_sizes).build_dependency(model, example_inputs=example, verbose=False)
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
         raise UnsupportedModel(
@@ -208,6 +208,44 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     except Exception as e:  # tracing failures come from deep inside torch-pruning
         _check_runs(model, example)
         raise _untraceable(model, e) from e
+
+
+def global_context_blocks(model: nn.Module) -> list[nn.Module]:
+    """timm's GlobalContext blocks (GCNet, ``gcresnet*``) that pool by a learned spatial attention:
+    ``conv_attn`` (C -> 1) weighs the positions, and the context (B, C, 1, 1) is the flattened map
+    times those weights (a matmul). Channel for channel it is a weighted mean, but torch-pruning
+    maps the channels of the (B, 1, C, HW) @ (B, 1, HW, 1) matmul onto the attention map's single
+    channel, and its index groups never converge."""
+    return [m for m in model.modules() if type(m).__name__ == "GlobalContext"
+            and isinstance(getattr(m, "conv_attn", None), nn.Conv2d)]
+
+
+def _mean_context_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """GlobalContext.forward as the tracer sees it: the attention-weighted context replaced by the
+    plain mean, which couples the channels the same way (each context channel from its own map
+    channel). ``conv_attn`` then stays out of the graph: surgery cuts its inputs with the
+    mlp's (``surgery._cut_context_attention``)."""
+    context = x.mean((2, 3), keepdim=True)
+    if self.mlp_scale is not None:
+        x = x * self.gate(self.mlp_scale(context))
+    if self.mlp_add is not None:
+        x = x + self.mlp_add(context)
+    return x
+
+
+@contextlib.contextmanager
+def _traced_channelwise(model: nn.Module):
+    """While inside, the blocks of :func:`global_context_blocks` run :func:`_mean_context_forward`."""
+    import types
+
+    blocks = global_context_blocks(model)
+    for m in blocks:
+        m.forward = types.MethodType(_mean_context_forward, m)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            del m.forward
 
 
 def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
@@ -375,6 +413,7 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     flat = {m for m in model.modules() if isinstance(m, nn.Linear) and in_dims.get(names[m], 2) <= 2}
     heads = _output_layers(dg, flat)
     nodes, touches = [], []  # touches[i]: node i's grouped convs
+    norms: list[list[tuple[str, nn.GroupNorm, bool]]] = []  # norms[i]: node i's GroupNorms (name, module, aligned)
     try:
         with _bounded_groups(dg, names):
             groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)))
@@ -403,8 +442,11 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
                 "its channels pass through a torch.split with fixed sizes, which a cut cannot update"))
         touches.append([_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
                         for it in group if is_grouped(it.dep.target.module)])
+        norms.append([(names[it.dep.target.module], it.dep.target.module,
+                       sorted(zip(it.root_idxs, it.idxs)) == [(i, i) for i in range(node.channels)])
+                      for it in group if _group_norm_ties(it.dep.target.module)])
         nodes.append(node)
-    nodes = _tie_groups(_unique_names(nodes, order), touches)
+    nodes = _tie_group_norms(_tie_groups(_unique_names(nodes, order), touches), norms)
     model.train(was_training)
     if not nodes:
         raise UnsupportedModel(
@@ -506,6 +548,37 @@ def _tie_groups(nodes: list[Node], touches: list[list[_Touch]]) -> list[Node]:
         g, tie = ts[0].module.groups, min(members, key=lambda n: n.order).name
         for i in idx:
             out[i] = dataclasses.replace(nodes[i], groups=g, tie=tie)
+    return out
+
+
+def _group_norm_ties(m: nn.Module) -> bool:
+    """A GroupNorm whose groups span several channels but not all (ResNet-50-GN: 32 groups): the
+    channels it normalises together must go together (1 group is LayerNorm-like, one channel a
+    group is InstanceNorm-like: neither ties channels, the cut only narrows them)."""
+    return isinstance(m, nn.GroupNorm) and 1 < m.num_groups < m.num_channels
+
+
+def _tie_group_norms(nodes: list[Node], norms: list[list[tuple[str, nn.GroupNorm, bool]]]) -> list[Node]:
+    """Nodes normalised by a GroupNorm of G groups lose whole GroupNorm groups (``groups=G``, tied
+    to themselves): each kept group then holds the same channels, so its mean and variance, and
+    the cut model's outputs on those channels, are exactly the base's. A node whose GroupNorms
+    differ in group count, meet it through a concat or reshape, or that is also tied to grouped
+    convs of another group count is kept whole, with one line saying which norm."""
+    out = list(nodes)
+    for i, ns in enumerate(norms):
+        if not ns:
+            continue
+        n, counts = nodes[i], {m.num_groups for _, m, _ in ns}
+        bad = next((name for name, m, aligned in ns if not aligned or m.num_channels != n.channels), None)
+        g = ns[0][1].num_groups
+        if bad or len(counts) > 1 or (n.groups > 1 and not (n.groups == g and n.tie)):
+            why = (f"its channels reach the GroupNorm {bad} through a concat, split or reshape" if bad else
+                   f"its GroupNorms ({', '.join(name for name, _, _ in ns)}) have {sorted(counts)} groups"
+                   + (f" and its grouped convolutions {n.groups}, cut by the same positions in every group"
+                      if n.groups > 1 else ""))
+            out[i] = dataclasses.replace(n, prunable=False, fixed=why)
+        elif n.groups == 1:  # (tied to grouped convs of g groups: their whole groups are the norm's)
+            out[i] = dataclasses.replace(n, groups=g, tie=n.name)
     return out
 
 

@@ -15,13 +15,16 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from deploy_prune.nodes import (
     Node,
     UnsupportedModel,
     build_graph,
     discover,
+    global_context_blocks,
     is_grouped,
     pruning_group,
 )
@@ -116,13 +119,35 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
         if node.tie:
             _cut_grouped_inputs(group, dg)
         extra = _extra_out_params(dg, group)
+        attn = _cut_context_attention(group, dg, model)
+        norms = {it.dep.target.module: it.dep.target.module.num_channels // it.dep.target.module.num_groups
+                 for it in group if isinstance(it.dep.target.module, nn.GroupNorm)}
         group.prune(record_history=False)
+        for norm, width in norms.items():  # torch-pruning narrows a GroupNorm but keeps its group count;
+            norm.num_groups = max(1, norm.num_channels // width)  # the node lost whole groups (nodes._tie_group_norms)
+        for conv, idxs in attn:
+            tp.prune_conv_in_channels(conv, idxs)
         for param, n_out, idxs in extra:  # e.g. timm's ScaledStdConv2d gain, (C_out, 1, 1, 1)
             keep = torch.tensor([i for i in range(n_out) if i not in set(idxs)], dtype=torch.long)
             param.data = param.data.index_select(0, keep)
+    _fit_channel_buffers(model, example)
     _check_cut(model, example, plan)
     model.train(was_training)
     return model
+
+
+def _cut_context_attention(group, dg, model: nn.Module) -> list[tuple[nn.Conv2d, list[int]]]:
+    """(conv_attn, input channels to cut) of the GlobalContext blocks this group narrows: the
+    tracer saw them pool by a plain mean (nodes.global_context_blocks), so their attention conv
+    is not in the graph; its inputs are the block's, which are the mlp's first layer's."""
+    first = {mlp.fc1: gc.conv_attn for gc in global_context_blocks(model)
+             for mlp in (gc.mlp_scale, gc.mlp_add) if mlp is not None}
+    out = {}
+    for item in group:
+        conv = first.get(item.dep.target.module)
+        if conv is not None and not dg.is_out_channel_pruning_fn(item.dep.handler):
+            out[conv] = list(item.idxs)
+    return list(out.items())
 
 
 def _extra_out_params(dg, group) -> list[tuple[nn.Parameter, int, list[int]]]:
@@ -137,6 +162,46 @@ def _extra_out_params(dg, group) -> list[tuple[nn.Parameter, int, list[int]]]:
             if name not in ("weight", "bias") and param.dim() >= 1 and param.shape[0] == m.out_channels:
                 out.append((param, m.out_channels, list(item.idxs)))
     return out
+
+
+def _channel_buffers(m: nn.Module) -> list[str]:
+    """The per-channel buffers of a parameter-free module that records its channel count
+    (``m.channels``), when every channel's row is the same: timm's BlurPool2d (anti-aliased
+    downsampling, ``resnetblur``), a fixed binomial filter per channel run as a depthwise conv."""
+    c = getattr(m, "channels", None)
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or next(m.parameters(False), None) is not None:
+        return []
+    bufs = [(n, b) for n, b in m.named_buffers(recurse=False) if b is not None and b.dim() >= 1 and b.shape[0] == c]
+    if not bufs or not all(torch.equal(b, b[:1].expand_as(b)) for _, b in bufs):
+        return []
+    return [n for n, _ in bufs]
+
+
+def _fit_channel_buffers(model: nn.Module, example: torch.Tensor) -> None:
+    """Narrow the modules of :func:`_channel_buffers` to the channels they now receive: their
+    rows are all the same, so which channels were cut does not matter (torch-pruning sees their
+    functional conv as an element-wise op and maps the channels through it, one to one)."""
+    fit = {m: names for m in model.modules() if (names := _channel_buffers(m))}
+    if not fit:
+        return
+
+    def pre(m, args) -> None:  # returns None: the input is unchanged
+        c = args[0].shape[1] if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1 else None
+        if c is not None and c != m.channels:
+            for n in fit[m]:
+                b = getattr(m, n)
+                m._buffers[n] = b[:1].expand(c, *b.shape[1:]).contiguous()
+            m.channels = c
+
+    hooks = [m.register_forward_pre_hook(pre) for m in fit]
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError:  # _check_cut says where, in one line
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _check_cut(model: nn.Module, example: torch.Tensor, plan: Mapping[str, Sequence[int]]) -> None:
@@ -166,18 +231,48 @@ def _check_cut(model: nn.Module, example: torch.Tensor, plan: Mapping[str, Seque
 
     hooks = [h for n, m in model.named_modules() if n
              for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+    slices = _ChannelSlices(stack)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), slices:
             model(example)
     except RuntimeError as e:
         failed = stack[-1:]
+        at = f" at {failed[0]}" if failed else ""
+        cut = slices.seen.get(failed[0]) if failed else None
+        if cut:  # ReXNet: cat([x[:, :self.in_channels] + shortcut, x[:, self.in_channels:]])
+            raise UnsupportedModel(
+                f"cannot prune {name}: after the cut it no longer runs{at}, which slices its channels at a "
+                f"fixed index ({cut}: a partial residual, as ReXNet's x[:, :C] + shortcut, ties the first C "
+                "channels to the block input, and the cut cannot update the index); this architecture is "
+                "not supported for pruning") from None
         raise UnsupportedModel(
-            f"cannot prune {name}: after the cut it no longer runs{' at ' + failed[0] if failed else ''} "
+            f"cannot prune {name}: after the cut it no longer runs{at} "
             f"({str(e).splitlines()[0][:160]}): a module keeps channel counts that the cut cannot "
             "update; this architecture is not supported for pruning") from None
     finally:
         for h in hooks:
             h.remove()
+
+
+class _ChannelSlices(TorchFunctionMode):
+    """Records, per running module (the top of ``stack``), its first slice of a feature map's
+    channel axis at a fixed index (``x[:, 0:16]``): a cut model that then fails there failed
+    because the index kept the base's width."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack, self.seen = stack, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.__getitem__ and self.stack and len(args) == 2 and isinstance(args[1], tuple):
+            x, idx = args
+            ch = idx[1] if len(idx) > 1 and idx[0] == slice(None) else None
+            if (isinstance(ch, slice) and isinstance(x, torch.Tensor) and x.dim() == 4
+                    and (ch.start, ch.stop) != (None, None) and ch.step in (None, 1)):
+                self.seen.setdefault(self.stack[-1], f"x[:, {ch.start or ''}:{ch.stop or ''}] on "
+                                     f"a map of {x.shape[1]} channels")
+        return out
 
 
 def _cut_grouped_inputs(group, dg) -> None:
