@@ -84,8 +84,9 @@ def _is_attention(m: nn.Module) -> bool:
 def refuse_unsupported(model: nn.Module) -> None:
     """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to
     heads; a conv1d across the channel axis ties each channel to its neighbours)."""
+    in_eca = {c for b in eca_blocks(model) for c in b.modules()}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1:
+        if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1 and m not in in_eca:
             raise UnsupportedModel(
                 f"cannot prune {type(model).__name__}: {name} is a 1-channel Conv1d run across the "
                 "channel axis (ECA channel attention: a view folds the channels into its length), which "
@@ -233,18 +234,42 @@ def _mean_context_forward(self, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def eca_blocks(model: nn.Module) -> list[nn.Module]:
+    """timm's ECA channel attention (``EcaModule``, and ``CecaModule`` with circular padding;
+    ``ecaresnet*``): the pooled (B, C) map is viewed as (B, 1, C) and a Conv1d(1, 1, k) slides
+    across the channel axis; its sigmoid output gates each channel. The Conv1d holds no parameter
+    per channel and runs on any length, so the block changes no channel count: after a cut it
+    simply runs over the kept channels. It is traced as the per-channel gate it is
+    (:func:`_channel_gate_forward`), so its channels follow the block's and its nodes are prunable.
+    The cut is not exact, unlike an SE block's: each kept channel's attention weight mixes its
+    k neighbours along the channel axis, and the neighbours change when channels between them
+    go (and the zero / circular padding now meets other channels at the ends). Recovery
+    (fine-tuning) absorbs this, as it does the loss of the cut channels themselves."""
+    return [m for m in model.modules() if type(m).__name__ in ("EcaModule", "CecaModule")
+            and isinstance(getattr(m, "conv", None), nn.Conv1d)]
+
+
+def _channel_gate_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """EcaModule/CecaModule.forward as the tracer sees it: the Conv1d across channels left out, so
+    each channel is gated by its own pooled value (the coupling an SE block without parameters per
+    channel has: the block's channels are the input's, one to one)."""
+    return x * self.gate(x.mean((2, 3), keepdim=True))
+
+
 @contextlib.contextmanager
 def _traced_channelwise(model: nn.Module):
-    """While inside, the blocks of :func:`global_context_blocks` run :func:`_mean_context_forward`."""
+    """While inside, the blocks of :func:`global_context_blocks` run :func:`_mean_context_forward`
+    and those of :func:`eca_blocks` run :func:`_channel_gate_forward`."""
     import types
 
-    blocks = global_context_blocks(model)
-    for m in blocks:
-        m.forward = types.MethodType(_mean_context_forward, m)
+    blocks = [(m, _mean_context_forward) for m in global_context_blocks(model)]
+    blocks += [(m, _channel_gate_forward) for m in eca_blocks(model)]
+    for m, fwd in blocks:
+        m.forward = types.MethodType(fwd, m)
     try:
         yield
     finally:
-        for m in blocks:
+        for m, _ in blocks:
             del m.forward
 
 
