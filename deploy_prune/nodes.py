@@ -201,7 +201,9 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     refuse_unsupported(model)
     try:
         with torch.enable_grad(), _traced_channelwise(model), _ChannelMoves(model, example) as moves:
-            return _Graph(moves.moves, moves.cat_sizes).build_dependency(model, example_inputs=example, verbose=False)
+            dg = _Graph(moves.moves, moves.cat_sizes).build_dependency(model, example_inputs=example, verbose=False)
+        mixed_conv_splits(dg, model)  # (puts the splits' outputs in piece order)
+        return dg
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
         raise UnsupportedModel(
             f"cannot prune {type(model).__name__}: a reshape maps channels in a way the dependency tracer "
@@ -439,6 +441,10 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     heads = _output_layers(dg, flat)
     nodes, touches = [], []  # touches[i]: node i's grouped convs
     norms: list[list[tuple[str, nn.GroupNorm, bool]]] = []  # norms[i]: node i's GroupNorms (name, module, aligned)
+    mixed = mixed_conv_splits(dg, model)  # torch-pruning's split op -> the MixedConv2d it feeds
+    pieces_of = {c: (m, j) for m in set(mixed.values()) for j, c in enumerate(m.values())}
+    pieces: list[dict] = []  # pieces[i]: node i's channels per MixedConv2d piece
+    mixed_roots: set[nn.Module] = set()
     try:
         with _bounded_groups(dg, names):
             groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)))
@@ -451,6 +457,19 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         convs = sorted(set(convs), key=lambda m: order.get(names[m], 1 << 30))
         if not convs:
             continue
+        if any(it.dep.target.module in pieces_of for it in group):
+            # torch-pruning roots a group at each piece of a depthwise MixedConv2d, and maps only
+            # that piece's channels back to the conv before it: one group per node instead, from
+            # the conv the node is cut by (its first non-depthwise producer), over all its channels
+            root = next((c for c in convs if getattr(c, "groups", 1) == 1 or c.groups != c.out_channels), convs[0])
+            if root in mixed_roots:
+                continue
+            mixed_roots.add(root)
+            group = pruning_group(dg, model, root, list(range(_out_width(root))))
+            convs = sorted({it.dep.target.module for it in group
+                            if isinstance(it.dep.target.module, nn.Conv2d | nn.Linear)
+                            and dg.is_out_channel_pruning_fn(it.dep.handler)},
+                           key=lambda m: order.get(names[m], 1 << 30))
         node = _make_node(dg, convs, names, modules, order, chans)
         if all(c in flat for c in convs):
             node = dataclasses.replace(node, flat=True)
@@ -460,11 +479,12 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if moved:
             node = dataclasses.replace(node, prunable=False, fixed=f"its channels pass through a reshape that "
                                        f"moves them between positions (channel shuffle: {moved})")
-        elif any(type(dep.target.module).__name__ == "_SplitOp" for dep, _ in group):
-            # torch.split(x, sizes, dim=1) keeps its sizes in Python (MixNet's mixed kernels,
-            # Res2Net's scales): a cut would leave them summing to the old width
+        elif any(type(m).__name__ == "_SplitOp" and m not in mixed for m in (it.dep.target.module for it in group)):
+            # torch.split(x, sizes, dim=1) keeps its sizes in Python (Res2Net's scales, MambaOut's
+            # gated conv): a cut would leave them summing to the old width
             node = dataclasses.replace(node, prunable=False, fixed=(
                 "its channels pass through a torch.split with fixed sizes, which a cut cannot update"))
+        pieces.append(_mixed_pieces(group, pieces_of))
         touches.append([_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
                         for it in group if is_grouped(it.dep.target.module)])
         norms.append([(names[it.dep.target.module], it.dep.target.module,
@@ -472,6 +492,7 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
                       for it in group if _group_norm_ties(it.dep.target.module)])
         nodes.append(node)
     nodes = _tie_group_norms(_tie_groups(_unique_names(nodes, order), touches), norms)
+    nodes = [_mixed_blocks(n, p, names) for n, p in zip(nodes, pieces)]
     model.train(was_training)
     if not nodes:
         raise UnsupportedModel(
@@ -574,6 +595,78 @@ def _tie_groups(nodes: list[Node], touches: list[list[_Touch]]) -> list[Node]:
         for i in idx:
             out[i] = dataclasses.replace(nodes[i], groups=g, tie=tie)
     return out
+
+
+def mixed_convs(model: nn.Module) -> list[nn.Module]:
+    """timm's MixedConv2d (MixNet's mixed kernels): ``torch.split(x, self.splits, 1)``, a conv per
+    piece (a depthwise conv with its own kernel size, or a 1x1 conv from piece to piece), and a
+    concat of their outputs. The split sizes are kept in Python (``splits``), so the cut sets
+    them from the pieces' convs (``surgery._fit_mixed_convs``)."""
+    return [m for m in model.modules() if type(m).__name__ == "MixedConv2d" and hasattr(m, "splits")
+            and all(isinstance(c, nn.Conv2d) for c in m.values())]
+
+
+def mixed_conv_splits(dg: tp.DependencyGraph, model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """torch-pruning's split op -> the :func:`mixed_convs` module whose pieces it feeds (through
+    the padding of a 'same'-padded conv at most), for splits of as many pieces as the module has.
+
+    The split's outputs in the graph are put in piece order: torch-pruning maps piece i's
+    channels through ``outputs[i]``, but lists the outputs in the order the trace met them
+    (mixnet_s: blocks.1.1.conv_pw piece 1 first), and a cut of piece 1 took piece 0's inputs."""
+    owner = {c: (m, j) for m in mixed_convs(model) for j, c in enumerate(m.values())}
+    out = {}
+    for op, node in dg.module2node.items():
+        if type(op).__name__ != "_SplitOp":
+            continue
+        found = []
+        for nxt in node.outputs:
+            for _ in range(3):  # split -> (pad) -> conv
+                if nxt.module in owner or len(nxt.outputs) != 1:
+                    break
+                nxt = nxt.outputs[0]
+            found.append(owner.get(nxt.module, (None, -1)))
+        mods, pieces = {m for m, _ in found}, sorted(j for _, j in found)
+        if len(mods) == 1 and None not in mods and pieces == list(range(len(next(iter(mods)).splits))):
+            node.outputs = [o for _, o in sorted(zip((j for _, j in found), node.outputs), key=lambda t: t[0])]
+            out[op] = mods.pop()
+    return out
+
+
+def _mixed_pieces(group, pieces_of: dict) -> dict[nn.Module, dict[int, set[int]]]:
+    """For each MixedConv2d a node's group reaches (the inputs of its pieces, or their outputs):
+    piece -> the node channels (the group root's numbering, as ``Node.maps``) in that piece."""
+    out: dict[nn.Module, dict[int, set[int]]] = {}
+    for item in group:
+        if item.dep.target.module in pieces_of:
+            m, j = pieces_of[item.dep.target.module]
+            out.setdefault(m, {}).setdefault(j, set()).update(int(r) for r in item.root_idxs if r is not None)
+    return out
+
+
+def _mixed_blocks(node: Node, pieces: dict[nn.Module, dict[int, set[int]]], names) -> Node:
+    """A node whose channels pass through MixedConv2d splits is cut by the same positions in
+    every piece: it gets ``groups`` = the (lcm of the) piece counts, untied, so each piece keeps
+    as many channels as the others and none is emptied (a conv of 0 channels would not run).
+    Kept whole, with one line, when its channels do not fill the pieces in order (equal blocks
+    of the node's numbering), or it is already tied to grouped convs."""
+    if not node.prunable:
+        return node
+    g = 1
+    for m, by_piece in pieces.items():
+        k, c = len(by_piece), node.channels
+        want = [set(range(b * c // k, (b + 1) * c // k)) for b in range(k)]
+        if c % k or sorted(by_piece.values(), key=min) != want:
+            return dataclasses.replace(node, prunable=False, fixed=(
+                f"its channels reach the pieces of the mixed-kernel conv {names[m]} (a torch.split) through "
+                "a concat, split or reshape that does not line them up"))
+        g = math.lcm(g, k)
+    if g == 1:
+        return node
+    if node.groups > 1 or node.channels % g:
+        return dataclasses.replace(node, prunable=False, fixed=(
+            f"its channels pass through mixed-kernel convs of {g} pieces and grouped convs or "
+            f"GroupNorms of {node.groups} groups"))
+    return dataclasses.replace(node, groups=g)
 
 
 def _group_norm_ties(m: nn.Module) -> bool:

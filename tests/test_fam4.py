@@ -1,5 +1,6 @@
 """Two CNN families the earlier sweeps refused (issue 15), each with a test: ECA channel attention
-(timm.ecaresnet26t, timm.ecaresnet50d_pruned)."""
+(timm.ecaresnet26t, timm.ecaresnet50d_pruned) and MixNet's mixed-kernel convs, a torch.split with
+sizes kept in Python (timm.mixnet_s, mixnet_m, tf_mixnet_s)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,78 @@ def test_eca_block_prunes_and_its_conv1d_runs_over_the_kept_channels(circular):
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
         model.train()
         assert model(x).shape == (2, 10)
+
+
+class _TinyMix(nn.Module):
+    """conv 3->12 -> BN -> depthwise MixedConv2d (k 3/5/7, pieces of 4) -> BN -> 1x1 MixedConv2d
+    12->8 (pieces 6->4) -> BN, plus a residual through a second 1x1 MixedConv2d 8->8 -> head.
+    The residual stream is two nodes (one per piece of the concat), as in MixNet's blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import MixedConv2d
+
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = MixedConv2d(12, 12, [3, 5, 7], padding="", depthwise=True)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.pwl = MixedConv2d(12, 8, [1, 1])
+        self.bn3 = nn.BatchNorm2d(8)
+        self.pw = MixedConv2d(8, 8, [1, 1])
+        self.bn4 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.bn3(self.pwl(torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.conv1(x))))))))
+        return self.fc((x + self.bn4(self.pw(x))).mean((2, 3)))
+
+
+def test_mixed_kernel_conv_prunes_by_the_same_positions_in_every_piece():
+    """Before: every node through a MixedConv2d was kept whole ('its channels pass through a
+    torch.split with fixed sizes', mixnet_s: 23 of 38 nodes, 1.03x at most). Now its pieces
+    narrow together (groups = the lcm of the piece counts, so none is emptied), the cut sets the
+    module's split sizes, and the cut model equals the base with those channels zeroed; the
+    residual stream's second piece is cut in the second piece of the next split (torch-pruning
+    listed the split's outputs in trace order, and cut the first piece's inputs instead)."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _TinyMix().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3, model.bn4):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 16, 16)
+    nodes = discover(model, x)
+    assert all(n.prunable for n in nodes), [n.fixed for n in nodes if not n.prunable]
+    mid = next(n for n in nodes if "conv1" in n.producers)
+    assert mid.groups == 6 and not mid.tie  # 3 depthwise pieces of 4, 2 pointwise pieces of 6
+    second = next(n for n in nodes if "pwl.1" in n.producers)
+    assert second.channels == 4 and "pw.1" in second.producers  # the residual add ties them
+    plan = {mid.name: [0, 2, 4, 6, 8, 10], second.name: [1, 3]}
+    oracle = _TinyMix().eval()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for bn, drop in ((oracle.bn1, [1, 3, 5, 7, 9, 11]), (oracle.bn2, [1, 3, 5, 7, 9, 11]),
+                         (oracle.bn3, [4, 6]), (oracle.bn4, [4, 6])):
+            bn.weight[drop] = 0
+            bn.bias[drop] = 0
+        want = oracle(x)
+        assert (model(x) - want).abs().max() > 1e-3  # the dropped channels mattered
+    apply_plan(model, plan, x, nodes=nodes)
+    assert model.dw.splits == [2, 2, 2] and model.pwl.splits == [3, 3] and model.pw.splits == [4, 2]
+    assert [c.in_channels for c in model.pw.values()] == [4, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+        model.train()
+        assert model(x).shape == (2, 10)
+
+
+def test_mixed_kernel_plan_must_keep_the_same_positions_in_every_piece():
+    pytest.importorskip("timm")
+    from deploy_prune.surgery import PlanError
+
+    model = _TinyMix().eval()
+    x = torch.randn(1, 3, 16, 16)
+    mid = next(n for n in discover(model, x) if "conv1" in n.producers)
+    with pytest.raises(PlanError, match="same positions"):
+        apply_plan(model, {mid.name: [0, 1, 2, 3]}, x)  # would empty pieces 2 and 3 of the dw conv
