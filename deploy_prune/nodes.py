@@ -444,12 +444,12 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     mixed = mixed_conv_splits(dg, model)  # torch-pruning's split op -> the MixedConv2d it feeds
     pieces_of = {c: (m, j) for m in set(mixed.values()) for j, c in enumerate(m.values())}
     pieces: list[dict] = []  # pieces[i]: node i's channels per MixedConv2d piece
-    mixed_roots: set[nn.Module] = set()
     try:
         with _bounded_groups(dg, names):
             groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)))
     except _GroupTooLarge as e:
         raise _group_refusal(model, e) from None
+    groups = _mixed_groups(groups, dg, model, pieces_of, order, names)
     for group in groups:
         convs = [dep.target.module for dep, _ in group
                  if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
@@ -457,19 +457,6 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         convs = sorted(set(convs), key=lambda m: order.get(names[m], 1 << 30))
         if not convs:
             continue
-        if any(it.dep.target.module in pieces_of for it in group):
-            # torch-pruning roots a group at each piece of a depthwise MixedConv2d, and maps only
-            # that piece's channels back to the conv before it: one group per node instead, from
-            # the conv the node is cut by (its first non-depthwise producer), over all its channels
-            root = next((c for c in convs if getattr(c, "groups", 1) == 1 or c.groups != c.out_channels), convs[0])
-            if root in mixed_roots:
-                continue
-            mixed_roots.add(root)
-            group = pruning_group(dg, model, root, list(range(_out_width(root))))
-            convs = sorted({it.dep.target.module for it in group
-                            if isinstance(it.dep.target.module, nn.Conv2d | nn.Linear)
-                            and dg.is_out_channel_pruning_fn(it.dep.handler)},
-                           key=lambda m: order.get(names[m], 1 << 30))
         node = _make_node(dg, convs, names, modules, order, chans)
         if all(c in flat for c in convs):
             node = dataclasses.replace(node, flat=True)
@@ -629,6 +616,32 @@ def mixed_conv_splits(dg: tp.DependencyGraph, model: nn.Module) -> dict[nn.Modul
         if len(mods) == 1 and None not in mods and pieces == list(range(len(next(iter(mods)).splits))):
             node.outputs = [o for _, o in sorted(zip((j for _, j in found), node.outputs), key=lambda t: t[0])]
             out[op] = mods.pop()
+    return out
+
+
+def _plain(c: nn.Module) -> bool:
+    return getattr(c, "groups", 1) == 1 or c.groups != c.out_channels
+
+
+def _mixed_groups(groups: list, dg, model: nn.Module, pieces_of: dict, order: dict[str, int], names) -> list:
+    """``groups`` with those that reach a MixedConv2d's pieces replaced by one group per node:
+    each rooted at a conv that cuts the node (a non-depthwise producer), over all its channels.
+    torch-pruning roots a group at each piece of a depthwise MixedConv2d (3 nodes named alike),
+    or at an SE block's expand conv over the pieces of two convs (mixnet_s blocks.2.1: conv_pw.0
+    and conv_pw.1 in one group, of which only conv_pw.0's 120 channels became a node)."""
+    out, done = [], set()
+    for group in groups:
+        if not any(it.dep.target.module in pieces_of for it in group):
+            out.append(group)
+            continue
+        convs = sorted({it.dep.target.module for it in group if isinstance(it.dep.target.module, nn.Conv2d | nn.Linear)
+                        and dg.is_out_channel_pruning_fn(it.dep.handler)}, key=lambda m: order.get(names[m], 1 << 30))
+        for root in [c for c in convs if _plain(c)] or convs[:1]:
+            if root in done:
+                continue
+            full = pruning_group(dg, model, root, list(range(_out_width(root))))
+            done |= {it.dep.target.module for it in full if dg.is_out_channel_pruning_fn(it.dep.handler)}
+            out.append(full)
     return out
 
 

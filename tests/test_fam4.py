@@ -160,3 +160,56 @@ def test_mixed_kernel_pieces_keep_multiples_of_8_channels_where_the_width_allows
     assert _mixed_blocks(node(12), {mod: {0: set(range(12))}}, {mod: "m"}).groups == 1  # one piece: no constraint
     bad = _mixed_blocks(node(12), {mod: {0: set(range(8)), 1: set(range(8, 12))}}, {mod: "m"})
     assert not bad.prunable and "mixed-kernel conv m" in bad.fixed
+
+
+class _TinyMixSE(nn.Module):
+    """1x1 MixedConv2d 4->16 (pieces 2->8) -> BN -> depthwise MixedConv2d (k 3/5) -> BN -> SE over
+    all 16 channels -> conv 16->8 -> head, as MixNet's blocks.2.1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import MixedConv2d
+
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.pw = MixedConv2d(4, 16, [1, 1])
+        self.bn1 = nn.BatchNorm2d(16)
+        self.dw = MixedConv2d(16, 16, [3, 5], padding="", depthwise=True)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.se_reduce = nn.Conv2d(16, 4, 1)
+        self.se_expand = nn.Conv2d(4, 16, 1)
+        self.conv = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.pw(self.stem(x)))))))
+        x = x * torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_mixed_kernel_pieces_under_an_se_block_are_each_a_node():
+    """torch-pruning grouped both pieces of the 1x1 MixedConv2d with the SE's expand conv, and the
+    node was made from the first piece only: the second piece's channels (8-15) were in no node,
+    never cut (mixnet_s: 16 convs, e.g. blocks.2.1.conv_pw.1). Now each piece is its node."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _TinyMixSE().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 12, 12)
+    nodes = discover(model, x)
+    assert {"pw.0", "pw.1", "dw.0", "dw.1"} <= {p for n in nodes for p in n.producers}
+    second = next(n for n in nodes if "pw.1" in n.producers)
+    assert second.prunable and second.channels == 8 and "dw.1" in second.producers
+    oracle = _TinyMixSE().eval()
+    oracle.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for bn in (oracle.bn1, oracle.bn2):
+            bn.weight[[9, 11, 13, 15]] = 0
+            bn.bias[[9, 11, 13, 15]] = 0
+        want = oracle(x)
+    apply_plan(model, {second.name: [0, 2, 4, 6]}, x, nodes=nodes)
+    assert model.pw.splits == [2, 2] and model.dw.splits == [8, 4] and model.se_expand.out_channels == 12
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
