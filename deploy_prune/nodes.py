@@ -666,31 +666,33 @@ MIXED_PIECE_MULTIPLE = 8
 
 def _mixed_blocks(node: Node, pieces: dict[nn.Module, dict[int, set[int]]], names) -> Node:
     """A node whose channels pass through MixedConv2d splits is cut by the same positions in
-    every piece: it gets ``groups`` = the (lcm of the) piece counts, untied, so each piece keeps
-    as many channels as the others and none is emptied (a conv of 0 channels would not run).
-    The groups are then multiplied by up to :data:`MIXED_PIECE_MULTIPLE` (blocks of at least 2
-    channels), so that each piece keeps a multiple of it: the same positions in every block.
-    Kept whole, with one line, when its channels do not fill the pieces in order (equal blocks
-    of the node's numbering), or it is already tied to grouped convs."""
+    equal blocks that line up with every piece it meets: ``groups`` = its width over the gcd of
+    the pieces' bounds (3 equal pieces: 3 groups; mixnet_s blocks.4.0, whose 240 channels meet
+    depthwise pieces of 160 and 80: 3 groups of 80), untied, so no piece is emptied (a conv of 0
+    channels would not run). The groups are then multiplied by up to
+    :data:`MIXED_PIECE_MULTIPLE` (blocks of at least 2 channels), so that each piece keeps a
+    multiple of it. Kept whole, with one line, when its channels do not fill each piece as one
+    run of its numbering, or it is already tied to grouped convs or GroupNorms."""
     if not node.prunable:
         return node
-    g = 1
+    c, w = node.channels, node.channels
     for m, by_piece in pieces.items():
-        k, c = len(by_piece), node.channels
-        want = [set(range(b * c // k, (b + 1) * c // k)) for b in range(k)]
-        if c % k or sorted(by_piece.values(), key=min) != want:
+        runs = sorted((min(s), max(s) + 1, len(s)) for s in by_piece.values())
+        if [(a, b) for a, b, _ in runs] != list(zip([0] + [b for _, b, _ in runs[:-1]], [b for _, b, _ in runs])) \
+                or runs[-1][1] != c or any(b - a != n for a, b, n in runs):
             return dataclasses.replace(node, prunable=False, fixed=(
                 f"its channels reach the pieces of the mixed-kernel conv {names[m]} (a torch.split) through "
                 "a concat, split or reshape that does not line them up"))
-        g = math.lcm(g, k)
+        w = math.gcd(w, *(a for a, _, _ in runs))
+    g = c // w
     if g == 1:
         return node
-    if node.groups > 1 or node.channels % g:
+    if node.groups > 1:
         return dataclasses.replace(node, prunable=False, fixed=(
-            f"its channels pass through mixed-kernel convs of {g} pieces and grouped convs or "
+            f"its channels pass through mixed-kernel convs ({g} blocks) and grouped convs or "
             f"GroupNorms of {node.groups} groups"))
     q = MIXED_PIECE_MULTIPLE
-    while q > 1 and (node.channels % (g * q) or node.channels // (g * q) < 2):
+    while q > 1 and (c % (g * q) or c // (g * q) < 2):
         q //= 2
     return dataclasses.replace(node, groups=g * q)
 

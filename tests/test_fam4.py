@@ -141,7 +141,8 @@ def test_mixed_kernel_plan_must_keep_the_same_positions_in_every_piece():
 def test_mixed_kernel_pieces_keep_multiples_of_8_channels_where_the_width_allows():
     """mixnet_s ran 0.93x its base at 2x fewer FLOPs with pieces of 71, 122, 153 channels, 1.41x
     with multiples of 8: a node through 3 pieces of 16 is cut by the same positions in 24 blocks
-    of 2 (each piece keeps 8 or 16); narrower nodes fall back to fewer blocks, never blocks of 1."""
+    of 2 (each piece keeps 8 or 16); narrower nodes fall back to fewer blocks, never blocks of 1.
+    Pieces of unequal size meet the node in blocks of their bounds' gcd."""
     from deploy_prune.nodes import MIXED_PIECE_MULTIPLE, Node, _mixed_blocks
 
     assert MIXED_PIECE_MULTIPLE == 8
@@ -158,7 +159,9 @@ def test_mixed_kernel_pieces_keep_multiples_of_8_channels_where_the_width_allows
     assert _mixed_blocks(node(720), pieces(720, 5), {mod: "m"}).groups == 40  # pieces of 144: 18 blocks of 8
     assert _mixed_blocks(node(12), pieces(12, 3), {mod: "m"}).groups == 6  # 2 blocks of 2 per piece
     assert _mixed_blocks(node(12), {mod: {0: set(range(12))}}, {mod: "m"}).groups == 1  # one piece: no constraint
-    bad = _mixed_blocks(node(12), {mod: {0: set(range(8)), 1: set(range(8, 12))}}, {mod: "m"})
+    # mixnet_s blocks.4.0: a 1x1 piece of 240 meets depthwise pieces of 160 and 80 (kept whole before)
+    assert _mixed_blocks(node(240), {mod: {0: set(range(160)), 1: set(range(160, 240))}}, {mod: "m"}).groups == 24
+    bad = _mixed_blocks(node(12), {mod: {0: set(range(0, 12, 2)), 1: set(range(1, 12, 2))}}, {mod: "m"})
     assert not bad.prunable and "mixed-kernel conv m" in bad.fixed
 
 
