@@ -84,8 +84,9 @@ def _is_attention(m: nn.Module) -> bool:
 def refuse_unsupported(model: nn.Module) -> None:
     """One line naming why ``model`` cannot be channel-pruned here (attention ties channels to
     heads; a conv1d across the channel axis ties each channel to its neighbours)."""
+    in_eca = {c for b in eca_blocks(model) for c in b.modules()}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1:
+        if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1 and m not in in_eca:
             raise UnsupportedModel(
                 f"cannot prune {type(model).__name__}: {name} is a 1-channel Conv1d run across the "
                 "channel axis (ECA channel attention: a view folds the channels into its length), which "
@@ -200,7 +201,9 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     refuse_unsupported(model)
     try:
         with torch.enable_grad(), _traced_channelwise(model), _ChannelMoves(model, example) as moves:
-            return _Graph(moves.moves, moves.cat_sizes).build_dependency(model, example_inputs=example, verbose=False)
+            dg = _Graph(moves.moves, moves.cat_sizes).build_dependency(model, example_inputs=example, verbose=False)
+        mixed_conv_splits(dg, model)  # (puts the splits' outputs in piece order)
+        return dg
     except ZeroDivisionError as e:  # torch-pruning's reshape index mapping
         raise UnsupportedModel(
             f"cannot prune {type(model).__name__}: a reshape maps channels in a way the dependency tracer "
@@ -233,18 +236,42 @@ def _mean_context_forward(self, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def eca_blocks(model: nn.Module) -> list[nn.Module]:
+    """timm's ECA channel attention (``EcaModule``, and ``CecaModule`` with circular padding;
+    ``ecaresnet*``): the pooled (B, C) map is viewed as (B, 1, C) and a Conv1d(1, 1, k) slides
+    across the channel axis; its sigmoid output gates each channel. The Conv1d holds no parameter
+    per channel and runs on any length, so the block changes no channel count: after a cut it
+    simply runs over the kept channels. It is traced as the per-channel gate it is
+    (:func:`_channel_gate_forward`), so its channels follow the block's and its nodes are prunable.
+    The cut is not exact, unlike an SE block's: each kept channel's attention weight mixes its
+    k neighbours along the channel axis, and the neighbours change when channels between them
+    go (and the zero / circular padding now meets other channels at the ends). Recovery
+    (fine-tuning) absorbs this, as it does the loss of the cut channels themselves."""
+    return [m for m in model.modules() if type(m).__name__ in ("EcaModule", "CecaModule")
+            and isinstance(getattr(m, "conv", None), nn.Conv1d)]
+
+
+def _channel_gate_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """EcaModule/CecaModule.forward as the tracer sees it: the Conv1d across channels left out, so
+    each channel is gated by its own pooled value (the coupling an SE block without parameters per
+    channel has: the block's channels are the input's, one to one)."""
+    return x * self.gate(x.mean((2, 3), keepdim=True))
+
+
 @contextlib.contextmanager
 def _traced_channelwise(model: nn.Module):
-    """While inside, the blocks of :func:`global_context_blocks` run :func:`_mean_context_forward`."""
+    """While inside, the blocks of :func:`global_context_blocks` run :func:`_mean_context_forward`
+    and those of :func:`eca_blocks` run :func:`_channel_gate_forward`."""
     import types
 
-    blocks = global_context_blocks(model)
-    for m in blocks:
-        m.forward = types.MethodType(_mean_context_forward, m)
+    blocks = [(m, _mean_context_forward) for m in global_context_blocks(model)]
+    blocks += [(m, _channel_gate_forward) for m in eca_blocks(model)]
+    for m, fwd in blocks:
+        m.forward = types.MethodType(fwd, m)
     try:
         yield
     finally:
-        for m in blocks:
+        for m, _ in blocks:
             del m.forward
 
 
@@ -414,11 +441,15 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
     heads = _output_layers(dg, flat)
     nodes, touches = [], []  # touches[i]: node i's grouped convs
     norms: list[list[tuple[str, nn.GroupNorm, bool]]] = []  # norms[i]: node i's GroupNorms (name, module, aligned)
+    mixed = mixed_conv_splits(dg, model)  # torch-pruning's split op -> the MixedConv2d it feeds
+    pieces_of = {c: (m, j) for m in set(mixed.values()) for j, c in enumerate(m.values())}
+    pieces: list[dict] = []  # pieces[i]: node i's channels per MixedConv2d piece
     try:
         with _bounded_groups(dg, names):
             groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=(nn.Conv2d, nn.Linear)))
     except _GroupTooLarge as e:
         raise _group_refusal(model, e) from None
+    groups = _mixed_groups(groups, dg, model, pieces_of, order, names)
     for group in groups:
         convs = [dep.target.module for dep, _ in group
                  if isinstance(dep.target.module, nn.Conv2d | nn.Linear)
@@ -435,11 +466,12 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
         if moved:
             node = dataclasses.replace(node, prunable=False, fixed=f"its channels pass through a reshape that "
                                        f"moves them between positions (channel shuffle: {moved})")
-        elif any(type(dep.target.module).__name__ == "_SplitOp" for dep, _ in group):
-            # torch.split(x, sizes, dim=1) keeps its sizes in Python (MixNet's mixed kernels,
-            # Res2Net's scales): a cut would leave them summing to the old width
+        elif any(type(m).__name__ == "_SplitOp" and m not in mixed for m in (it.dep.target.module for it in group)):
+            # torch.split(x, sizes, dim=1) keeps its sizes in Python (Res2Net's scales, MambaOut's
+            # gated conv): a cut would leave them summing to the old width
             node = dataclasses.replace(node, prunable=False, fixed=(
                 "its channels pass through a torch.split with fixed sizes, which a cut cannot update"))
+        pieces.append(_mixed_pieces(group, pieces_of))
         touches.append([_touch(it, dg.is_out_channel_pruning_fn(it.dep.handler), names, node.channels)
                         for it in group if is_grouped(it.dep.target.module)])
         norms.append([(names[it.dep.target.module], it.dep.target.module,
@@ -447,6 +479,7 @@ def discover(model: nn.Module, example: torch.Tensor, *, dg: tp.DependencyGraph 
                       for it in group if _group_norm_ties(it.dep.target.module)])
         nodes.append(node)
     nodes = _tie_group_norms(_tie_groups(_unique_names(nodes, order), touches), norms)
+    nodes = [_mixed_blocks(n, p, names) for n, p in zip(nodes, pieces)]
     model.train(was_training)
     if not nodes:
         raise UnsupportedModel(
@@ -549,6 +582,119 @@ def _tie_groups(nodes: list[Node], touches: list[list[_Touch]]) -> list[Node]:
         for i in idx:
             out[i] = dataclasses.replace(nodes[i], groups=g, tie=tie)
     return out
+
+
+def mixed_convs(model: nn.Module) -> list[nn.Module]:
+    """timm's MixedConv2d (MixNet's mixed kernels): ``torch.split(x, self.splits, 1)``, a conv per
+    piece (a depthwise conv with its own kernel size, or a 1x1 conv from piece to piece), and a
+    concat of their outputs. The split sizes are kept in Python (``splits``), so the cut sets
+    them from the pieces' convs (``surgery._fit_mixed_convs``)."""
+    return [m for m in model.modules() if type(m).__name__ == "MixedConv2d" and hasattr(m, "splits")
+            and all(isinstance(c, nn.Conv2d) for c in m.values())]
+
+
+def mixed_conv_splits(dg: tp.DependencyGraph, model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """torch-pruning's split op -> the :func:`mixed_convs` module whose pieces it feeds (through
+    the padding of a 'same'-padded conv at most), for splits of as many pieces as the module has.
+
+    The split's outputs in the graph are put in piece order: torch-pruning maps piece i's
+    channels through ``outputs[i]``, but lists the outputs in the order the trace met them
+    (mixnet_s: blocks.1.1.conv_pw piece 1 first), and a cut of piece 1 took piece 0's inputs."""
+    owner = {c: (m, j) for m in mixed_convs(model) for j, c in enumerate(m.values())}
+    out = {}
+    for op, node in dg.module2node.items():
+        if type(op).__name__ != "_SplitOp":
+            continue
+        found = []
+        for nxt in node.outputs:
+            for _ in range(3):  # split -> (pad) -> conv
+                if nxt.module in owner or len(nxt.outputs) != 1:
+                    break
+                nxt = nxt.outputs[0]
+            found.append(owner.get(nxt.module, (None, -1)))
+        mods, pieces = {m for m, _ in found}, sorted(j for _, j in found)
+        if len(mods) == 1 and None not in mods and pieces == list(range(len(next(iter(mods)).splits))):
+            node.outputs = [o for _, o in sorted(zip((j for _, j in found), node.outputs), key=lambda t: t[0])]
+            out[op] = mods.pop()
+    return out
+
+
+def _plain(c: nn.Module) -> bool:
+    return getattr(c, "groups", 1) == 1 or c.groups != c.out_channels
+
+
+def _mixed_groups(groups: list, dg, model: nn.Module, pieces_of: dict, order: dict[str, int], names) -> list:
+    """``groups`` with those that reach a MixedConv2d's pieces replaced by one group per node:
+    each rooted at a conv that cuts the node (a non-depthwise producer), over all its channels.
+    torch-pruning roots a group at each piece of a depthwise MixedConv2d (3 nodes named alike),
+    or at an SE block's expand conv over the pieces of two convs (mixnet_s blocks.2.1: conv_pw.0
+    and conv_pw.1 in one group, of which only conv_pw.0's 120 channels became a node)."""
+    out, done = [], set()
+    for group in groups:
+        if not any(it.dep.target.module in pieces_of for it in group):
+            out.append(group)
+            continue
+        convs = sorted({it.dep.target.module for it in group if isinstance(it.dep.target.module, nn.Conv2d | nn.Linear)
+                        and dg.is_out_channel_pruning_fn(it.dep.handler)}, key=lambda m: order.get(names[m], 1 << 30))
+        for root in [c for c in convs if _plain(c)] or convs[:1]:
+            if root in done:
+                continue
+            full = pruning_group(dg, model, root, list(range(_out_width(root))))
+            done |= {it.dep.target.module for it in full if dg.is_out_channel_pruning_fn(it.dep.handler)}
+            out.append(full)
+    return out
+
+
+def _mixed_pieces(group, pieces_of: dict) -> dict[nn.Module, dict[int, set[int]]]:
+    """For each MixedConv2d a node's group reaches (the inputs of its pieces, or their outputs):
+    piece -> the node channels (the group root's numbering, as ``Node.maps``) in that piece."""
+    out: dict[nn.Module, dict[int, set[int]]] = {}
+    for item in group:
+        if item.dep.target.module in pieces_of:
+            m, j = pieces_of[item.dep.target.module]
+            out.setdefault(m, {}).setdefault(j, set()).update(int(r) for r in item.root_idxs if r is not None)
+    return out
+
+
+# Each MixedConv2d piece keeps a multiple of this many channels where the node's width allows
+# (halved until it does). Measured on this repo's AVX-512 CPU (ORT, batch 1, 64x64, 2x fewer
+# FLOPs): timm.mixnet_s ran 0.93x its base with pieces cut to any width (71, 122, 153, ...),
+# 1.41x with multiples of 8, 1.38x with 16. (allocation.round_to does not reach a node's pieces:
+# a node with ``groups`` is rounded to a multiple of its group count.)
+MIXED_PIECE_MULTIPLE = 8
+
+
+def _mixed_blocks(node: Node, pieces: dict[nn.Module, dict[int, set[int]]], names) -> Node:
+    """A node whose channels pass through MixedConv2d splits is cut by the same positions in
+    equal blocks that line up with every piece it meets: ``groups`` = its width over the gcd of
+    the pieces' bounds (3 equal pieces: 3 groups; mixnet_s blocks.4.0, whose 240 channels meet
+    depthwise pieces of 160 and 80: 3 groups of 80), untied, so no piece is emptied (a conv of 0
+    channels would not run). The groups are then multiplied by up to
+    :data:`MIXED_PIECE_MULTIPLE` (blocks of at least 2 channels), so that each piece keeps a
+    multiple of it. Kept whole, with one line, when its channels do not fill each piece as one
+    run of its numbering, or it is already tied to grouped convs or GroupNorms."""
+    if not node.prunable:
+        return node
+    c, w = node.channels, node.channels
+    for m, by_piece in pieces.items():
+        runs = sorted((min(s), max(s) + 1, len(s)) for s in by_piece.values())
+        if [(a, b) for a, b, _ in runs] != list(zip([0] + [b for _, b, _ in runs[:-1]], [b for _, b, _ in runs])) \
+                or runs[-1][1] != c or any(b - a != n for a, b, n in runs):
+            return dataclasses.replace(node, prunable=False, fixed=(
+                f"its channels reach the pieces of the mixed-kernel conv {names[m]} (a torch.split) through "
+                "a concat, split or reshape that does not line them up"))
+        w = math.gcd(w, *(a for a, _, _ in runs))
+    g = c // w
+    if g == 1:
+        return node
+    if node.groups > 1:
+        return dataclasses.replace(node, prunable=False, fixed=(
+            f"its channels pass through mixed-kernel convs ({g} blocks) and grouped convs or "
+            f"GroupNorms of {node.groups} groups"))
+    q = MIXED_PIECE_MULTIPLE
+    while q > 1 and (c % (g * q) or c // (g * q) < 2):
+        q //= 2
+    return dataclasses.replace(node, groups=g * q)
 
 
 def _group_norm_ties(m: nn.Module) -> bool:

@@ -26,6 +26,7 @@ from deploy_prune.nodes import (
     discover,
     global_context_blocks,
     is_grouped,
+    mixed_conv_splits,
     pruning_group,
 )
 
@@ -110,6 +111,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
     nodes = nodes if nodes is not None else discover(model, example, dg=dg)
     validate_plan(plan, nodes)
     modules = dict(model.named_modules())
+    mixed = mixed_conv_splits(dg, model)
     for node in nodes:
         kept = set(plan.get(node.name, range(node.channels)))
         drop = [i for i in range(node.channels) if i not in kept]
@@ -127,6 +129,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
             norm.num_groups = max(1, norm.num_channels // width)  # the node lost whole groups (nodes._tie_group_norms)
         for conv, idxs in attn:
             tp.prune_conv_in_channels(conv, idxs)
+        _fit_mixed_convs(mixed)
         for param, n_out, idxs in extra:  # e.g. timm's ScaledStdConv2d gain, (C_out, 1, 1, 1)
             keep = torch.tensor([i for i in range(n_out) if i not in set(idxs)], dtype=torch.long)
             param.data = param.data.index_select(0, keep)
@@ -134,6 +137,19 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
     _check_cut(model, example, plan)
     model.train(was_training)
     return model
+
+
+def _fit_mixed_convs(mixed: Mapping[nn.Module, nn.Module]) -> None:
+    """MixNet's MixedConv2d splits its input by sizes kept in Python (``splits``): set them, and
+    its channel counts, from its pieces' convs after a cut (each piece lost the channels of the
+    node that fell in it; ``nodes._mixed_blocks`` keeps every piece non-empty). torch-pruning's
+    split op keeps the offsets it maps indices by from the trace (its pruner updates only the
+    sizes), so they are set too: the next node's cut maps through the new pieces."""
+    for op, m in mixed.items():
+        m.splits = [c.in_channels for c in m.values()]
+        m.in_channels, m.out_channels = sum(m.splits), sum(c.out_channels for c in m.values())
+        op.split_sizes = list(m.splits)
+        op.offsets = [sum(m.splits[:i]) for i in range(len(m.splits) + 1)]
 
 
 def _cut_context_attention(group, dg, model: nn.Module) -> list[tuple[nn.Conv2d, list[int]]]:
