@@ -112,19 +112,19 @@ def _fill(ranked: list[str], n: int, stages: Mapping[str, Any] | None, cost: Cos
     chosen: list[str] = []
     if stages is None:
         for k in ranked:
-            if len(chosen) < n and (cost is None or math.isfinite(cost(k, tuple(chosen)))):
+            if len(chosen) >= n:
+                break
+            if cost is None or math.isfinite(cost(k, tuple(chosen))):
                 chosen.append(k)
     else:
         by_stage: dict[Any, list[str]] = {}
         for k in ranked:
             by_stage.setdefault(stages[k], []).append(k)
-        pools = [[k for k in g if k != stem][:STAGE_CANDIDATES] or g[:1] for g in by_stage.values()]
-        queue = list(range(len(pools)))  # stages by their best score
+        # stages by their best score
+        queue = [[k for k in g if k != stem][:STAGE_CANDIDATES] or g[:1] for g in by_stage.values()]
         while queue and len(chosen) < n:
-            take = queue[:n - len(chosen)]
-            queue = queue[len(take):]
-            for s in sorted(take, key=lambda s: -_size(stages[pools[s][0]])):  # highest resolution first
-                pool = pools[s]
+            take, queue = queue[:n - len(chosen)], queue[n - len(chosen):]
+            for pool in sorted(take, key=lambda p: -_size(stages[p[0]])):  # highest resolution first
                 if cost is None:
                     chosen.append(pool[0])
                     continue

@@ -11,6 +11,7 @@ all that is needed to redo the cut on a freshly built base model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -112,6 +113,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
     validate_plan(plan, nodes)
     modules = dict(model.named_modules())
     mixed = mixed_conv_splits(dg, model)
+    context = _context_attention(model)
     for node in nodes:
         kept = set(plan.get(node.name, range(node.channels)))
         drop = [i for i in range(node.channels) if i not in kept]
@@ -121,7 +123,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], example: tor
         if node.tie:
             _cut_grouped_inputs(group, dg)
         extra = _extra_out_params(dg, group)
-        attn = _cut_context_attention(group, dg, model)
+        attn = _cut_context_attention(group, dg, context) if context else []
         norms = {it.dep.target.module: it.dep.target.module.num_channels // it.dep.target.module.num_groups
                  for it in group if isinstance(it.dep.target.module, nn.GroupNorm)}
         group.prune(record_history=False)
@@ -152,12 +154,18 @@ def _fit_mixed_convs(mixed: Mapping[nn.Module, nn.Module]) -> None:
         op.offsets = [sum(m.splits[:i]) for i in range(len(m.splits) + 1)]
 
 
-def _cut_context_attention(group, dg, model: nn.Module) -> list[tuple[nn.Conv2d, list[int]]]:
+def _context_attention(model: nn.Module) -> dict[nn.Module, nn.Conv2d]:
+    """The first mlp layer of each GlobalContext block -> the block's attention conv (found once
+    per cut, not once per node)."""
+    return {mlp.fc1: gc.conv_attn for gc in global_context_blocks(model)
+            for mlp in (gc.mlp_scale, gc.mlp_add) if mlp is not None}
+
+
+def _cut_context_attention(group, dg, first: Mapping[nn.Module, nn.Conv2d]) -> list[tuple[nn.Conv2d, list[int]]]:
     """(conv_attn, input channels to cut) of the GlobalContext blocks this group narrows: the
     tracer saw them pool by a plain mean (nodes.global_context_blocks), so their attention conv
-    is not in the graph; its inputs are the block's, which are the mlp's first layer's."""
-    first = {mlp.fc1: gc.conv_attn for gc in global_context_blocks(model)
-             for mlp in (gc.mlp_scale, gc.mlp_add) if mlp is not None}
+    is not in the graph; its inputs are the block's, which are the mlp's first layer's
+    (``first``: :func:`_context_attention`)."""
     out = {}
     for item in group:
         conv = first.get(item.dep.target.module)
@@ -210,11 +218,9 @@ def _fit_channel_buffers(model: nn.Module, example: torch.Tensor) -> None:
             m.channels = c
 
     hooks = [m.register_forward_pre_hook(pre) for m in fit]
-    try:
-        with torch.no_grad():
+    try:  # a model that no longer runs is _check_cut's to report, in one line
+        with torch.no_grad(), contextlib.suppress(RuntimeError):
             model(example)
-    except RuntimeError:  # _check_cut says where, in one line
-        pass
     finally:
         for h in hooks:
             h.remove()
